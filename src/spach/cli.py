@@ -1,0 +1,62 @@
+"""The ``spach`` command line: ``spach train | eval | benchmark | models | export | plot | predict``.
+
+Each sub-command lives in its own module under :mod:`spach.commands` exposing ``add_arguments(parser)``
+and ``run(args) -> int``; modules are imported only when their command runs, so ``spach models`` stays fast.
+"""
+import argparse
+import importlib
+import os
+import sys
+
+from .errors import SpachError
+
+COMMANDS = {
+    "train": ("spach.commands.train", "train a SPACH model (DeiT recipe) on an ImageFolder dataset"),
+    "eval": ("spach.commands.evaluate", "evaluate a checkpoint on the val/ split of a dataset"),
+    "benchmark": ("spach.commands.benchmark", "measure training / inference throughput"),
+    "models": ("spach.commands.models", "list the SPACH models: params, GFLOPs, published top-1"),
+    "export": ("spach.commands.export", "export a model to ONNX, safetensors or TorchScript"),
+    "plot": ("spach.commands.plot", "plot loss / accuracy / lr curves from output folders"),
+    "predict": ("spach.commands.predict", "top-5 predictions for image files"),
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="spach", description="SPACH: train, evaluate and benchmark "
+                                     "CNN / Transformer / MLP mixing networks")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"spach {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("spach.commands"):
+                continue  # command not part of this build
+            raise
+        p = sub.add_parser(name, help=help_text, description=getattr(module, "__doc__", None),
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except SpachError as e:
+        rank = os.environ.get("RANK")
+        prefix = "spach: error: " if rank in (None, "0") else f"spach: error (rank {rank}): "
+        print(prefix + str(e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("spach: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""SPACH models (architecture only: torch + timm layers, nothing from the training system).
+
+Importing this package registers every SPACH variant with timm.
+"""
+import timm as _timm
+
+from ..errors import SpachError
+from .flops import count_flops, count_params
+from .pretrained import checkpoint_filter_fn, load_pretrained, read_state_dict
+from .spach import MixingBlock, Spach, SpachMS
+from .variants import MODEL_CONFIGS, list_models, model_config, suggest_model_names, unknown_model_message
+
+__all__ = ["create_model", "list_models", "load_pretrained", "read_state_dict", "checkpoint_filter_fn",
+           "MixingBlock", "Spach", "SpachMS", "MODEL_CONFIGS", "model_config", "count_flops", "count_params",
+           "UnknownModelError"]
+
+
+class UnknownModelError(SpachError, KeyError):
+    """An unknown model name (the message suggests close names)."""
+
+    def __str__(self):
+        return self.args[0]
+
+
+def create_model(model_name: str, pretrained: bool = False, checkpoint_path: str = None, use_ema: bool = False,
+                 **kwargs):
+    """Build a SPACH model by name (timm keyword arguments: ``num_classes``, ``drop_path_rate``,
+    ``img_size``, ``features_only`` ...). ``checkpoint_path`` loads a local file (official release
+    ``.pth``, training checkpoint, bare state_dict or ``.safetensors``) with strict key/shape checks."""
+    if model_name not in MODEL_CONFIGS:
+        raise UnknownModelError(unknown_model_message(model_name))
+    model = _timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    if checkpoint_path:
+        pruned = kwargs.get("features_only") or kwargs.get("num_classes", 1) == 0
+        load_pretrained(model, checkpoint_path, use_ema=use_ema, strict=not pruned)
+    return model
