@@ -328,6 +328,8 @@ class SpachMS(_SpachBase):
         self._build_head(num_classes, global_pool)
         self.init_weights()
 
+    __jit_unused_properties__ = ["stages"]
+
     @property
     def stages(self) -> List[nn.Sequential]:
         return [self.layer1, self.layer2, self.layer3, self.layer4]
