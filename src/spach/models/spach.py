@@ -339,8 +339,9 @@ class SpachMS(_SpachBase):
         return dict(stem=r"^stem|^norm1",
                     blocks=r"^layer(\d+)" if coarse else [(r"^layer(\d+)\.(\d+)", None), (r"^norm2", (99999,))])
 
+    @torch.jit.ignore
     def _run_stage(self, stage: nn.Sequential, x):
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        if self.grad_checkpointing:
             for blk in stage:
                 x = _checkpointed(blk, x)
             return x
@@ -348,10 +349,14 @@ class SpachMS(_SpachBase):
 
     def forward_features(self, x):
         x = self._stem_forward(x)
-        x = self._run_stage(self.layer1, x)
-        x = self._run_stage(self.layer2, x)
-        x = self._run_stage(self.layer3, x)
-        x = self._run_stage(self.layer4, x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for stage in self.stages:
+                x = self._run_stage(stage, x)
+        else:
+            x = self.layer1(x)
+            x = self.layer2(x)
+            x = self.layer3(x)
+            x = self.layer4(x)
         return self.norm2(x)
 
     @torch.jit.ignore
