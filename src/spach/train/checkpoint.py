@@ -1,0 +1,105 @@
+"""Training checkpoints: the original layout, written atomically, read without running code.
+
+Layout (as SPACH / DeiT ``main.py``): ``model``, ``optimizer``, ``lr_scheduler``, ``epoch``, ``model_ema``,
+``scaler``, ``args`` (a plain dict of the flags, so ``weights_only`` loading accepts it), plus what an exact
+resume needs: ``rng`` (torch / cuda / numpy / python states), ``sampler_epoch``, ``max_accuracy``, ``steps``,
+and ``class_names`` (the class folder names, index order).
+
+A write goes to a temporary file in the same folder, is fsync'ed, then renamed over the old file, so a kill or
+a full disk at any moment leaves either the old or the new checkpoint, never a torn one.
+"""
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+from ..models.pretrained import _torch_load
+
+__all__ = ["atomic_save", "load_checkpoint", "get_rng_state", "set_rng_state", "CHECKPOINT_NAME", "BEST_NAME"]
+
+CHECKPOINT_NAME = "checkpoint.pth"
+BEST_NAME = "best.pth"
+
+
+def atomic_save(obj, path: str):
+    """``torch.save`` to ``path`` atomically. On failure the previous file is untouched and a
+    :class:`CheckpointError` says so."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        try:  # make the rename itself durable
+            dfd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+    except (OSError, RuntimeError) as e:
+        kept = f"the previous {path} is kept" if os.path.exists(path) else f"no earlier {os.path.basename(path)} exists"
+        raise CheckpointError(f"could not write checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              f"{kept}. Free disk space or fix the folder's permissions, then rerun the same "
+                              f"command to resume") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read a training checkpoint (``weights_only``: tensors and plain containers only)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist: pass the path of a checkpoint.pth / best.pth")
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path} is not a training checkpoint (no 'model' entry): use --finetune or "
+                              f"--checkpoint for a bare weights file")
+    return ckpt
+
+
+def get_rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if hasattr(torch, "npu") and hasattr(torch.npu, "get_rng_state_all"):
+        try:
+            state["npu"] = torch.npu.get_rng_state_all()
+        except Exception:
+            pass
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    if "npu" in state and hasattr(torch, "npu"):
+        try:
+            torch.npu.set_rng_state_all(state["npu"])
+        except Exception:
+            pass

@@ -1,0 +1,188 @@
+"""Devices, mixed precision and distributed setup: the one place that knows about cuda / npu / mps / cpu.
+
+Distributed runs are started by ``torchrun`` (single or multi node), which sets ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; the backend follows the device: nccl for cuda, hccl for
+npu, gloo for cpu and mps.
+"""
+import contextlib
+import datetime
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..errors import SpachError
+
+__all__ = ["DistInfo", "available_devices", "resolve_device", "init_distributed", "destroy_distributed",
+           "synchronize", "resolve_amp", "autocast", "is_main_process", "all_reduce_sum", "barrier",
+           "broadcast_object"]
+
+DEVICE_TYPES = ("cuda", "npu", "mps", "cpu")
+BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo", "mps": "gloo"}
+
+
+def _npu_available() -> bool:
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    try:
+        importlib.import_module("torch_npu")
+    except Exception:
+        return False
+    return hasattr(torch, "npu") and torch.npu.is_available()
+
+
+def _device_available(kind: str) -> bool:
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "npu":
+        return _npu_available()
+    if kind == "mps":
+        return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return kind == "cpu"
+
+
+def available_devices():
+    return [k for k in DEVICE_TYPES if _device_available(k)]
+
+
+def device_count(kind: str) -> int:
+    if kind == "cuda":
+        return torch.cuda.device_count()
+    if kind == "npu":
+        return torch.npu.device_count()
+    return 1
+
+
+def resolve_device(requested: Optional[str]) -> str:
+    """The device type to use: ``requested`` (cuda / npu / cpu / mps, optionally ``cuda:1``) checked to
+    exist, or the best available (cuda, npu, mps, cpu)."""
+    if not requested:
+        return available_devices()[0]
+    kind = requested.split(":")[0].lower()
+    if kind not in DEVICE_TYPES:
+        raise SpachError(f"unknown --device {requested!r}: use one of {', '.join(DEVICE_TYPES)}")
+    if not _device_available(kind):
+        hint = {"cuda": "no CUDA GPU is visible to PyTorch (check nvidia-smi, CUDA_VISIBLE_DEVICES and that torch "
+                        "is a CUDA build)",
+                "npu": "torch_npu is not installed or no Ascend NPU is visible (install the torch_npu matching "
+                       "your torch and source the CANN set_env.sh)",
+                "mps": "Apple MPS is not available on this machine"}[kind]
+        raise SpachError(f"--device {kind} requested but {hint}; available here: {', '.join(available_devices())}")
+    return kind
+
+
+@dataclass
+class DistInfo:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    distributed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str, timeout_s: int = 1800) -> DistInfo:
+    """Join the process group when started by torchrun (``WORLD_SIZE > 1``); pick this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_kind in ("cuda", "npu"):
+        n = device_count(device_kind)
+        if world_size > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > n:
+            raise SpachError(f"{os.environ.get('LOCAL_WORLD_SIZE')} processes per node but only {n} {device_kind} "
+                             f"devices: lower --nproc_per_node to {n}")
+        index = local_rank % max(n, 1)
+        getattr(torch, device_kind).set_device(index)
+        device = torch.device(device_kind, index)
+    else:
+        device = torch.device(device_kind)
+    distributed = world_size > 1
+    if distributed and not dist.is_initialized():
+        backend = BACKENDS[device_kind]
+        kwargs = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if device_kind in ("cuda", "npu"):
+            kwargs["device_id"] = device
+        try:
+            dist.init_process_group(**kwargs)
+        except TypeError:  # older torch without device_id
+            kwargs.pop("device_id", None)
+            dist.init_process_group(**kwargs)
+    return DistInfo(device=device, rank=rank, world_size=world_size, local_rank=local_rank, distributed=distributed)
+
+
+def destroy_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def synchronize(device: torch.device):
+    """Wait for queued device work, so host timers measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def resolve_amp(amp: Optional[str], device_kind: str) -> Optional[torch.dtype]:
+    """``--amp bf16|fp16|off`` to an autocast dtype (None = fp32).
+
+    Default: bf16 on cuda / npu when the device supports it, else fp16 (with a grad scaler). On cpu and mps
+    the default is off: most CPUs have no bf16 matrix units, so bf16 autocast there is slower than fp32 and
+    only adds rounding, and fp32 keeps seeded CPU runs bit-reproducible.
+    """
+    if amp is None:
+        if device_kind == "cuda":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif device_kind == "npu":
+            supported = getattr(torch.npu, "is_bf16_supported", lambda: False)
+            amp = "bf16" if supported() else "fp16"
+        else:
+            amp = "off"
+    amp = amp.lower()
+    if amp in ("off", "none", "fp32", "no"):
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device_kind == "cpu":
+            raise SpachError("--amp fp16 is not supported on cpu: use --amp bf16 or --amp off")
+        return torch.float16
+    raise SpachError(f"unknown --amp {amp!r}: use bf16, fp16 or off")
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

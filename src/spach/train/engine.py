@@ -1,0 +1,275 @@
+"""One training epoch, one evaluation pass, and the inference throughput measurement.
+
+The hot path queues work on the device and never waits for it: losses are summed on the device and read
+(``.item()``) only every ``print_freq`` steps, where a non-finite loss is also detected. FPS is measured over
+the same steps it counts: the clock starts after the warm-up steps, behind a device synchronise, and stops
+behind another; the per-rank rates are summed over ranks.
+"""
+import logging
+import math
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError, SpachError
+from .device import all_reduce_sum, autocast, synchronize
+
+__all__ = ["train_one_epoch", "evaluate", "throughput", "NonFiniteLossError", "DistillationLoss"]
+
+logger = logging.getLogger("spach.train")
+
+
+class NonFiniteLossError(SpachError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, msg, epoch=None, step=None, lr=None):
+        super().__init__(msg)
+        self.epoch, self.step, self.lr = epoch, step, lr
+
+
+class DistillationLoss(torch.nn.Module):
+    """DeiT's distillation loss with a timm teacher: ``none`` (base criterion only), ``soft`` (KL to the
+    teacher's temperature-scaled distribution) or ``hard`` (cross-entropy to the teacher's argmax). SPACH
+    models have one head, so its output serves both terms."""
+
+    def __init__(self, base_criterion, teacher=None, distillation_type="none", alpha=0.5, tau=1.0):
+        super().__init__()
+        self.base_criterion = base_criterion
+        self.teacher = teacher
+        self.distillation_type = distillation_type
+        self.alpha = alpha
+        self.tau = tau
+
+    def forward(self, inputs, outputs, labels):
+        base = self.base_criterion(outputs, labels)
+        if self.distillation_type == "none":
+            return base
+        with torch.no_grad():
+            teacher_out = self.teacher(inputs)
+        if self.distillation_type == "soft":
+            T = self.tau
+            kd = F.kl_div(F.log_softmax(outputs / T, dim=1), F.log_softmax(teacher_out / T, dim=1),
+                          reduction="sum", log_target=True) * (T * T) / outputs.numel()
+        else:
+            kd = F.cross_entropy(outputs, teacher_out.argmax(dim=1))
+        return base * (1 - self.alpha) + kd * self.alpha
+
+
+def _loader_error(e: Exception) -> Exception:
+    """A DataError raised inside a DataLoader worker arrives wrapped with the worker's traceback; keep its
+    own message."""
+    text = str(e)
+    marker = "DataError: "
+    if marker in text:
+        return DataError(text.rsplit(marker, 1)[1].strip().splitlines()[0])
+    return e
+
+
+def _batches(loader):
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except DataError as e:
+            raise _loader_error(e) from None
+        yield batch
+
+
+def _progress(total, desc, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
+
+
+def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int, *, schedule, model_ema=None,
+                    mixup_fn=None, scaler=None, amp_dtype=None, clip_grad: Optional[float] = None,
+                    print_freq: int = 10, fps_warmup_steps: int = 3, channels_last: bool = False,
+                    is_main: bool = True, show_progress: bool = False, ema_model=None, last_good: str = ""):
+    model.train()
+    steps = len(data_loader)
+    if steps == 0:
+        raise DataError("the training loader has no full batch: lower --batch-size")
+    warmup = min(fps_warmup_steps, steps - 1)
+    lr = schedule.apply(optimizer, epoch, 0, steps)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    window_sum = torch.zeros((), device=device, dtype=torch.float64)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    n_bad_images = 0
+    window_start, window_n = 0, 0
+    lrs = []
+    bar = _progress(steps, f"Epoch {epoch}", show_progress and is_main)
+    t_epoch = time.perf_counter()
+    t0 = t_epoch
+    n_timed = 0
+    batch_size = None
+
+    for step, (samples, targets, n_bad) in enumerate(_batches(data_loader)):
+        n_bad_images += int(n_bad.sum())
+        if schedule.per_step and step:
+            lr = schedule.apply(optimizer, epoch, step, steps)
+        lrs.append(lr)
+        batch_size = samples.shape[0]
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if channels_last:
+            samples = samples.contiguous(memory_format=torch.channels_last)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+
+        with autocast(device, amp_dtype):
+            outputs = model(samples)
+            loss = criterion(samples, outputs, targets)
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+        if model_ema is not None:
+            model_ema.update(ema_model if ema_model is not None else model)
+
+        loss_d = loss.detach().to(torch.float64)
+        finite = torch.isfinite(loss_d)
+        first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step), first_bad)
+        loss_sum += loss_d
+        window_sum += loss_d
+        window_n += 1
+
+        if step + 1 == warmup:
+            synchronize(device)
+            t0 = time.perf_counter()
+        if step >= warmup:
+            n_timed += batch_size
+
+        last = step + 1 == steps
+        if (step + 1) % print_freq == 0 or last:
+            # the only host-device sync of the loop: every print_freq steps (all ranks agree on a bad loss)
+            check = torch.stack([window_sum, (first_bad >= 0).to(torch.float64)])
+            check = all_reduce_sum(check)
+            bad_step = int(first_bad.item())
+            if check[1].item() > 0 or not math.isfinite(check[0].item()):
+                bad_step = bad_step if bad_step >= 0 else window_start
+                bad_lr = lrs[bad_step] if bad_step < len(lrs) else lr
+                raise NonFiniteLossError(
+                    f"training loss became non-finite (NaN/inf) at epoch {epoch}, step {bad_step}, lr {bad_lr:.3g}; "
+                    f"stopped without saving. " + (f"The last good checkpoint is {last_good}: resume from it with a "
+                                                   f"lower --lr or --clip-grad 1.0" if last_good else
+                                                   "No checkpoint was saved yet: lower --lr or set --clip-grad 1.0"),
+                    epoch=epoch, step=bad_step, lr=bad_lr)
+            window_avg = check[0].item() / window_n / _world(check)
+            if bar is not None:
+                bar.set_postfix(loss=f"{window_avg:.4f}", lr=f"{lr:.2e}")
+                bar.update(step + 1 - window_start)
+            elif is_main:
+                logger.info(f"Epoch: [{epoch}]  [{step + 1:>{len(str(steps))}}/{steps}]  lr: {lr:.6f}  "
+                            f"loss: {window_avg:.4f}  time: {time.perf_counter() - t_epoch:.1f}s")
+            window_sum.zero_()
+            window_start, window_n = step + 1, 0
+
+    synchronize(device)
+    t1 = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    elapsed = t1 - t_epoch
+    # the same steps are counted and timed: warm-up steps are out of both
+    fps_local = n_timed / (t1 - t0) if t1 > t0 and n_timed else 0.0
+    totals = all_reduce_sum(torch.tensor([loss_sum.item(), float(steps), fps_local, float(n_bad_images)],
+                                         dtype=torch.float64, device=device))
+    world = _world(totals)
+    loss_avg = totals[0].item() / totals[1].item()
+    fps = totals[2].item()
+    bad_total = int(totals[3].item())
+    stats = {"lr": sum(lrs) / len(lrs), "loss": loss_avg, "fps": fps, "epoch_time": elapsed,
+             "bad_images": bad_total}
+    if is_main:
+        logger.info(f"Epoch: [{epoch}]  steps: {steps}  lr: {stats['lr']:.6f}  loss: {loss_avg:.4f}  "
+                    f"time: {elapsed:.1f}s  FPS: {fps:.2f}")
+        if bad_total:
+            logger.warning(f"Epoch: [{epoch}] skipped {bad_total} unreadable training images (replaced by other "
+                           f"samples; paths logged above; --strict-data makes this an error)")
+        logger.info(f"Averaged stats: lr: {stats['lr']:.6f}  loss: {loss_avg:.4f}  FPS: {fps:.2f}  "
+                    f"world_size: {world}")
+    return stats
+
+
+def _world(t):
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def evaluate(data_loader, model, device, *, amp_dtype=None, channels_last=False, reduce=True, is_main=True,
+             header="", show_progress=False):
+    """Top-1 / top-5 accuracy (%) and cross-entropy loss over every sample of ``data_loader``. With
+    ``reduce`` the per-rank sums are all-reduced (use with a sharding sampler that neither pads nor repeats,
+    so the result equals single-process evaluation)."""
+    model.eval()
+    sums = torch.zeros(5, device=device, dtype=torch.float64)  # correct1, correct5, loss_sum, count, bad
+    bar = _progress(len(data_loader), "Test", show_progress and is_main)
+    for images, target, n_bad in _batches(data_loader):
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            output = model(images)
+        output = output.float()
+        loss = F.cross_entropy(output, target, reduction="sum")
+        k = min(5, output.shape[1])
+        top = output.topk(k, dim=1).indices
+        hit = top.eq(target[:, None])
+        sums += torch.stack([hit[:, :1].sum(), hit.sum(), loss, torch.tensor(target.numel(), device=device),
+                             n_bad.sum().to(device)]).to(torch.float64)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if reduce:
+        all_reduce_sum(sums)
+    c1, c5, loss_sum, n, bad = sums.tolist()
+    n = max(n, 1.0)
+    stats = {"acc1": 100.0 * c1 / n, "acc5": 100.0 * c5 / n, "loss": loss_sum / n, "n": int(n), "bad_images": int(bad)}
+    if is_main:
+        logger.info(f"* {header}Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f}")
+        if bad:
+            logger.warning(f"{int(bad)} unreadable validation images were replaced by other samples")
+    return stats
+
+
+@torch.no_grad()
+def throughput(data_loader, model, device, *, amp_dtype=None, channels_last=False, warmup=10, iters=30):
+    """Inference images/s on one batch of ``data_loader`` (after ``warmup`` untimed passes)."""
+    model.eval()
+    images = next(iter(_batches(data_loader)))[0].to(device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp_dtype):
+        for _ in range(warmup):
+            model(images)
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            model(images)
+        synchronize(device)
+    dt = time.perf_counter() - t0
+    ips = iters * images.shape[0] / dt
+    logger.info(f"batch_size {images.shape[0]} throughput {ips:.1f} images/s (averaged over {iters} passes after "
+                f"{warmup} warm-up passes)")
+    return ips

@@ -1,0 +1,78 @@
+"""AdamW with DeiT's weight-decay rule, and the cosine learning-rate schedule with warm-up and cool-down."""
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["param_groups", "build_optimizer", "CosineSchedule"]
+
+
+def param_groups(model: nn.Module, weight_decay: float):
+    """Two groups: decay for weight matrices / conv kernels; none for 1-D parameters (norm weights, biases)
+    and names in ``model.no_weight_decay()``. The layer-scale gammas (shape [1, 1, C]) are decayed, as in the
+    original recipe."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def build_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, args.weight_decay)
+    opt = args.opt.lower()
+    if opt == "adamw":
+        kwargs = dict(lr=args.lr, eps=args.opt_eps, betas=tuple(args.opt_betas) if args.opt_betas else (0.9, 0.999))
+        if device.type == "cuda":
+            kwargs["fused"] = True  # one kernel for all parameters
+        else:
+            kwargs["foreach"] = device.type != "mps"
+        return torch.optim.AdamW(groups, **kwargs)
+    if opt == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
+    raise ValueError(f"unknown optimizer {args.opt!r}")
+
+
+@dataclass
+class CosineSchedule:
+    """Cosine decay from ``base_lr`` to ``min_lr`` with a linear warm-up from ``warmup_lr`` and ``cooldown``
+    epochs at ``min_lr`` at the end; a pure function of time (in epochs, fractional when ``per_step``), so it
+    needs no state to resume.
+
+    DeiT steps it once per epoch (``per_step=False``, the default); ``per_step`` updates it every optimizer step.
+    """
+    base_lr: float
+    epochs: int
+    warmup_epochs: float = 20
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    cooldown_epochs: float = 10
+    per_step: bool = False
+
+    def lr_at(self, t: float) -> float:
+        if t < self.warmup_epochs:
+            return self.warmup_lr + (self.base_lr - self.warmup_lr) * t / self.warmup_epochs
+        span = max(1.0, self.epochs - self.cooldown_epochs)
+        progress = min(1.0, t / span)
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+    def time(self, epoch: int, step: int, steps_per_epoch: int) -> float:
+        return epoch + step / steps_per_epoch if self.per_step else float(epoch)
+
+    def apply(self, optimizer: torch.optim.Optimizer, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+        lr = self.lr_at(self.time(epoch, step, steps_per_epoch))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def state_dict(self):
+        return {"sched": "cosine", **self.__dict__}
+
+    def load_state_dict(self, state):
+        pass  # a function of time only; the run's flags define it
