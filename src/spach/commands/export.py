@@ -1,0 +1,204 @@
+"""Export a SPACH model to ONNX, safetensors or TorchScript, and check the exported file.
+
+ONNX files have a dynamic batch axis and are run with onnxruntime on a random batch against the PyTorch
+model (the max abs difference is printed; above --tolerance the export fails). safetensors files carry
+the model's config as metadata (model name, num_classes, img_size, class names, mean/std, spach version),
+so spach.create_model(NAME, checkpoint_path=FILE) and `spach predict --checkpoint FILE` load them back.
+TorchScript files come from torch.jit.script (torch.jit.trace if scripting fails) and are checked the
+same way as ONNX.
+
+examples:
+  spach export --model spach_ms_s_patch4_224_conv --checkpoint spach_ms_conv_s.pth --format onnx
+  spach export --checkpoint output/checkpoint.pth --format safetensors --output model.safetensors
+"""
+import json
+import os
+import warnings
+
+import torch
+
+from ..errors import SpachError
+from ..inference import ModelInfo, build_model
+
+FORMATS = {"onnx": ".onnx", "safetensors": ".safetensors", "torchscript": ".pt"}
+MIN_DYNAMO_OPSET = 18
+ONNX_INSTALL = "spach export --format onnx needs onnx and onnxruntime: pip install 'spach[export]'"
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="model name (`spach models`); may be left out when the checkpoint names it")
+    parser.add_argument("--checkpoint", default=None, metavar="CKPT",
+                        help="weights: a training checkpoint, an official release .pth or a .safetensors file "
+                             "(left out: random weights, with a warning)")
+    parser.add_argument("--format", required=True, choices=sorted(FORMATS), help="what to write")
+    parser.add_argument("--output", default=None, metavar="FILE",
+                        help="output file (default: the checkpoint's name, or the model's, with the format's "
+                             "extension, next to the checkpoint)")
+    parser.add_argument("--opset", type=int, default=None, metavar="N",
+                        help="ONNX opset version (default: the torch exporter's own; below 18 uses torch's "
+                             "TorchScript-based exporter)")
+    parser.add_argument("--img-size", type=int, default=None, metavar="N",
+                        help="input size (default: the checkpoint's training size, else the model's 224)")
+    parser.add_argument("--use-ema", action="store_true", help="export the checkpoint's EMA weights")
+    parser.add_argument("--tolerance", type=float, default=1e-3,
+                        help="largest max abs difference of the logits accepted when checking an ONNX or "
+                             "TorchScript file")
+    parser.add_argument("--batch-size", type=int, default=2,
+                        help="batch size of the example input (the check runs another batch size)")
+
+
+def default_output(args, info: ModelInfo) -> str:
+    ext = FORMATS[args.format]
+    if args.checkpoint:
+        stem = os.path.splitext(args.checkpoint)[0]
+        return stem + ext
+    return info.model_name + ext
+
+
+def run(args) -> int:
+    if args.opset is not None and args.format != "onnx":
+        raise SpachError(f"--opset applies to --format onnx only (got --format {args.format})")
+    if args.batch_size < 1:
+        raise SpachError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    if args.format == "onnx":
+        _require_onnx()
+    model, info = build_model(args.model, args.checkpoint, img_size=args.img_size, use_ema=args.use_ema)
+    output = args.output or default_output(args, info)
+    if args.checkpoint and os.path.exists(output) and os.path.samefile(output, args.checkpoint):
+        raise SpachError(f"--output {output} is the checkpoint itself: pass another --output FILE")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise SpachError(f"cannot write {output}: folder {parent} does not exist")
+    exporter = {"onnx": export_onnx, "safetensors": export_safetensors, "torchscript": export_torchscript}
+    exporter[args.format](model, info, output, args)
+    size_mb = os.path.getsize(output) / 2 ** 20
+    print(f"wrote {output} ({size_mb:.1f} MB): {info.model_name}, {info.num_classes} classes, "
+          f"input {info.img_size[0]}x{info.img_size[1]}")
+    return 0
+
+
+def _example(info: ModelInfo, batch: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, *info.img_size, generator=g)
+
+
+def _compare(name: str, got, expected: torch.Tensor, tolerance: float) -> float:
+    got = torch.as_tensor(got)
+    if tuple(got.shape) != tuple(expected.shape):
+        raise SpachError(f"{name} check failed: output shape {tuple(got.shape)}, PyTorch gives "
+                         f"{tuple(expected.shape)}")
+    diff = (got.float() - expected.float()).abs().max().item()
+    print(f"{name} check: batch {expected.shape[0]}, max abs diff vs PyTorch {diff:.3g} (tolerance {tolerance:g})")
+    if not diff <= tolerance:  # also catches NaN
+        raise SpachError(f"{name} check failed: max abs diff {diff:.3g} above --tolerance {tolerance:g}; "
+                         f"the exported file does not reproduce the model")
+    return diff
+
+
+# --- ONNX ---------------------------------------------------------------------------------------------
+def _require_onnx():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise SpachError(ONNX_INSTALL) from None
+
+
+def export_onnx(model, info: ModelInfo, output: str, args) -> float:
+    import onnx
+    import onnxruntime as ort
+
+    x = _example(info, args.batch_size, seed=0)
+    # The torch.export-based exporter writes opset 18 and newer; older opsets (for older runtimes) come
+    # from the TorchScript-based exporter, which torch still ships.
+    legacy = args.opset is not None and args.opset < MIN_DYNAMO_OPSET
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if legacy:
+                print(f"note: opset {args.opset} < {MIN_DYNAMO_OPSET}: using torch's TorchScript-based ONNX exporter")
+                torch.onnx.export(model, (x,), output, dynamo=False, input_names=["input"], output_names=["logits"],
+                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                                  opset_version=args.opset, do_constant_folding=True)
+            else:
+                batch = torch.export.Dim("batch", min=1, max=4096)
+                program = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"],
+                                            output_names=["logits"], dynamic_shapes={"x": {0: batch}},
+                                            opset_version=args.opset, optimize=True, verbose=False)
+                program.save(output, external_data=False)
+    except ImportError as e:  # onnxscript is what the torch.export-based exporter runs on
+        raise SpachError(f"{ONNX_INSTALL} ({e})") from None
+    except Exception as e:
+        raise SpachError(f"torch.onnx.export of {info.model_name} failed ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300] if str(e) else ''})"
+                         + (f"; try another --opset than {args.opset}" if args.opset else "")) from None
+
+    # model facts as ONNX metadata, so a consumer knows the preprocessing and the classes
+    proto = onnx.load(output)
+    for key, value in info.metadata().items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = f"spach.{key}", json.dumps(value)
+    onnx.save(proto, output)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    print(f"exported ONNX (opset {opset}, dynamic batch axis) to {output}")
+
+    session = ort.InferenceSession(output, providers=["CPUExecutionProvider"])
+    check = _example(info, args.batch_size + 1, seed=1)  # another batch size: the batch axis is dynamic
+    with torch.no_grad():
+        expected = model(check)
+    got = session.run(None, {session.get_inputs()[0].name: check.numpy()})[0]
+    return _compare("onnxruntime", got, expected, args.tolerance)
+
+
+# --- safetensors --------------------------------------------------------------------------------------
+def export_safetensors(model, info: ModelInfo, output: str, args) -> None:
+    from safetensors.torch import save_file
+    state_dict = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    metadata = {"format": "pt"}
+    metadata.update({k: json.dumps(v) for k, v in info.metadata().items()})
+    save_file(state_dict, output, metadata=metadata)
+
+    # round trip: the file alone (and its metadata) must rebuild the same model
+    from ..models import create_model
+    kwargs = {}
+    if info.num_classes != 1000:
+        kwargs["num_classes"] = info.num_classes
+    if tuple(info.img_size) != (224, 224):
+        kwargs["img_size"] = info.img_size[0] if info.img_size[0] == info.img_size[1] else info.img_size
+    reloaded = create_model(info.model_name, checkpoint_path=output, **kwargs).eval()
+    x = _example(info, args.batch_size, seed=1)
+    with torch.no_grad():
+        same = torch.equal(reloaded(x), model(x))
+    if not same:
+        raise SpachError(f"safetensors check failed: {output} does not reproduce the model's logits")
+    call = ", ".join([repr(info.model_name), f"checkpoint_path={output!r}"] + [f"{k}={v!r}" for k, v in kwargs.items()])
+    print(f"safetensors check: spach.create_model({call}) gives identical logits")
+
+
+# --- TorchScript --------------------------------------------------------------------------------------
+def export_torchscript(model, info: ModelInfo, output: str, args) -> float:
+    x = _example(info, args.batch_size, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+        try:
+            scripted = torch.jit.script(model)
+            how = "torch.jit.script"
+        except Exception as e:
+            print(f"note: torch.jit.script failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                  f"tracing with torch.jit.trace instead (control flow is fixed to this input shape)")
+            try:
+                scripted = torch.jit.trace(model, (x,), check_trace=False)
+            except Exception as e2:
+                raise SpachError(f"TorchScript export of {info.model_name} failed: torch.jit.trace: "
+                                 f"{type(e2).__name__}: {str(e2).splitlines()[0][:200]}") from None
+            how = "torch.jit.trace"
+        extra = {"spach.json": json.dumps(info.metadata())}
+        torch.jit.save(scripted, output, _extra_files=extra)
+        print(f"exported TorchScript ({how}) to {output}")
+        loaded = torch.jit.load(output, map_location="cpu")
+    check = _example(info, args.batch_size + 1, seed=1)
+    with torch.no_grad():
+        expected = model(check)
+        got = loaded(check)
+    return _compare("TorchScript", got, expected, args.tolerance)

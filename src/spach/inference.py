@@ -1,0 +1,262 @@
+"""Building a model for inference from a checkpoint, and the facts a checkpoint carries about itself.
+
+A checkpoint may say which model it holds, how many classes, at what input size it was trained and what
+the classes are called: our training checkpoints (``{'model', 'args', 'class_names', ...}``), safetensors
+files written by ``spach export`` (string metadata) and official releases (``{'model': sd}``, 1000 ImageNet
+classes). :func:`build_model` turns that into a ready, ``eval()``-mode model plus a :class:`ModelInfo`;
+the ``export`` and ``predict`` commands share it.
+"""
+import json
+import math
+import os
+import pickle
+import sys
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, SpachError
+
+__all__ = ["ModelInfo", "read_checkpoint_metadata", "build_model", "eval_transform", "class_label",
+           "imagenet_class_names", "safetensors_metadata", "warn"]
+
+# safetensors metadata keys written by ``spach export --format safetensors`` (values are JSON strings)
+METADATA_KEYS = ("model", "num_classes", "img_size", "class_names", "mean", "std", "crop_pct", "interpolation",
+                 "spach_version")
+
+
+def warn(message: str) -> None:
+    print(f"spach: warning: {message}", file=sys.stderr)
+
+
+@dataclass
+class ModelInfo:
+    """What we know about a built model: its name, classes, input size and where its weights came from."""
+
+    model_name: str
+    num_classes: int
+    img_size: Tuple[int, int]
+    class_names: Optional[List[str]] = None
+    checkpoint: Optional[str] = None
+    pretrained_cfg: dict = field(default_factory=dict)
+
+    def metadata(self) -> dict:
+        """JSON-serialisable description (the safetensors / ONNX / TorchScript metadata)."""
+        from . import __version__
+        cfg = self.pretrained_cfg
+        return {
+            "model": self.model_name, "num_classes": self.num_classes, "img_size": list(self.img_size),
+            "class_names": self.class_names, "mean": list(cfg.get("mean", ())), "std": list(cfg.get("std", ())),
+            "crop_pct": cfg.get("crop_pct"), "interpolation": cfg.get("interpolation"), "spach_version": __version__,
+        }
+
+
+def _as_size(value) -> Optional[Tuple[int, int]]:
+    """An input size from a flag or checkpoint: 224, [224, 224], [3, 224, 224] (timm's input_size)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return (int(value), int(value))
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
+        value = [int(v) for v in value]
+        if len(value) == 3:
+            value = value[1:]
+        if len(value) == 1:
+            return (value[0], value[0])
+        if len(value) == 2:
+            return (value[0], value[1])
+    return None
+
+
+def safetensors_metadata(path: str) -> dict:
+    """The string metadata of a ``.safetensors`` file, JSON values decoded where they decode."""
+    try:
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except (TypeError, ValueError):
+            out[k] = v
+    return out
+
+
+def _head_classes(state_dict: dict) -> Optional[int]:
+    for prefix in ("", "module.", "_orig_mod."):
+        w = state_dict.get(prefix + "head.weight")
+        if isinstance(w, torch.Tensor) and w.dim() == 2:
+            return int(w.shape[0])
+    return None
+
+
+def read_checkpoint_metadata(path: str, use_ema: bool = False) -> dict:
+    """What a checkpoint says about itself: any of ``model``, ``num_classes``, ``img_size`` (a pair),
+    ``class_names``, ``epoch``. Missing facts are simply absent. Reading is as safe as loading the
+    weights (``weights_only``); an unreadable file raises :class:`CheckpointError`."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file): pass the path of a "
+                              f".pth or .safetensors weights file")
+    meta = {}
+    if path.endswith(".safetensors"):
+        raw = safetensors_metadata(path)
+        try:
+            from safetensors import safe_open
+            with safe_open(path, framework="pt") as f:
+                head = f.get_slice("head.weight").get_shape() if "head.weight" in f.keys() else None
+        except Exception:
+            head = None
+        if head and len(head) == 2:
+            meta["num_classes"] = int(head[0])
+        elif isinstance(raw.get("num_classes"), int):
+            meta["num_classes"] = raw["num_classes"]
+        if isinstance(raw.get("model"), str):
+            meta["model"] = raw["model"]
+        if _as_size(raw.get("img_size")):
+            meta["img_size"] = _as_size(raw.get("img_size"))
+        names = raw.get("class_names")
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            meta["class_names"] = names
+        return meta
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds pickled objects other than tensors and plain containers "
+            f"(loading it could run code). Re-save its state_dict with torch.save, or convert it to .safetensors "
+            f"({str(e).splitlines()[0][:200]})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint "
+                              f"({type(e).__name__}); use a complete .pth / .safetensors file") from None
+    if not isinstance(ckpt, dict):
+        return meta
+    sd = ckpt
+    for key in (("model_ema", "model", "state_dict") if use_ema else ("model", "state_dict", "model_ema")):
+        if isinstance(ckpt.get(key), dict):
+            sd = ckpt[key]
+            break
+    n = _head_classes(sd)
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    if n is None:
+        for key in ("nb_classes", "num_classes"):
+            if isinstance(args.get(key), int) and not isinstance(args.get(key), bool):
+                n = args[key]
+                break
+    if n is not None:
+        meta["num_classes"] = n
+    if isinstance(args.get("model"), str):
+        meta["model"] = args["model"]
+    for key in ("input_size", "img_size"):
+        size = _as_size(args.get(key))
+        if size:
+            meta["img_size"] = size
+            break
+    names = ckpt.get("class_names")
+    if isinstance(names, (list, tuple)) and names and all(isinstance(c, str) for c in names):
+        meta["class_names"] = list(names)
+    if isinstance(ckpt.get("epoch"), int):
+        meta["epoch"] = ckpt["epoch"]
+    return meta
+
+
+def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img_size=None,
+                use_ema: bool = False, num_classes: Optional[int] = None) -> Tuple[nn.Module, ModelInfo]:
+    """Create ``model_name`` (or the model the checkpoint names) shaped like ``checkpoint`` (classes and
+    input size read from it; ``img_size`` overrides), load its weights strictly and switch to eval mode.
+    Without a checkpoint the model is randomly initialised (a warning says so)."""
+    from .models import create_model
+
+    meta = read_checkpoint_metadata(checkpoint, use_ema=use_ema) if checkpoint else {}
+    if model_name is None:
+        model_name = meta.get("model")
+        if model_name is None:
+            where = f"checkpoint {checkpoint} does not name its model" if checkpoint else "no --checkpoint given"
+            raise SpachError(f"{where}: pass --model NAME (`spach models` lists them)")
+    elif meta.get("model") and meta["model"] != model_name:
+        warn(f"checkpoint {checkpoint} was trained as {meta['model']}; building {model_name} as asked")
+    size = _as_size(img_size) if img_size is not None else meta.get("img_size")
+    n = meta.get("num_classes") if num_classes is None else num_classes
+    kwargs = {}
+    if size is not None:
+        kwargs["img_size"] = size
+    if n is not None:
+        kwargs["num_classes"] = n
+    try:
+        model = create_model(model_name, **kwargs)
+    except SpachError:
+        raise
+    except (ValueError, TypeError) as e:  # e.g. an image size the patch grid cannot take
+        raise SpachError(f"cannot build {model_name} with {kwargs}: {e}") from None
+    if checkpoint:
+        from .models import load_pretrained
+        load_pretrained(model, checkpoint, use_ema=use_ema)
+    else:
+        warn(f"no --checkpoint: {model_name} has random weights (its outputs mean nothing)")
+    model.eval()
+    names = meta.get("class_names")
+    if names is not None and len(names) != model.num_classes:
+        warn(f"checkpoint {checkpoint} lists {len(names)} class names for a {model.num_classes}-class head; "
+             f"ignoring the names")
+        names = None
+    info = ModelInfo(model_name=model_name, num_classes=model.num_classes, img_size=tuple(model.img_size),
+                     class_names=names, checkpoint=checkpoint, pretrained_cfg=dict(model.pretrained_cfg or {}))
+    return model, info
+
+
+def eval_transform(info: ModelInfo):
+    """The evaluation transform of the model's pretrained config at its input size: resize the short side
+    to ``size / crop_pct`` (bicubic), center-crop ``size``, to tensor, normalise by mean / std."""
+    from torchvision import transforms
+    cfg = info.pretrained_cfg
+    crop_pct = cfg.get("crop_pct") or 0.875
+    h, w = info.img_size
+    if h == w:
+        resize = int(math.floor(h / crop_pct))
+    else:
+        resize = tuple(int(math.floor(s / crop_pct)) for s in (h, w))
+    interpolation = {"bilinear": transforms.InterpolationMode.BILINEAR,
+                     "nearest": transforms.InterpolationMode.NEAREST}.get(cfg.get("interpolation"),
+                                                                           transforms.InterpolationMode.BICUBIC)
+    return transforms.Compose([
+        transforms.Resize(resize, interpolation=interpolation),
+        transforms.CenterCrop((h, w)),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=cfg.get("mean", (0.485, 0.456, 0.406)), std=cfg.get("std", (0.229, 0.224, 0.225))),
+    ])
+
+
+_IMAGENET_NAMES = None
+
+
+def imagenet_class_names() -> Optional[List[str]]:
+    """The 1000 ImageNet-1k class descriptions in index order, from timm's offline tables (None if this
+    timm does not ship them)."""
+    global _IMAGENET_NAMES
+    if _IMAGENET_NAMES is None:
+        try:
+            from timm.data import ImageNetInfo
+            info = ImageNetInfo()
+            _IMAGENET_NAMES = [info.index_to_description(i) for i in range(info.num_classes())]
+        except Exception:  # older timm, missing resource files
+            _IMAGENET_NAMES = []
+    return _IMAGENET_NAMES if len(_IMAGENET_NAMES) == 1000 else None
+
+
+def class_label(info: ModelInfo, index: int) -> Optional[str]:
+    """Name of class ``index``: the checkpoint's class names, else ImageNet's for a 1000-class head."""
+    if info.class_names is not None:
+        return info.class_names[index]
+    if info.num_classes == 1000:
+        names = imagenet_class_names()
+        if names:
+            return names[index]
+    return None
