@@ -1,0 +1,136 @@
+"""`spach predict`: the evaluation transform of the model's pretrained config, the right class (named from
+the checkpoint) for images a checkpoint was built to separate, and clear errors that name the bad file."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import spach
+from spach.cli import main
+from spach.inference import ModelInfo, build_model, class_label, eval_transform
+
+NAME = "spach_ms_xxs_patch4_224_conv"
+SIZE = 32
+COLORS = {"blue": (20, 40, 230), "green": (30, 200, 40), "red": (225, 30, 25)}  # class-index order
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _solid(rgb):
+    """The normalised model input of a solid-colour image, computed by hand (not by the code under test)."""
+    return torch.stack([torch.full((SIZE, SIZE), (c / 255 - m) / s) for c, m, s in zip(rgb, MEAN, STD)])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A training-layout checkpoint whose head is a nearest-class-mean classifier over the pooled features
+    of the three colours: a model that really separates blue / green / red images."""
+    torch.manual_seed(0)
+    model = spach.create_model(NAME, num_classes=len(COLORS), img_size=SIZE).eval()
+    with torch.no_grad():
+        feats = model.forward_head(model.forward_features(torch.stack([_solid(c) for c in COLORS.values()])),
+                                   pre_logits=True)
+        # logits_k = -|f - mu_k|^2 / 2 (+ a term shared by all classes), sharpened
+        scale = 50.0 / torch.cdist(feats, feats).max().item() ** 2
+        model.head.weight.copy_(feats * scale)
+        model.head.bias.copy_(-0.5 * (feats ** 2).sum(dim=1) * scale)
+    path = tmp_path_factory.mktemp("predict") / "best.pth"
+    torch.save({"model": model.state_dict(), "epoch": 9, "class_names": list(COLORS),
+                "args": {"model": NAME, "input_size": SIZE, "nb_classes": len(COLORS)}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    paths = {}
+    # other sizes and aspect ratios than the model's input, slightly off the reference colours, JPEG and PNG
+    for i, (name, rgb) in enumerate(COLORS.items()):
+        shade = tuple(min(255, c + 12) for c in rgb)
+        ext = "jpg" if i % 2 else "png"
+        paths[name] = folder / f"{name}.{ext}"
+        Image.new("RGB", (90 + 30 * i, 60), shade).save(paths[name])
+    # a wide image whose centre is green and whose sides are red: the centre crop must see green only
+    wide = Image.new("RGB", (200, 100), COLORS["red"])
+    wide.paste(Image.new("RGB", (90, 100), COLORS["green"]), (55, 0))
+    paths["centre_green"] = folder / "centre_green.png"
+    wide.save(paths["centre_green"])
+    return paths
+
+
+def test_eval_transform_follows_the_pretrained_cfg(images):
+    info = ModelInfo(NAME, 3, (SIZE, SIZE), pretrained_cfg={"mean": MEAN, "std": STD, "crop_pct": 0.875,
+                                                            "interpolation": "bicubic"})
+    transform = eval_transform(info)
+    names = [type(t).__name__ for t in transform.transforms]
+    assert names == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    assert transform.transforms[0].size == int(SIZE / 0.875)  # 36 for 32, 256 for 224
+    x = transform(Image.open(images["blue"]).convert("RGB"))
+    assert x.shape == (3, SIZE, SIZE)
+    expected = _solid(tuple(min(255, c + 12) for c in COLORS["blue"]))
+    assert (x - expected).abs().max().item() < 0.05  # JPEG / PNG of a solid colour: its normalised value
+
+
+def test_predict_names_the_right_class(checkpoint, images, capsys):
+    paths = [str(images[k]) for k in ("red", "green", "blue", "centre_green")]
+    # --model left out: the checkpoint's args name it; input size comes from the checkpoint too
+    assert main(["predict", "--checkpoint", str(checkpoint), *paths, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == NAME and out["img_size"] == [SIZE, SIZE]
+    got = {r["image"]: r["predictions"] for r in out["results"]}
+    for key, expected in (("red", "red"), ("green", "green"), ("blue", "blue"), ("centre_green", "green")):
+        preds = got[str(images[key])]
+        assert len(preds) == 3  # --topk 5 is capped at the number of classes
+        assert preds[0]["class_name"] == expected, (key, preds)
+        assert preds[0]["class_index"] == list(COLORS).index(expected)
+        assert preds[0]["probability"] > 0.5
+        assert abs(sum(p["probability"] for p in preds) - 1) < 1e-4
+        assert [p["rank"] for p in preds] == [1, 2, 3]
+
+    # the human-readable form, top-1 only
+    assert main(["predict", "--model", NAME, "--checkpoint", str(checkpoint), str(images["red"]), "--topk", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == str(images["red"]) and len(lines) == 2
+    assert lines[1].split()[0] == "1." and lines[1].endswith("red") and "class 2" in lines[1]
+
+
+def test_imagenet_heads_get_imagenet_names_and_other_heads_indices():
+    names = pytest.importorskip("timm.data").ImageNetInfo  # noqa: F841 - timm ships the tables offline
+    assert class_label(ModelInfo(NAME, 1000, (224, 224)), 1).startswith("goldfish")
+    assert class_label(ModelInfo(NAME, 10, (224, 224)), 1) is None
+    assert class_label(ModelInfo(NAME, 2, (224, 224), class_names=["a", "b"]), 1) == "b"
+
+
+def test_build_model_reads_size_and_classes_from_a_bare_state_dict(tmp_path):
+    # a bare state_dict says nothing but its head shape: num_classes comes from it, the size from --img-size
+    model = spach.create_model(NAME, num_classes=7, img_size=SIZE)
+    path = tmp_path / "bare.pth"
+    torch.save(model.state_dict(), path)
+    built, info = build_model(NAME, str(path), img_size=SIZE)
+    assert info.num_classes == 7 and info.img_size == (SIZE, SIZE) and info.class_names is None
+    assert not built.training
+
+
+def test_bad_image_is_one_clear_line_naming_it(checkpoint, images, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 this is not a jpeg")
+    proc = subprocess.run([sys.executable, "-m", "spach", "predict", "--checkpoint", str(checkpoint),
+                           str(images["red"]), str(broken)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("spach: error: ") and str(broken) in lines[0]
+    assert proc.stdout == ""  # nothing is predicted before every image is read
+
+
+def test_predict_errors(checkpoint, images, tmp_path, capsys):
+    missing = tmp_path / "missing.png"
+    assert main(["predict", "--checkpoint", str(checkpoint), str(missing)]) == 2
+    assert f"image {missing} does not exist" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(checkpoint), str(images["red"]), "--topk", "0"]) == 2
+    assert "--topk must be at least 1" in capsys.readouterr().err
+    assert main(["predict", str(images["red"])]) == 2  # neither --model nor a checkpoint naming one
+    assert "pass --model NAME" in capsys.readouterr().err
