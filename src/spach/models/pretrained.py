@@ -6,6 +6,7 @@ with the missing / unexpected / mis-shaped keys listed.
 """
 import os
 import pickle
+import re
 from typing import Dict, Optional
 
 import torch
@@ -19,14 +20,29 @@ _WRAPPER_KEYS_EMA = ("model_ema", "state_dict_ema")
 _WRAPPER_KEYS = ("model", "state_dict", "module")
 
 
+def _last_line(text: str) -> str:
+    """The informative line of torch's long weights_only error."""
+    match = re.search(r"(Unsupported [^\n]*|invalid load key[^\n]*)", text)
+    if match:
+        return match.group(1).strip()[:200]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if lines else "no detail")[:200]
+
+
 def _torch_load(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        detail = str(e)
+        if "Unsupported global" not in detail and "GLOBAL" not in detail:
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: it is not a weights-only PyTorch checkpoint (truncated, corrupted, "
+                f"or a raw pickle, which is refused because it could run code: {_last_line(detail)}); "
+                f"use a complete .pth / .safetensors file") from None
         raise CheckpointError(
             f"refusing to load {path}: it holds pickled objects other than tensors and plain containers "
             f"(loading it could run code). Re-save its state_dict with torch.save, or convert it to .safetensors "
-            f"({str(e).splitlines()[0][:200]})") from None
+            f"({_last_line(detail)})") from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise CheckpointError(
             f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint "
