@@ -22,7 +22,7 @@ _WRAPPER_KEYS = ("model", "state_dict", "module")
 
 def _last_line(text: str) -> str:
     """The informative line of torch's long weights_only error."""
-    match = re.search(r"(Unsupported [^\n]*|invalid load key[^\n]*)", text)
+    match = re.search(r"([^\n]*unsupported GLOBAL[^\n]*|Unsupported [^\n]*|invalid load key[^\n]*)", text)
     if match:
         return match.group(1).strip()[:200]
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
