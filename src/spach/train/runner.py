@@ -188,6 +188,10 @@ def _run(args, dist_info, device_kind) -> int:
 
     amp_dtype = devices.resolve_amp(args.amp, device_kind)
     args.amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # one share of the cores per local process: more threads than cores makes OpenMP spin against itself
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if device.type == "cuda":

@@ -1,0 +1,279 @@
+"""spach train / spach eval on a tiny real-image dataset (CPU, seconds per test)."""
+import json
+import os
+
+import pytest
+import torch
+
+from spach.cli import main
+from spach.errors import CheckpointError
+from train_helpers import TINY_MODEL, fast_flags, make_shapes_folder
+
+DEIT_LOG_KEYS = {"train_lr", "train_loss", "test_loss", "test_acc1", "test_acc5", "epoch", "n_parameters"}
+CKPT_KEYS = {"model", "optimizer", "lr_scheduler", "epoch", "model_ema", "scaler", "args"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # 2 shared cores: one compute thread avoids OpenMP oversubscription stalls
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes_folder(tmp_path_factory.mktemp("shapes"), n_train=32, n_val=12)
+
+
+@pytest.fixture(scope="module")
+def trained(shapes, tmp_path_factory):
+    """One 3-epoch run shared by the tests that only read its results."""
+    out = tmp_path_factory.mktemp("run")
+    import io
+    import contextlib
+    buf = io.StringIO()
+    torch.set_num_threads(1)
+    with contextlib.redirect_stdout(buf):
+        rc = main(["train", *fast_flags(shapes, out, epochs=3)])
+    return rc, out, buf.getvalue()
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_tiny_run_learns_and_logs_like_deit(trained):
+    rc, out, stdout = trained
+    assert rc == 0
+    lines = [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [0, 1, 2]
+    assert all(DEIT_LOG_KEYS <= set(l) for l in lines)
+    assert max(l["test_acc1"] for l in lines) >= 80.0  # chance is 33%
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    # the log lines the launcher scripts parse
+    assert "Epoch: [2]" in stdout and "FPS: " in stdout
+    assert "Averaged stats: " in stdout and "loss: " in stdout
+    assert "Accuracy of the network on the 36 test images: " in stdout
+    assert "Max accuracy: " in stdout
+
+
+def test_checkpoint_has_the_original_layout_plus_resume_state(trained):
+    _, out, _ = trained
+    ck = _load(out / "checkpoint.pth")
+    assert CKPT_KEYS <= set(ck)
+    assert ck["epoch"] == 2 and ck["sampler_epoch"] == 3
+    assert ck["class_names"] == ["circle", "cross", "square"]
+    assert ck["args"]["model"] == TINY_MODEL and ck["args"]["batch_size"] == 16
+    assert {"torch", "numpy", "python"} <= set(ck["rng"])
+    best = _load(out / "best.pth")
+    assert best["max_accuracy"] == max(json.loads(l)["test_acc1"] for l in (out / "log.txt").read_text().splitlines())
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # no temp files left behind
+
+
+def test_eval_of_saved_checkpoint_matches_training_log(trained, shapes, capsys):
+    _, out, _ = trained
+    best = _load(out / "best.pth")
+    # model / input size / crop come from the checkpoint's args
+    rc = main(["eval", "--checkpoint", str(out / "best.pth"), "--data-path", shapes, "--device", "cpu",
+               "--num_workers", "0"])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    assert f"* Acc@1 {best['max_accuracy']:.3f}" in stdout
+    assert f"Accuracy of the network on the 36 test images: {best['max_accuracy']:.1f}%" in stdout
+    # spach train --eval --resume goes through the same path
+    rc = main(["train", "--eval", "--resume", str(out / "best.pth"), "--data-path", shapes, "--device", "cpu",
+               "--num_workers", "0"])
+    assert rc == 0 and f"* Acc@1 {best['max_accuracy']:.3f}" in capsys.readouterr().out
+
+
+def test_throughput_reports_images_per_second(trained, shapes, capsys):
+    _, out, _ = trained
+    rc = main(["train", "--throughput", "--resume", str(out / "best.pth"), "--data-path", shapes, "--device", "cpu",
+               "--num_workers", "0", "--batch-size", "8"])
+    assert rc == 0
+    assert "throughput" in capsys.readouterr().out
+
+
+def _full_recipe(shapes, out):
+    # every source of randomness on: RandAugment, random erasing, mixup/cutmix, drop-path, EMA, repeated aug,
+    # a loader worker, per-step lr
+    return ["train", *fast_flags(shapes, out, "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.8",
+                                 "--cutmix", "1.0", "--drop-path", "0.1", "--model-ema", "--model-ema-decay", "0.9",
+                                 "--repeated-aug", "--sched-per-step", "--warmup-epochs", "1", "--deterministic",
+                                 epochs=2, workers=1)]
+
+
+def test_resume_after_interruption_ends_bit_identical(shapes, tmp_path, monkeypatch, capsys):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert main(_full_recipe(shapes, straight)) == 0
+
+    from spach.train import runner
+    real = runner.train_one_epoch
+
+    def interrupted(*a, **kw):
+        if a[5] == 1:  # epoch
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(runner, "train_one_epoch", interrupted)
+    assert main(_full_recipe(shapes, broken)) == 130
+    assert _load(broken / "checkpoint.pth")["epoch"] == 0
+    monkeypatch.setattr(runner, "train_one_epoch", real)
+    capsys.readouterr()
+    assert main(_full_recipe(shapes, broken)) == 0  # the same command again continues the run
+    assert "auto resume from" in capsys.readouterr().out
+
+    a, b = _load(straight / "checkpoint.pth"), _load(broken / "checkpoint.pth")
+    assert a["epoch"] == b["epoch"] == 1
+    for part in ("model", "model_ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    for pid, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["optimizer"]["state"][pid][k]), f"optimizer state {pid}.{k} differs"
+    assert a["max_accuracy"] == b["max_accuracy"]
+
+
+def test_rerun_of_a_finished_run_does_nothing(trained, shapes, capsys):
+    _, out, _ = trained
+    before = (out / "checkpoint.pth").stat().st_mtime_ns
+    assert main(["train", *fast_flags(shapes, out, epochs=3)]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert (out / "checkpoint.pth").stat().st_mtime_ns == before
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path, capsys):
+    out = tmp_path / "nan"
+    assert main(["train", *fast_flags(shapes, out, epochs=1)]) == 0
+    good = _load(out / "checkpoint.pth")
+    capsys.readouterr()
+    # resume epoch 1 with an absurd lr: the loss blows up
+    rc = main(["train", *fast_flags(shapes, out, epochs=2, lr=1e12)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "non-finite" in err and "epoch 1" in err and "step" in err and "lr" in err
+    assert str(out / "checkpoint.pth") in err
+    after = _load(out / "checkpoint.pth")
+    assert after["epoch"] == 0
+    assert all(torch.equal(good["model"][k], after["model"][k]) for k in good["model"])
+    # and --resume from it works
+    rc = main(["train", *fast_flags(shapes, tmp_path / "again", "--resume", str(out / "checkpoint.pth"), epochs=2)])
+    assert rc == 0
+    assert _load(tmp_path / "again" / "checkpoint.pth")["epoch"] == 1
+
+
+def test_failed_checkpoint_write_keeps_previous_and_stops(shapes, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "full"
+    assert main(["train", *fast_flags(shapes, out, epochs=1)]) == 0
+    good = (out / "checkpoint.pth").read_bytes()
+
+    def disk_full(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    from spach.train import checkpoint
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    capsys.readouterr()
+    rc = main(["train", *fast_flags(shapes, out, epochs=3)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "could not write checkpoint" in err and "No space left" in err and "is kept" in err
+    assert (out / "checkpoint.pth").read_bytes() == good
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    lines = (out / "log.txt").read_text().splitlines()
+    assert len(lines) == 1  # the unsaved epoch was not logged as done
+
+
+def test_atomic_save_never_leaves_a_torn_file(tmp_path, monkeypatch):
+    from spach.train.checkpoint import atomic_save, load_checkpoint
+    path = tmp_path / "checkpoint.pth"
+    atomic_save({"model": {"w": torch.ones(3)}, "epoch": 0}, str(path))
+
+    real_save = torch.save
+
+    def half_written(obj, f, *a, **kw):
+        f.write(b"PK\x03\x04 partial")
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(CheckpointError, match="previous .* is kept"):
+        atomic_save({"model": {"w": torch.zeros(3)}, "epoch": 1}, str(path))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load_checkpoint(str(path))["epoch"] == 0
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "positive integer"),
+    (["--batch-size=-4"], "positive integer"),
+    (["--epochs", "0"], "positive integer"),
+    (["--lr", "0"], "positive number"),
+    (["--lr=-1e-3"], "positive number"),
+    (["--amp", "fp8"], "invalid choice"),
+])
+def test_bad_flag_values_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_bad_flags_give_one_line_errors(shapes, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (["--model", "spach_ms_xx_patch4_224_conv"], "did you mean"),
+        (["--input-size", "40"], "multiple of its total stride 32"),
+        (["--output_dir", str(a_file)], "is a file"),
+        (["--amp", "fp16"], "not supported on cpu"),
+        (["--batch-size", "1000"], "fewer than one batch"),
+        (["--mixup", "0.8", "--batch-size", "15"], "even --batch-size"),
+    ]
+    for extra, message in cases:
+        rc = main(["train", *fast_flags(shapes, tmp_path / "o", *extra)])
+        err = capsys.readouterr().err
+        assert rc == 2, extra
+        assert message in err, (extra, err)
+        assert err.count("\n") == 1 and err.startswith("spach: error: "), err
+
+
+def test_missing_devices_are_named(shapes, tmp_path, capsys):
+    from spach.train.device import available_devices
+    for flag, device in ((["--device", "cuda"], "cuda"), (["--npu"], "npu")):
+        if device in available_devices():
+            continue
+        rc = main(["train", *fast_flags(shapes, tmp_path / "o", device=None), *flag])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"--device {device} requested" in err and "available here: " in err
+
+
+def test_eval_without_checkpoint_is_an_error(shapes, capsys):
+    assert main(["eval", "--data-path", shapes, "--device", "cpu"]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_weight_decay_spares_norms_and_biases_but_not_layer_scale():
+    import spach
+    from spach.train.optim import param_groups
+    model = spach.create_model(TINY_MODEL, num_classes=3, img_size=32)
+    no_decay, decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+    assert all(p.ndim <= 1 for p in no_decay["params"])
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert any("gamma" in n for n in decayed)  # layer-scale [1, 1, C] is decayed, as in the original
+    assert not any(n.endswith(".bias") or "norm" in n for n in decayed)
+
+
+def test_cosine_schedule_warmup_decay_cooldown():
+    from spach.train.optim import CosineSchedule
+    s = CosineSchedule(base_lr=1e-3, epochs=100, warmup_epochs=20, warmup_lr=1e-6, min_lr=1e-5, cooldown_epochs=10)
+    assert s.lr_at(0) == pytest.approx(1e-6)
+    assert s.lr_at(10) == pytest.approx((1e-6 + 1e-3) / 2)
+    assert s.lr_at(20) < 1e-3 and s.lr_at(20) > s.lr_at(50) > s.lr_at(80)
+    assert s.lr_at(90) == pytest.approx(1e-5) and s.lr_at(99) == pytest.approx(1e-5)
+    per_step = CosineSchedule(1e-3, 10, 1, 1e-6, 1e-5, 0, per_step=True)
+    assert per_step.time(2, 5, 10) == 2.5 and s.time(2, 5, 10) == 2.0

@@ -1,0 +1,71 @@
+"""Helpers for the training-system tests: a tiny real-image ImageFolder and the common fast flags."""
+import io
+import os
+import random
+import subprocess
+import sys
+
+from PIL import Image, ImageDraw
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = "spach_ms_xxs_patch4_224_attn"
+CLASSES = ("circle", "cross", "square")
+
+
+def draw_shape(kind: str, rng: random.Random, size: int = 32) -> Image.Image:
+    """A filled shape of random size and position on a random dark background."""
+    bg = tuple(rng.randint(0, 90) for _ in range(3))
+    # each class has its own dominant hue as well as its shape, so a few steps learn it
+    hue = {"circle": 0, "cross": 1, "square": 2}.get(kind, rng.randint(0, 2))
+    fg = tuple(rng.randint(190, 255) if c == hue else rng.randint(0, 120) for c in range(3))
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    r = rng.randint(size // 5, size // 3)
+    cx, cy = rng.randint(r + 1, size - r - 2), rng.randint(r + 1, size - r - 2)
+    if kind == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    elif kind == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    else:
+        w = max(2, r // 2)
+        d.rectangle([cx - r, cy - w // 2, cx + r, cy + w // 2], fill=fg)
+        d.rectangle([cx - w // 2, cy - r, cx + w // 2, cy + r], fill=fg)
+    return img
+
+
+def make_shapes_folder(root, n_train: int = 32, n_val: int = 12, size: int = 32, seed: int = 0, classes=CLASSES,
+                       ext: str = ".png"):
+    """Write ``root/{train,val}/<shape>/*.png``; returns ``str(root)``."""
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for kind in classes:
+            folder = os.path.join(root, split, kind)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                draw_shape(kind, rng, size).save(os.path.join(folder, f"{kind}_{i:03d}{ext}"))
+    return str(root)
+
+
+def fast_flags(data, out, *extra, epochs=2, batch=16, lr=2e-3, workers=0, device="cpu"):
+    """Flags for a seconds-long CPU run; ``lr`` is the wanted lr (the CLI scales it by batch / 512)."""
+    return ["--data-path", str(data), "--output_dir", str(out), "--model", TINY_MODEL, "--input-size", "32",
+            "--batch-size", str(batch), "--epochs", str(epochs), "--lr", repr(lr * 512 / batch),
+            "--warmup-epochs", "0", "--cooldown-epochs", "0", "--aa", "none", "--reprob", "0", "--mixup", "0",
+            "--cutmix", "0", "--no-model-ema", "--no-repeated-aug", "--hflip", "0", "--crop-pct", "1",
+            "--drop-path", "0", "--num_workers", str(workers), *(["--device", device] if device else []), "--seed", "0",
+            "--print-freq", "5", *extra]
+
+
+def run_spach(*argv, env=None, timeout=300, cwd=None):
+    """Run ``python -m spach ...`` in a subprocess; returns the CompletedProcess (text)."""
+    full_env = dict(os.environ)
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "spach", *map(str, argv)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=cwd or REPO)
+
+
+def jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", **kw)
+    return buf.getvalue()
