@@ -6,8 +6,8 @@ classes, a batch larger than the data) is found before the first step and report
 :class:`~spach.errors.DataError` naming the path and the fix.
 
 An image that cannot be decoded (truncated, zero bytes, not an image, removed or unreadable since the scan)
-is logged with its path and replaced by the next readable sample; each sample carries the number of
-replacements made for it so the engine can count them per epoch. With ``strict=True`` it is an error.
+is logged with its path and replaced by the next readable sample; each sample carries a flag saying whether
+it was replaced, so the engine can count unreadable files per epoch. With ``strict=True`` it is an error.
 """
 import logging
 import os
@@ -110,9 +110,10 @@ def load_rgb(path: str) -> Image.Image:
 
 
 class TolerantImageFolder:
-    """An ImageFolder split whose items are ``(image, target, n_replaced)``.
+    """An ImageFolder split whose items are ``(image, target, replaced)``.
 
-    ``n_replaced`` counts the unreadable files skipped to produce this item (0 normally). Replacement is
+    ``replaced`` is 1 when this item's own file could not be read and the next readable sample stands in for
+    it (0 normally), so summing it over an epoch counts the unreadable files drawn. Replacement is
     deterministic (the next index), so a seeded run stays reproducible.
     """
 
@@ -155,6 +156,6 @@ class TolerantImageFolder:
                 continue
             if self.transform is not None:
                 img = self.transform(img)
-            return img, target, n_bad
+            return img, target, int(n_bad > 0)  # 1: this item's own file was unreadable
         raise DataError(f"{self.max_tries} images in a row from {self.samples[index][0]} on could not be decoded: "
                         f"the dataset looks corrupt or unreadable; check the files and their permissions")
