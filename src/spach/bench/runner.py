@@ -1,0 +1,389 @@
+"""Throughput measurement of the real training step and of inference.
+
+One :class:`Workload` is a built model + optimiser + batch source for one configuration. It runs warm-up steps
+(never counted, never timed), then timed blocks of ``steps`` steps each: the clock starts behind a device
+synchronise and stops behind another, and the images counted are exactly ``steps * batch_size`` per block.
+The reported rate is the median over blocks.
+
+The training step is the one ``spach train`` runs: mixup/cutmix on the device with soft targets (label
+smoothing inside them) or cross-entropy with label smoothing when mixing is off, autocast with the chosen
+dtype, a GradScaler for fp16, AdamW (fused where the device has the kernel), and no host synchronisation
+(no ``.item()``) inside the step.
+"""
+import math
+import os
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import SpachError
+
+__all__ = ["BenchConfig", "Workload", "run_benchmark", "run_interleaved", "peak_bf16_tflops", "device_name",
+           "PeakMemory"]
+
+# Dense bf16 tensor-core peaks in TFLOP/s (fp16 for V100, which has no bf16), without sparsity.
+_GPU_PEAKS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H800", 989.4),
+              ("GH200", 989.4), ("A100", 312.0), ("A800", 312.0), ("V100", 125.0)]
+
+
+def peak_bf16_tflops(name: str) -> Optional[float]:
+    """Dense bf16 peak of a known GPU (by its CUDA device name), or None."""
+    for key, peak in _GPU_PEAKS:
+        if key.lower() in name.lower():
+            return peak
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        from .cpu_tuning import cpu_model_name
+        return f"{cpu_model_name()} ({torch.get_num_threads()} threads)"
+    return device.type
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    mode: str = "train"                 # train | infer
+    batch_size: int = 16
+    device: str = "cpu"
+    amp: str = "off"                    # bf16 | fp16 | off
+    channels_last: bool = False
+    compile: bool = False
+    grad_checkpointing: bool = False
+    fused_optimizer: bool = True        # fused AdamW where the device has it (cuda, cpu with torch >= 2.4)
+    fused_attn: bool = True             # SDPA attention (False: explicit softmax)
+    data: str = "synthetic"             # synthetic | a folder of JPEGs (ImageFolder, train/ used if present)
+    data_pipeline: str = "fast"         # fast | timm  (only with a data folder)
+    workers: int = 2
+    steps: int = 5
+    warmup: int = 2
+    repeats: int = 3
+    img_size: int = 224
+    num_classes: int = 1000
+    drop_path: float = 0.1
+    mixup: bool = True                  # DeiT's mixup 0.8 / cutmix 1.0 (soft targets); off: label smoothing
+    smoothing: float = 0.1
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    seed: int = 0
+    label: str = ""                     # free-form name of this configuration in reports
+
+    def validate(self):
+        if self.mode not in ("train", "infer"):
+            raise SpachError(f"unknown --mode {self.mode!r}: use train, infer or both")
+        if self.amp not in ("bf16", "fp16", "off"):
+            raise SpachError(f"unknown --amp {self.amp!r}: use bf16, fp16 or off")
+        if self.batch_size < 1:
+            raise SpachError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.steps < 1 or self.repeats < 1 or self.warmup < 0:
+            raise SpachError("--steps and --repeats must be at least 1 and --warmup at least 0 "
+                             f"(got steps={self.steps}, repeats={self.repeats}, warmup={self.warmup})")
+        if self.data_pipeline not in ("fast", "timm"):
+            raise SpachError(f"unknown --data-pipeline {self.data_pipeline!r}: use fast or timm")
+        if self.data != "synthetic" and not os.path.isdir(self.data):
+            raise SpachError(f"--data {self.data!r} is neither 'synthetic' nor an existing folder of images")
+
+
+class PeakMemory:
+    """Peak memory of the measured steps: max allocated bytes on cuda; on cpu the process's peak resident set
+    (``VmHWM``), reset before measuring through ``/proc/self/clear_refs`` where Linux allows it (otherwise the
+    lifetime peak from ``getrusage``)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "max_allocated" if device.type == "cuda" else "peak_rss"
+        self.reset_ok = False
+
+    @staticmethod
+    def _status_kb(key: str) -> Optional[int]:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+    def current_rss_mb(self) -> Optional[float]:
+        kb = self._status_kb("VmRSS")
+        return None if kb is None else kb / 1024
+
+    def reset(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.reset_ok = True
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.reset_ok = True
+        except OSError:
+            self.reset_ok = False
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        kb = self._status_kb("VmHWM")
+        if kb is None:
+            kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+        return kb / 1024
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _resolve_device(name: str) -> torch.device:
+    kind = name.split(":")[0].lower()
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SpachError(f"--device {name} requested but no CUDA GPU is visible to PyTorch; use --device cpu")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SpachError(f"--device {name} requested but Apple MPS is not available here; use --device cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise SpachError(f"unknown --device {name!r}: use cpu, cuda (cuda:N) or mps")
+    return torch.device(name)
+
+
+def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    if amp == "off":
+        return None
+    if amp == "fp16" and device.type == "cpu":
+        raise SpachError("--amp fp16 is not supported on cpu: use --amp bf16 or --amp off")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+class _SoftTargetCE(torch.nn.Module):
+    def forward(self, x, target):
+        return torch.sum(-target * F.log_softmax(x, dim=-1), dim=-1).mean()
+
+
+class Workload:
+    """A model, its optimiser and a batch source for one :class:`BenchConfig`, ready to time."""
+
+    def __init__(self, cfg: BenchConfig):
+        import spach
+        cfg.validate()
+        self.cfg = cfg
+        self.device = _resolve_device(cfg.device)
+        self.amp_dtype = _amp_dtype(cfg.amp, self.device)
+        torch.manual_seed(cfg.seed)
+        try:
+            model = spach.create_model(cfg.model, num_classes=cfg.num_classes, img_size=cfg.img_size,
+                                       drop_path_rate=cfg.drop_path if cfg.mode == "train" else 0.0,
+                                       fused_attn=cfg.fused_attn)
+        except (TypeError, ValueError) as e:
+            raise SpachError(f"cannot build {cfg.model} with these settings: {e}") from None
+        self.macs_per_image = spach.models.count_flops(model, (cfg.img_size, cfg.img_size))
+        model.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if cfg.grad_checkpointing:
+            if cfg.mode != "train":
+                raise SpachError("--grad-checkpointing only applies to --mode train")
+            model.set_grad_checkpointing(True)
+        self.model = model
+        self.net = torch.compile(model) if cfg.compile else model
+        self.mixup_fn = None
+        self.criterion = None
+        self.optimizer = None
+        self.scaler = None
+        if cfg.mode == "train":
+            model.train()
+            self._build_train()
+        else:
+            model.eval()
+        self._build_data()
+
+    # --- training pieces --------------------------------------------------------------------------------
+    def _build_train(self):
+        cfg = self.cfg
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg.weight_decay}]
+        kwargs = dict(lr=cfg.lr)
+        fused_ok = self.device.type == "cuda" or (self.device.type == "cpu" and _cpu_fused_adamw_available())
+        if cfg.fused_optimizer and fused_ok:
+            kwargs["fused"] = True
+        elif self.device.type != "mps":
+            kwargs["foreach"] = True
+        self.optimizer = torch.optim.AdamW(groups, **kwargs)
+        self.optimizer_kind = "fused" if kwargs.get("fused") else "foreach"
+        if self.amp_dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        if cfg.mixup and cfg.batch_size % 2 == 0:
+            from timm.data import Mixup
+            self.mixup_fn = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode="batch",
+                                  label_smoothing=cfg.smoothing, num_classes=cfg.num_classes)
+            self.criterion = _SoftTargetCE()
+        else:
+            self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, x, y):
+        if self.mixup_fn is not None:
+            x, y = self.mixup_fn(x, y)
+        with self._autocast():
+            out = self.net(x)
+            loss = self.criterion(out, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return loss.detach()
+
+    def infer_step(self, x, y=None):
+        with torch.inference_mode(), self._autocast():
+            return self.net(x)
+
+    # --- data -------------------------------------------------------------------------------------------
+    def _build_data(self):
+        cfg = self.cfg
+        self.loader = None
+        self.finalize = None
+        if cfg.data == "synthetic":
+            g = torch.Generator().manual_seed(cfg.seed)
+            x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, generator=g)
+            y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=g)
+            x = x.to(self.device)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            self._synthetic = (x, y.to(self.device))
+            return
+        from ..data.fast_pipeline import build_benchmark_loader
+        self.loader, self.finalize = build_benchmark_loader(
+            cfg.data, cfg.batch_size, cfg.img_size, cfg.data_pipeline, cfg.workers, self.device,
+            train=cfg.mode == "train", seed=cfg.seed)
+        self._iter = None
+
+    def next_batch(self):
+        if self.loader is None:
+            x, y = self._synthetic
+            if self.mixup_fn is not None:
+                x = x.clone()  # mixup works in place, as it does on a fresh loader batch
+            return x, y
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            self._iter = iter(self.loader)
+            batch = next(self._iter)
+        x, y = batch[0], batch[1]
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.finalize is not None:
+            x = self.finalize(x)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def step(self):
+        x, y = self.next_batch()
+        return self.train_step(x, y) if self.cfg.mode == "train" else self.infer_step(x, y)
+
+    def warmup(self):
+        for _ in range(self.cfg.warmup):
+            self.step()
+        _sync(self.device)
+
+    def timed_block(self) -> float:
+        """Seconds for ``steps`` steps, device-synchronised at both ends."""
+        _sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(self.cfg.steps):
+            self.step()
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+    def flops_per_image(self) -> float:
+        """FLOPs (2 per multiply-accumulate) of one image: forward, or 3x forward for a training step."""
+        return 2.0 * self.macs_per_image * (3 if self.cfg.mode == "train" else 1)
+
+    def close(self):
+        if self.loader is not None:
+            self._iter = None
+            self.loader = None
+
+
+def _cpu_fused_adamw_available() -> bool:
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2] if v.isdigit())
+    return version >= (2, 4)
+
+
+def _result(wl: Workload, times: List[float], mem: PeakMemory, peak_mb: float, base_rss_mb) -> Dict:
+    cfg = wl.cfg
+    per_block = cfg.steps * cfg.batch_size
+    rates = [per_block / t for t in times]
+    rate = statistics.median(rates)
+    step_ms = statistics.median(t / cfg.steps * 1000 for t in times)
+    tflops = rate * wl.flops_per_image() / 1e12
+    name = device_name(wl.device)
+    peak = peak_bf16_tflops(name) if wl.device.type == "cuda" else None
+    out = asdict(cfg)
+    out.update(
+        device_name=name, torch=torch.__version__, threads=torch.get_num_threads(),
+        optimizer=getattr(wl, "optimizer_kind", None), images_per_block=per_block,
+        images_counted=per_block * len(times), block_seconds=[round(t, 4) for t in times],
+        img_per_s=rate, img_per_s_blocks=rates, step_ms=step_ms,
+        peak_mem_mb=peak_mb, mem_kind=mem.kind, mem_reset=mem.reset_ok, base_rss_mb=base_rss_mb,
+        gflops_per_img=wl.flops_per_image() / 1e9, tflops=tflops,
+        peak_bf16_tflops=peak, mfu_pct=(100.0 * tflops / peak) if peak else None,
+    )
+    return out
+
+
+def run_benchmark(cfg: BenchConfig) -> Dict:
+    """Build, warm up, and time ``cfg.repeats`` blocks of ``cfg.steps`` steps; a result dict."""
+    mem = PeakMemory(torch.device(cfg.device) if cfg.device else torch.device("cpu"))
+    base_rss = mem.current_rss_mb()
+    wl = Workload(cfg)
+    try:
+        mem.reset()
+        wl.warmup()
+        times = [wl.timed_block() for _ in range(cfg.repeats)]
+        peak = mem.peak_mb()
+    finally:
+        wl.close()
+    return _result(wl, times, mem, peak, base_rss)
+
+
+def run_interleaved(cfgs: List[BenchConfig], repeats: int) -> List[Dict]:
+    """Several configurations in one process, their timed blocks alternating (A B C A B C ...), so that load
+    from other processes on a shared machine hits all of them alike; ratios between them are then fair.
+    Peak memory is not separable in one process and is left out (``peak_mem_mb`` None)."""
+    wls = [Workload(c) for c in cfgs]
+    for wl in wls:
+        wl.warmup()
+    times = [[] for _ in wls]
+    for _ in range(repeats):
+        for i, wl in enumerate(wls):
+            times[i].append(wl.timed_block())
+    results = []
+    for wl, ts in zip(wls, times):
+        mem = PeakMemory(wl.device)
+        r = _result(wl, ts, mem, math.nan, None)
+        r["peak_mem_mb"] = None
+        results.append(r)
+        wl.close()
+    return results

@@ -1,0 +1,162 @@
+"""Measure training-step and inference throughput of SPACH models.
+
+Warm-up steps are neither counted nor timed; each timed block is device-synchronised at both ends; the rate is
+the median over blocks. Reports images/s, step time, peak memory (resident set on CPU, max allocated on GPU),
+achieved TFLOP/s from the analytic FLOPs (training = 3x forward) and, on known GPUs, the share of the dense
+bf16 peak (MFU). ``--data DIR`` measures end to end from JPEG files through a DataLoader.
+
+Example: spach benchmark --model spach_ms_xxs_patch4_224_conv --mode both --batch-size 16 --device cpu
+"""
+import json
+import os
+import platform
+import sys
+
+from ..errors import SpachError
+
+__all__ = ["add_arguments", "run", "configs_from_args"]
+
+
+def _positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise SpachError(f"expected a whole number, got {s!r}") from None
+    return v
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", required=True,
+                        help="model name, or several separated by commas (see `spach models`)")
+    parser.add_argument("--mode", default="train", choices=["train", "infer", "both"])
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
+                        help="images per step (default: 128 on cuda, 16 on cpu)")
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cuda if available)")
+    parser.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
+                        help="autocast dtype (default: bf16 on cuda and on CPUs with native bf16, else off)")
+    parser.add_argument("--channels-last", dest="channels_last", action="store_true",
+                        help="NHWC input and parameters")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (compile time excluded)")
+    parser.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_true",
+                        help="recompute each block in the backward pass (less memory)")
+    parser.add_argument("--data", default="synthetic",
+                        help="'synthetic' (random tensors on the device) or a folder of JPEGs (ImageFolder; "
+                             "its train/ split if present) read through the real DataLoader")
+    parser.add_argument("--data-pipeline", dest="data_pipeline", default="fast", choices=["fast", "timm"],
+                        help="with --data DIR: the fast decode+augment pipeline or the plain timm/PIL one")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers with --data DIR "
+                        "(default: the available cores)")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (compilation happens here)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
+    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: available cores)")
+    parser.add_argument("--img-size", dest="img_size", type=int, default=224)
+    parser.add_argument("--num-classes", dest="num_classes", type=int, default=1000)
+    parser.add_argument("--no-mixup", dest="mixup", action="store_false",
+                        help="hard labels with label smoothing instead of DeiT's mixup/cutmix soft targets")
+    parser.add_argument("--no-fused-optimizer", dest="fused_optimizer", action="store_false",
+                        help="foreach AdamW instead of the fused kernel")
+    parser.add_argument("--no-fused-attn", dest="fused_attn", action="store_false",
+                        help="explicit softmax attention instead of scaled_dot_product_attention")
+    parser.add_argument("--no-cpu-tuning", dest="cpu_tuning", action="store_false",
+                        help="leave glibc malloc thresholds at their defaults")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def _default_device():
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def configs_from_args(args):
+    from ..bench.cpu_tuning import default_cpu_amp
+    from ..bench.runner import BenchConfig
+    from ..models import MODEL_CONFIGS, UnknownModelError
+    from ..models.variants import unknown_model_message
+
+    names = [n.strip() for n in args.model.split(",") if n.strip()]
+    if not names:
+        raise SpachError("--model is empty: name at least one model (see `spach models`)")
+    for n in names:
+        if n not in MODEL_CONFIGS:
+            raise UnknownModelError(unknown_model_message(n))
+    for flag in ("steps", "repeats"):
+        if getattr(args, flag) < 1:
+            raise SpachError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
+    if args.warmup < 0:
+        raise SpachError(f"--warmup must be 0 or more (got {args.warmup})")
+    device = args.device or _default_device()
+    kind = device.split(":")[0]
+    batch = args.batch_size if args.batch_size is not None else (128 if kind == "cuda" else 16)
+    if batch < 1:
+        raise SpachError(f"--batch-size must be at least 1 (got {batch})")
+    amp = args.amp or ("bf16" if kind == "cuda" else default_cpu_amp() if kind == "cpu" else "off")
+    if args.data != "synthetic" and not os.path.isdir(args.data):
+        raise SpachError(f"--data {args.data!r} is neither 'synthetic' nor an existing folder of images")
+    workers = args.workers
+    if workers is None:
+        try:
+            workers = len(os.sched_getaffinity(0))
+        except AttributeError:
+            workers = os.cpu_count() or 1
+    modes = ["train", "infer"] if args.mode == "both" else [args.mode]
+    cfgs = []
+    for name in names:
+        for mode in modes:
+            cfgs.append(BenchConfig(
+                model=name, mode=mode, batch_size=batch, device=device, amp=amp, channels_last=args.channels_last,
+                compile=args.compile, grad_checkpointing=args.grad_checkpointing and mode == "train",
+                fused_optimizer=args.fused_optimizer, fused_attn=args.fused_attn, data=args.data,
+                data_pipeline=args.data_pipeline, workers=workers, steps=args.steps, warmup=args.warmup,
+                repeats=args.repeats, img_size=args.img_size, num_classes=args.num_classes, mixup=args.mixup))
+    return cfgs
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(results, file=sys.stdout):
+    header = (f"{'model':34s} {'mode':5s} {'batch':>5s} {'amp':>4s} {'img/s':>9s} {'step ms':>9s} "
+              f"{'peak MB':>9s} {'TFLOP/s':>8s} {'MFU %':>6s}")
+    print(header, file=file)
+    print("-" * len(header), file=file)
+    for r in results:
+        print(f"{r['model']:34s} {r['mode']:5s} {r['batch_size']:5d} {r['amp']:>4s} {r['img_per_s']:9.1f} "
+              f"{r['step_ms']:9.1f} {_fmt(r['peak_mem_mb'], '9.0f')} {r['tflops']:8.3f} "
+              f"{_fmt(r['mfu_pct'], '6.1f')}", file=file)
+    if results:
+        r = results[0]
+        mem = "max allocated" if r["mem_kind"] == "max_allocated" else "peak resident set of the process"
+        print(f"device: {r['device_name']}; torch {r['torch']}; {r['steps']} steps x {r['repeats']} blocks "
+              f"(median) after {r['warmup']} warm-up steps; memory = {mem}", file=file)
+
+
+def run(args) -> int:
+    import torch
+    from ..bench.cpu_tuning import apply_cpu_tuning
+    from ..bench.runner import run_benchmark
+
+    cfgs = configs_from_args(args)
+    tuning = None
+    if cfgs[0].device.split(":")[0] == "cpu" or args.threads:
+        if args.cpu_tuning:
+            tuning = apply_cpu_tuning(threads=args.threads)
+        elif args.threads:
+            torch.set_num_threads(args.threads)
+    results = []
+    for cfg in cfgs:
+        r = run_benchmark(cfg)
+        r["cpu_tuning"] = tuning
+        results.append(r)
+    print_table(results)
+    if args.json:
+        payload = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
+                               "torch": torch.__version__, "device_name": results[0]["device_name"]},
+                   "results": results}
+        try:
+            with open(args.json, "w") as f:
+                json.dump(payload, f, indent=2, default=str)
+        except OSError as e:
+            raise SpachError(f"cannot write --json {args.json!r}: {e.strerror}") from None
+    return 0
