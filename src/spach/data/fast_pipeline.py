@@ -1,0 +1,436 @@
+"""A faster DeiT training pipeline with the augmentation distribution of timm's transform.
+
+timm's DeiT transform is ``RandomResizedCrop(bicubic) -> hflip -> RandAugment(rand-m9-mstd0.5-inc1) ->
+ToTensor -> Normalize -> RandomErasing(0.25, pixel)``, all per image in the loader workers, on PIL images and
+then float tensors. This pipeline draws the same random parameters from the same distributions and applies the
+same operations, but:
+
+* the crop box is drawn from the JPEG *header* (no pixels decoded yet), and when the crop is at least twice the
+  output size in both directions the JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg
+  "draft" mode) so that the decoder never produces pixels the resize would average away;
+* the crop + bicubic antialiased resize runs on the uint8 pixels with PyTorch's vectorised uint8 kernel
+  (same Keys a=-0.5 filter with PIL's support scaling; it matches PIL's result to within 1 grey level);
+* RandAugment is timm's own instance (op list, choice, magnitudes and PIL ops) on the 224x224 image (tensor
+  re-implementations of its affine ops with ``grid_sample`` were measured and were not faster at this size);
+* workers return uint8 tensors (4x less inter-process traffic than float); normalisation and random erasing
+  run batched on the training device (:class:`DeviceNormalize`), as does mixup/cutmix in the trainer.
+
+On a GPU, :class:`GpuJpegDecoder` decodes the JPEG bytes with nvJPEG (``torchvision.io.decode_jpeg(...,
+device='cuda')``) and does crop, resize and flip on the device; the workers only read files and draw crop boxes.
+
+Selecting it in a trainer (the plain path stays available)::
+
+    from spach.data.fast_pipeline import FastImageFolder, build_fast_train_transform, DeviceNormalize
+    tf = build_fast_train_transform(args.input_size, auto_augment=args.aa, hflip=args.hflip, scale=args.scale)
+    dataset_train = FastImageFolder(samples['train'], class_names, tf)          # items: (uint8 CHW, target, n_bad)
+    finalize = DeviceNormalize(mean, std, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+    ...  # per batch, after .to(device):  samples = finalize(samples)
+"""
+import io
+import math
+import os
+import random
+from typing import Callable, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+__all__ = ["FastTrainTransform", "FastEvalTransform", "build_fast_train_transform", "build_fast_eval_transform",
+           "DeviceNormalize", "FastImageFolder", "GpuJpegDecoder", "sample_crop", "build_benchmark_loader",
+           "DEFAULT_MEAN", "DEFAULT_STD"]
+
+DEFAULT_MEAN = (0.485, 0.456, 0.406)
+DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+def sample_crop(width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a random-resized crop: the algorithm and random draws of timm's
+    ``RandomResizedCropAndInterpolation.get_params`` (10 tries, then a centre crop at the nearest ratio)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = random.uniform(*scale) * area
+        aspect_ratio = math.exp(random.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if w <= width and h <= height:
+            i = random.randint(0, height - h)
+            j = random.randint(0, width - w)
+            return i, j, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _open(src) -> Image.Image:
+    """A lazily opened image (header read, pixels not decoded) from a path, bytes or an Image."""
+    if isinstance(src, Image.Image):
+        return src
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return Image.open(io.BytesIO(src))
+    return Image.open(src)
+
+
+def _draft_factor(crop_w: int, crop_h: int, out_w: int, out_h: int) -> int:
+    """The largest JPEG DCT scale-down (1, 2, 4, 8) that keeps the crop at least the output size."""
+    factor = 1
+    for f in (2, 4, 8):
+        if crop_w >= f * out_w and crop_h >= f * out_h:
+            factor = f
+    return factor
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)  # transparent pixels become white, as the plain loader
+    return img.convert("RGB")
+
+
+def _hwc_tensor(img: Image.Image) -> torch.Tensor:
+    """A PIL RGB image as a ``(1, 3, H, W)`` uint8 tensor with channels-last strides (no channel shuffle)."""
+    arr = np.asarray(img)
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
+
+
+def _resize_uint8(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bicubic (a=-0.5) antialiased resize of a (1, 3, h, w) uint8 tensor, PIL's filter."""
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+    # HWC pixel order, so that the PIL hand-over (RandAugment) and collation copy contiguous rows
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _decode_crop(src, out_size: Tuple[int, int], box_fn, draft: bool) -> torch.Tensor:
+    """Open ``src``, draw the crop box from its size, decode (DCT-scaled when the crop allows) and return the
+    crop resized to ``out_size`` as a (1, 3, H, W) uint8 channels-last tensor."""
+    img = _open(src)
+    width, height = img.size
+    i, j, h, w = box_fn(width, height)
+    out_h, out_w = out_size
+    sx = sy = 1.0
+    if draft and img.format == "JPEG":
+        factor = _draft_factor(w, h, out_w, out_h)
+        if factor > 1:
+            img.draft("RGB", (width // factor, height // factor))
+            sx, sy = width / img.size[0], height / img.size[1]
+    img = _to_rgb(img)
+    if sx != 1.0 or sy != 1.0:
+        # the crop box in the reduced image (rounded to whole pixels of the reduced grid)
+        j0, i0 = int(round(j / sx)), int(round(i / sy))
+        w0, h0 = max(1, int(round(w / sx))), max(1, int(round(h / sy)))
+        j0, i0 = min(j0, img.size[0] - w0), min(i0, img.size[1] - h0)
+        i, j, h, w = i0, j0, h0, w0
+    x = _hwc_tensor(img)[:, :, i:i + h, j:j + w]
+    return _resize_uint8(x, (out_h, out_w))
+
+
+class FastTrainTransform:
+    """Path / bytes / PIL image -> ``(3, H, W)`` uint8 tensor: random-resized crop (bicubic), horizontal flip and
+    timm's RandAugment. Normalisation and random erasing follow on the device (:class:`DeviceNormalize`)."""
+
+    def __init__(self, input_size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
+                 auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1", mean=DEFAULT_MEAN, draft=True):
+        self.size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.hflip = hflip
+        self.draft = draft
+        self.auto_augment = auto_augment
+        self.rand_augment = None
+        if auto_augment and auto_augment.lower() != "none":
+            from timm.data.auto_augment import rand_augment_transform
+            if not auto_augment.startswith("rand"):
+                raise ValueError(f"the fast pipeline implements RandAugment ('rand-...'), not {auto_augment!r}")
+            hparams = dict(translate_const=int(min(self.size) * 0.45),
+                           img_mean=tuple(int(round(255 * m)) for m in mean))
+            self.rand_augment = rand_augment_transform(auto_augment, hparams)
+            try:  # Pillow >= 12 refuses posterize(bits=0), which timm's top magnitude asks for
+                from .transforms import patch_posterize
+                patch_posterize(self.rand_augment)
+            except ImportError:
+                pass
+
+    def _box(self, width, height):
+        return sample_crop(width, height, self.scale, self.ratio)
+
+    def __call__(self, src) -> torch.Tensor:
+        x = _decode_crop(src, self.size, self._box, self.draft)
+        flip = self.hflip > 0 and random.random() < self.hflip
+        if self.rand_augment is not None:
+            img = Image.fromarray(x[0].permute(1, 2, 0).numpy())
+            if flip:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            img = self.rand_augment(img)
+            x = _hwc_tensor(img)
+        elif flip:
+            x = x.flip(-1)
+        return x[0]
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}, "
+                f"auto_augment={self.auto_augment!r}, draft={self.draft})")
+
+
+class FastEvalTransform:
+    """Path / bytes / PIL image -> ``(3, H, W)`` uint8: resize the short side to ``input_size / crop_pct``
+    (bicubic) and centre crop, decoding DCT-scaled where the resize allows."""
+
+    def __init__(self, input_size=224, crop_pct=224 / 256, draft=True):
+        self.size = int(input_size)
+        self.resize = int(math.floor(self.size / crop_pct))
+        self.draft = draft
+
+    def __call__(self, src) -> torch.Tensor:
+        img = _open(src)
+        width, height = img.size
+        s = self.resize / min(width, height)
+        rw, rh = max(1, int(round(width * s))), max(1, int(round(height * s)))
+        top, left = int(round((rh - self.size) / 2.0)), int(round((rw - self.size) / 2.0))
+        if self.draft and img.format == "JPEG":
+            factor = _draft_factor(width, height, rw, rh)
+            if factor > 1:
+                img.draft("RGB", (width // factor, height // factor))
+        img = _to_rgb(img)
+        x = _resize_uint8(_hwc_tensor(img), (rh, rw))
+        return x[0, :, top:top + self.size, left:left + self.size].contiguous()
+
+
+def build_fast_train_transform(input_size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
+                               auto_augment="rand-m9-mstd0.5-inc1", mean=DEFAULT_MEAN, draft=True, **_ignored):
+    """The worker-side half of the fast DeiT training transform (see :class:`FastTrainTransform`)."""
+    return FastTrainTransform(input_size, scale=scale, ratio=ratio, hflip=hflip, auto_augment=auto_augment,
+                              mean=mean, draft=draft)
+
+
+def build_fast_eval_transform(input_size=224, crop_pct=None, draft=True):
+    return FastEvalTransform(input_size, crop_pct=crop_pct or 224 / 256, draft=draft)
+
+
+class DeviceNormalize(torch.nn.Module):
+    """The device-side half: uint8 ``(B, 3, H, W)`` -> normalised float, then timm's RandomErasing per image
+    (probability ``re_prob``, per-pixel normal noise in ``pixel`` mode), on whatever device the batch is on."""
+
+    def __init__(self, mean=DEFAULT_MEAN, std=DEFAULT_STD, re_prob=0.25, re_mode="pixel", re_count=1,
+                 dtype=torch.float32):
+        super().__init__()
+        m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self.register_buffer("mean255", m, persistent=False)
+        self.register_buffer("inv_std255", 1.0 / s, persistent=False)
+        self.re_prob = re_prob
+        self.re_mode = re_mode
+        self.re_count = re_count
+        self.dtype = dtype
+        self._erasers = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            raise TypeError(f"DeviceNormalize expects uint8 images, got {x.dtype}")
+        mean, inv = self.mean255.to(x.device), self.inv_std255.to(x.device)
+        out = x.to(torch.float32).sub_(mean).mul_(inv)  # one float buffer, normalised in place
+        if self.re_prob > 0:
+            out = self._eraser(x.device)(out)
+        return out.to(self.dtype) if self.dtype != torch.float32 else out
+
+    def _eraser(self, device):
+        key = str(device)
+        if key not in self._erasers:
+            from timm.data.random_erasing import RandomErasing
+            self._erasers[key] = RandomErasing(probability=self.re_prob, mode=self.re_mode, max_count=self.re_count,
+                                               device=key)
+        return self._erasers[key]
+
+
+try:
+    from .folder import TolerantImageFolder as _FolderBase
+except ImportError:  # the plain data module is not part of this build
+    _FolderBase = None
+
+
+if _FolderBase is not None:
+    class FastImageFolder(_FolderBase):
+        """:class:`~spach.data.folder.TolerantImageFolder` whose transform receives the file *path* (so it can
+        draw the crop from the header and decode DCT-scaled) instead of a decoded image. Items are
+        ``(uint8 tensor, target, n_replaced)``; unreadable files are skipped (or raise with ``strict``) alike."""
+
+        def __getitem__(self, index: int):
+            from .folder import BAD_IMAGE_ERRORS
+            n_bad = 0
+            for attempt in range(self.max_tries):
+                path, target = self.samples[(index + attempt) % len(self.samples)]
+                try:
+                    if os.path.getsize(path) == 0:
+                        raise OSError("empty file (0 bytes)")
+                    img = self.transform(path) if self.transform is not None else _hwc_tensor(_to_rgb(_open(path)))[0]
+                except BAD_IMAGE_ERRORS as e:
+                    if self.strict:
+                        from ..errors import DataError
+                        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                        raise DataError(f"cannot decode image {path} ({reason}); remove or replace the file, or "
+                                        f"drop --strict-data to skip unreadable images") from None
+                    self._report(path, e)
+                    n_bad += 1
+                    continue
+                return img, target, n_bad
+            from ..errors import DataError
+            raise DataError(f"{self.max_tries} images in a row from {self.samples[index][0]} on could not be "
+                            f"decoded: the dataset looks corrupt or unreadable")
+else:  # pragma: no cover
+    FastImageFolder = None
+
+
+class _JpegBytesDataset(torch.utils.data.Dataset):
+    """Worker side of the nvJPEG path: file bytes + a crop box drawn from the header + a flip flag."""
+
+    def __init__(self, samples, size, scale, ratio, hflip):
+        self.samples = list(samples)
+        self.size, self.scale, self.ratio, self.hflip = size, scale, ratio, hflip
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        with open(path, "rb") as f:
+            data = f.read()
+        width, height = Image.open(io.BytesIO(data)).size
+        box = sample_crop(width, height, self.scale, self.ratio)
+        flip = self.hflip > 0 and random.random() < self.hflip
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor(box + (int(flip),)), target
+
+
+def _collate_bytes(batch):
+    return [b[0] for b in batch], torch.stack([b[1] for b in batch]), torch.tensor([b[2] for b in batch])
+
+
+class GpuJpegDecoder:
+    """Device side of the nvJPEG path: batched ``decode_jpeg(device='cuda')``, then per image the crop,
+    bicubic antialiased resize and flip on the GPU; returns a uint8 ``(B, 3, H, W)`` batch. RandAugment is a
+    per-image PIL op set and is not applied here: use this path for throughput measurement and for recipes
+    without RandAugment (``--aa none``); the CPU fast path keeps the full DeiT augmentation."""
+
+    def __init__(self, size=224, device="cuda"):
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.device = torch.device(device)
+
+    def __call__(self, datas: Sequence[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_jpeg
+        images = decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=self.device)
+        out = torch.empty((len(images), 3) + self.size, dtype=torch.uint8, device=self.device)
+        for k, (img, box) in enumerate(zip(images, boxes.tolist())):
+            i, j, h, w, flip = box
+            crop = img[:, i:i + h, j:j + w].unsqueeze(0).float()
+            y = F.interpolate(crop, size=self.size, mode="bicubic", antialias=True, align_corners=False)
+            y = y.round_().clamp_(0, 255)
+            if flip:
+                y = y.flip(-1)
+            out[k] = y[0].to(torch.uint8)
+        return out
+
+
+def _list_images(root: str):
+    """``(samples, classes)`` of an ImageFolder-style tree (``root/train`` if it exists), JPEG/PNG files."""
+    from ..errors import DataError
+    base = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+    exts = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG")
+    classes = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
+    samples = []
+    if classes:
+        for ci, c in enumerate(classes):
+            for dirpath, _, files in os.walk(os.path.join(base, c)):
+                samples += [(os.path.join(dirpath, f), ci) for f in sorted(files) if f.endswith(exts)]
+    else:
+        samples = [(os.path.join(base, f), 0) for f in sorted(os.listdir(base)) if f.endswith(exts)]
+        classes = ["images"]
+    if not samples:
+        raise DataError(f"no .jpg/.jpeg/.png images under {base}: point --data at an ImageFolder tree "
+                        f"(class sub-folders of images) or a folder of JPEGs")
+    return samples, classes
+
+
+class _PlainFolder(torch.utils.data.Dataset):
+    def __init__(self, samples, transform, pass_path):
+        self.samples, self.transform, self.pass_path = samples, transform, pass_path
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        if self.pass_path:
+            return self.transform(path), target
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img = _to_rgb(img)
+            img.load()
+        return self.transform(img), target
+
+
+def build_benchmark_loader(root: str, batch_size: int, img_size: int, pipeline: str, workers: int,
+                           device: torch.device, train: bool = True, seed: int = 0):
+    """A DataLoader over the images under ``root`` and the device-side finishing step (or None), for
+    ``spach benchmark --data DIR``. ``pipeline`` 'timm' is the plain per-image PIL transform (float batches);
+    'fast' is this module (uint8 batches, normalised and erased on the device, nvJPEG-decoded on cuda)."""
+    samples, _ = _list_images(root)
+    g = torch.Generator().manual_seed(seed)
+    common = dict(batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers, generator=g,
+                  persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    if workers > 0:
+        common["prefetch_factor"] = 4
+    if len(samples) < batch_size:
+        samples = (samples * (batch_size // len(samples) + 1))[:max(batch_size, len(samples))]
+    if pipeline == "timm":
+        if train:
+            from timm.data import create_transform
+            tf = create_transform(img_size, is_training=True, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1",
+                                  interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1)
+            try:
+                from .transforms import patch_posterize
+                patch_posterize(tf)
+            except ImportError:
+                pass
+        else:
+            from timm.data import create_transform
+            tf = create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=0.875)
+        loader = torch.utils.data.DataLoader(_PlainFolder(samples, tf, pass_path=False), **common)
+        return loader, None
+    if device.type == "cuda" and train:
+        decoder = GpuJpegDecoder(img_size, device)
+        finalize = DeviceNormalize().to(device)
+        loader = torch.utils.data.DataLoader(
+            _JpegBytesDataset(samples, (img_size, img_size), (0.08, 1.0), (3 / 4, 4 / 3), 0.5),
+            collate_fn=_collate_bytes, **common)
+        return _NvjpegLoader(loader, decoder, device), finalize
+    tf = build_fast_train_transform(img_size) if train else build_fast_eval_transform(img_size)
+    finalize = DeviceNormalize(re_prob=0.25 if train else 0.0).to(device)
+    loader = torch.utils.data.DataLoader(_PlainFolder(samples, tf, pass_path=True), **common)
+    return loader, finalize
+
+
+class _NvjpegLoader:
+    """Iterates a bytes loader and yields ``(uint8 batch on the GPU, labels)``."""
+
+    def __init__(self, loader, decoder, device):
+        self.loader, self.decoder, self.device = loader, decoder, device
+
+    def __iter__(self):
+        for datas, boxes, targets in self.loader:
+            yield self.decoder(datas, boxes), targets.to(self.device, non_blocking=True)
+
+    def __len__(self):
+        return len(self.loader)
