@@ -1,0 +1,121 @@
+"""The ModelZoo launcher scripts in test/: smoke runs on CPU with a tiny model and tiny data."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from train_helpers import REPO, TINY_MODEL, make_shapes_folder
+
+TEST_DIR = os.path.join(REPO, "test")
+TINY = [f"--model={TINY_MODEL}", "--batch_size=16", "--input_size=32", "--device=cpu", "--num_workers=0",
+        "--aa=none", "--reprob=0", "--mixup=0", "--cutmix=0", "--no-model-ema", "--no-repeated-aug", "--hflip=0",
+        "--crop-pct=1", "--warmup-epochs=0", "--cooldown-epochs=0", "--drop-path=0", f"--lr={2e-3 * 512 / 16}"]
+SUMMARY_KEYS = ["Network", "RankSize", "BatchSize", "DeviceType", "CaseName", "AvgFPS", "MinLoss", "MaxAccuracy",
+                "E2ETrainingTime"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes_folder(tmp_path_factory.mktemp("shapes"), n_train=32, n_val=12)
+
+
+@pytest.fixture
+def out_id(request):
+    name = f"pytest-{os.getpid()}-{request.node.name}"
+    yield name
+    shutil.rmtree(os.path.join(TEST_DIR, "output", name), ignore_errors=True)
+
+
+def launch(script, *args, cwd=REPO, out_id="0", timeout=300):
+    env = dict(os.environ, PYTHON=sys.executable, ASCEND_DEVICE_ID=out_id, OMP_NUM_THREADS="1")
+    path = os.path.join("test", script) if cwd == REPO else script
+    return subprocess.run(["bash", path, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def summary(out_id, case):
+    text = open(os.path.join(TEST_DIR, "output", out_id, f"{case}.log")).read()
+    return dict(line.split(" = ", 1) for line in text.splitlines())
+
+
+def _final(stdout):
+    fps = float(re.search(r"^Final Performance FPS : ([0-9.]+)$", stdout, re.M).group(1))
+    e2e = int(re.search(r"^E2E Training Duration sec : ([0-9]+)$", stdout, re.M).group(1))
+    acc = float(re.search(r"^MaxAccuracy = ([0-9.]+)$", stdout, re.M).group(1))
+    return fps, e2e, acc
+
+
+def test_full_1p_from_the_repo_root(shapes, out_id):
+    r = launch("train_full_1p.sh", f"--data_path={shapes}", *TINY, "--epochs=2", out_id=out_id)
+    assert r.returncode == 0, r.stdout + r.stderr
+    fps, e2e, acc = _final(r.stdout)
+    assert fps > 0 and e2e > 0 and acc > 33.4  # above chance after 2 epochs
+    s = summary(out_id, "SPACH_bs16_1p_acc")
+    assert list(s) == SUMMARY_KEYS
+    assert s["RankSize"] == "1" and s["BatchSize"] == "16" and float(s["AvgFPS"]) == fps
+    assert float(s["MinLoss"]) > 0 and float(s["MaxAccuracy"]) == acc
+    assert os.path.isfile(os.path.join(TEST_DIR, "output", out_id, "checkpoint.pth"))
+
+
+def test_performance_1p_from_the_test_folder_runs_one_epoch(shapes, out_id):
+    r = launch("train_performance_1p.sh", f"--data_path={shapes}", *TINY, cwd=TEST_DIR, out_id=out_id)
+    assert r.returncode == 0, r.stdout + r.stderr
+    fps, _, _ = _final(r.stdout)
+    log = open(os.path.join(TEST_DIR, "output", out_id, f"train_{out_id}.log")).read()
+    assert "Epoch: [0]" in log and "Epoch: [1]" not in log
+    assert summary(out_id, "SPACH_bs16_1p_perf")["AvgFPS"] == f"{fps:.2f}"
+
+
+def test_full_8p_adapts_to_one_process(shapes, out_id):
+    r = launch("train_full_8p.sh", f"--data_path={shapes}", *TINY, "--epochs=1", "--nproc=1", out_id=out_id)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert summary(out_id, "SPACH_bs16_1p_acc")["RankSize"] == "1"
+
+
+def test_performance_8p_on_two_processes_then_eval_8p(shapes, out_id):
+    r = launch("train_performance_8p.sh", f"--data_path={shapes}", *TINY, "--epochs=2", "--nproc=2", out_id=out_id)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "torch.distributed.run --nproc_per_node 2" in r.stdout
+    s = summary(out_id, "SPACH_bs16_2p_perf")
+    assert s["RankSize"] == "2" and float(s["AvgFPS"]) > 0
+    log = open(os.path.join(TEST_DIR, "output", out_id, f"train_{out_id}.log")).read()
+    assert "world_size: 2" in log and "Epoch: [1]" in log
+    last_acc = re.findall(r"Accuracy of the network on the 36 test images: ([0-9.]+)%", log)[-1]
+
+    ckpt = os.path.join(TEST_DIR, "output", out_id, "checkpoint.pth")
+    r = launch("train_eval_8p.sh", f"--data_path={shapes}", f"--resume={ckpt}", "--nproc=2", "--device=cpu",
+               "--num_workers=0", "--batch_size=16", out_id=out_id)
+    assert r.returncode == 0, r.stdout + r.stderr
+    acc = float(re.search(r"^ActualAccuracy = ([0-9.]+)$", r.stdout, re.M).group(1))
+    assert re.search(r"^E2E Eval Duration sec : [0-9]+$", r.stdout, re.M)
+    assert acc == pytest.approx(float(last_acc))  # dist-eval of the checkpoint = the accuracy training reported
+    s = summary(out_id, "SPACH_bs16_2p_eval")
+    assert float(s["ActualAccuracy"]) == acc and "E2EEvalTime" in s
+
+
+def test_missing_data_path_is_an_error(out_id):
+    r = launch("train_full_1p.sh", "--model=x", out_id=out_id)
+    assert r.returncode == 1 and "data_path" in r.stdout
+    r = launch("train_eval_8p.sh", "--data_path=/tmp", out_id=out_id)
+    assert r.returncode == 1 and "resume" in r.stdout
+
+
+def test_log_parsers_read_by_key_not_column():
+    log = "\n".join([
+        "Epoch: [0]  steps: 10  lr: 0.000100  loss: 2.5000  time: 1.0s  FPS: 100.00",
+        "Epoch: [0]  [10/10]  lr: 0.0001  loss: 2.4  time: 1.0s",  # progress line: no FPS
+        "Epoch: [1]  steps: 10  extra: column  lr: 0.000100  loss: 1.5000  time: 1.0s  FPS: 300.00",
+        "Averaged stats: lr: 0.000100  loss: 2.5000  FPS: 100.00  world_size: 8",
+        "Averaged stats: lr: 0.000100  loss: 1.2500  FPS: 300.00  world_size: 8  new_key: 1",
+        "Accuracy of the network on the 50000 test images: 70.1%",
+        "Max accuracy: 70.10%",
+        "Accuracy of the EMA model on the 50000 test images: 99.0%",
+        "Accuracy of the network on the 50000 test images: 69.5%",
+        "Max accuracy: 70.10%",
+    ]) + "\n"
+    script = f"source {TEST_DIR}/common.sh\n" + "\n".join(
+        f"spach_parse_{f} <<'EOF'\n{log}EOF\n" for f in ("fps", "min_loss", "max_accuracy", "accuracy"))
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True).stdout.split()
+    assert out == ["200.00", "1.2500", "70.10", "69.50"]
