@@ -72,6 +72,12 @@ def _as_size(value) -> Optional[Tuple[int, int]]:
     return None
 
 
+def _as_crop_pct(value) -> Optional[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
+        return float(value)
+    return None
+
+
 def safetensors_metadata(path: str) -> dict:
     """The string metadata of a ``.safetensors`` file, JSON values decoded where they decode."""
     try:
@@ -99,8 +105,9 @@ def _head_classes(state_dict: dict) -> Optional[int]:
 
 def read_checkpoint_metadata(path: str, use_ema: bool = False) -> dict:
     """What a checkpoint says about itself: any of ``model``, ``num_classes``, ``img_size`` (a pair),
-    ``class_names``, ``epoch``. Missing facts are simply absent. Reading is as safe as loading the
-    weights (``weights_only``); an unreadable file raises :class:`CheckpointError`."""
+    ``class_names``, ``crop_pct`` (the eval crop it was trained with), ``epoch``. Missing facts are simply
+    absent. Reading is as safe as loading the weights (``weights_only``); an unreadable file raises
+    :class:`CheckpointError`."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file): pass the path of a "
@@ -125,6 +132,8 @@ def read_checkpoint_metadata(path: str, use_ema: bool = False) -> dict:
         names = raw.get("class_names")
         if isinstance(names, list) and all(isinstance(n, str) for n in names):
             meta["class_names"] = names
+        if _as_crop_pct(raw.get("crop_pct")):
+            meta["crop_pct"] = _as_crop_pct(raw.get("crop_pct"))
         return meta
 
     try:
@@ -160,6 +169,8 @@ def read_checkpoint_metadata(path: str, use_ema: bool = False) -> dict:
         if size:
             meta["img_size"] = size
             break
+    if _as_crop_pct(args.get("crop_pct")):  # `spach train --crop-pct`: the eval crop it validated with
+        meta["crop_pct"] = _as_crop_pct(args["crop_pct"])
     names = ckpt.get("class_names")
     if isinstance(names, (list, tuple)) and names and all(isinstance(c, str) for c in names):
         meta["class_names"] = list(names)
@@ -169,12 +180,16 @@ def read_checkpoint_metadata(path: str, use_ema: bool = False) -> dict:
 
 
 def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img_size=None,
-                use_ema: bool = False, num_classes: Optional[int] = None) -> Tuple[nn.Module, ModelInfo]:
+                use_ema: bool = False, num_classes: Optional[int] = None,
+                crop_pct: Optional[float] = None) -> Tuple[nn.Module, ModelInfo]:
     """Create ``model_name`` (or the model the checkpoint names) shaped like ``checkpoint`` (classes and
     input size read from it; ``img_size`` overrides), load its weights strictly and switch to eval mode.
+    The eval crop is the checkpoint's (``crop_pct`` overrides), else the model's pretrained config's.
     Without a checkpoint the model is randomly initialised (a warning says so)."""
     from .models import create_model
 
+    if crop_pct is not None and not _as_crop_pct(crop_pct):
+        raise SpachError(f"--crop-pct must be in (0, 1] (got {crop_pct})")
     meta = read_checkpoint_metadata(checkpoint, use_ema=use_ema) if checkpoint else {}
     if model_name is None:
         model_name = meta.get("model")
@@ -207,8 +222,13 @@ def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img
         warn(f"checkpoint {checkpoint} lists {len(names)} class names for a {model.num_classes}-class head; "
              f"ignoring the names")
         names = None
+    cfg = dict(model.pretrained_cfg or {})
+    if crop_pct is not None:
+        cfg["crop_pct"] = float(crop_pct)
+    elif meta.get("crop_pct"):
+        cfg["crop_pct"] = meta["crop_pct"]
     info = ModelInfo(model_name=model_name, num_classes=model.num_classes, img_size=tuple(model.img_size),
-                     class_names=names, checkpoint=checkpoint, pretrained_cfg=dict(model.pretrained_cfg or {}))
+                     class_names=names, checkpoint=checkpoint, pretrained_cfg=cfg)
     return model, info
 
 

@@ -19,13 +19,15 @@ import torch
 
 from ..errors import SpachError
 from ..inference import ModelInfo, build_model
+from ._help import use_help_formatter
 
 FORMATS = {"onnx": ".onnx", "safetensors": ".safetensors", "torchscript": ".pt"}
 MIN_DYNAMO_OPSET = 18
-ONNX_INSTALL = "spach export --format onnx needs onnx and onnxruntime: pip install 'spach[export]'"
+ONNX_INSTALL = "spach export --format onnx needs onnx, onnxruntime and onnxscript: pip install 'spach[export]'"
 
 
 def add_arguments(parser):
+    use_help_formatter(parser)
     parser.add_argument("--model", default=None, metavar="NAME",
                         help="model name (`spach models`); may be left out when the checkpoint names it")
     parser.add_argument("--checkpoint", default=None, metavar="CKPT",
@@ -62,7 +64,7 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise SpachError(f"--batch-size must be at least 1 (got {args.batch_size})")
     if args.format == "onnx":
-        _require_onnx()
+        _require_onnx(args.opset)
     model, info = build_model(args.model, args.checkpoint, img_size=args.img_size, use_ema=args.use_ema)
     output = args.output or default_output(args, info)
     if args.checkpoint and os.path.exists(output) and os.path.samefile(output, args.checkpoint):
@@ -97,12 +99,14 @@ def _compare(name: str, got, expected: torch.Tensor, tolerance: float) -> float:
 
 
 # --- ONNX ---------------------------------------------------------------------------------------------
-def _require_onnx():
+def _require_onnx(opset=None):
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
-    except ImportError:
-        raise SpachError(ONNX_INSTALL) from None
+        if opset is None or opset >= MIN_DYNAMO_OPSET:
+            import onnxscript  # noqa: F401  (what the torch.export-based exporter writes ONNX with)
+    except ImportError as e:
+        raise SpachError(f"{ONNX_INSTALL} (missing: {e.name or e})") from None
 
 
 def export_onnx(model, info: ModelInfo, output: str, args) -> float:

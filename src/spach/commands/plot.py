@@ -13,6 +13,7 @@ import os
 from typing import Dict, List
 
 from ..errors import DataError, SpachError
+from ._help import use_help_formatter
 
 LOG_NAME = "log.txt"
 PLOT_INSTALL = "spach plot needs matplotlib: pip install 'spach[plot]'"
@@ -27,11 +28,12 @@ PANELS = (
 
 
 def add_arguments(parser):
+    use_help_formatter(parser)
     parser.add_argument("runs", nargs="+", metavar="OUTPUT_DIR",
                         help="output folders of `spach train` (each with a log.txt), or log.txt files")
     parser.add_argument("--output", default="plot.png", metavar="FILE", help="PNG to write")
     parser.add_argument("--title", default=None, help="figure title")
-    parser.add_argument("--tensorboard", nargs="?", const="tensorboard", default=None, metavar="DIR",
+    parser.add_argument("--tensorboard", default=None, metavar="DIR",
                         help="also write each run's curves as TensorBoard scalars under DIR/<run name> "
                              "(needs tensorboard: pip install 'spach[tensorboard]')")
 
@@ -154,7 +156,7 @@ def plot_runs(runs: Dict[str, List[dict]], output: str, title: str = None) -> No
 
 def summary(label: str, entries: List[dict]) -> str:
     last = entries[-1]
-    text = f"{label}: {len(entries)} epochs (last {last['epoch']})"
+    text = f"{label}: {len(entries)} epoch{'s' if len(entries) != 1 else ''} (last {last['epoch']})"
     if isinstance(last.get("train_loss"), (int, float)):
         text += f", train loss {last['train_loss']:.4f}"
     xs, ys = _series(entries, "test_acc1")

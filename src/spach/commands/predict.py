@@ -15,9 +15,11 @@ import torch
 
 from ..errors import DataError, SpachError
 from ..inference import build_model, class_label, eval_transform
+from ._help import use_help_formatter
 
 
 def add_arguments(parser):
+    use_help_formatter(parser)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything Pillow reads)")
     parser.add_argument("--model", default=None, metavar="NAME",
                         help="model name (`spach models`); may be left out when the checkpoint names it")
@@ -26,9 +28,13 @@ def add_arguments(parser):
     parser.add_argument("--topk", type=int, default=5, help="how many classes to show per image")
     parser.add_argument("--img-size", type=int, default=None, metavar="N",
                         help="input size (default: the checkpoint's training size, else the model's 224)")
+    parser.add_argument("--crop-pct", type=float, default=None,
+                        help="resize to size / crop_pct before the centre crop (default: the checkpoint's "
+                             "training --crop-pct, else the model's 0.875)")
     parser.add_argument("--use-ema", action="store_true", help="use the checkpoint's EMA weights")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, npu ...")
+    parser.add_argument("--device", default=None,
+                        help="cuda | npu | mps | cpu, optionally with an index (cuda:1); default: the best available")
     parser.add_argument("--json", action="store_true", help="print the predictions as JSON")
 
 
@@ -49,14 +55,14 @@ def load_image(path: str, transform) -> torch.Tensor:
     return transform(img)
 
 
-def _device(name: str) -> torch.device:
+def _device(name) -> torch.device:
+    from ..train.device import resolve_device  # the one place that knows cuda / npu / mps / cpu
+    kind = resolve_device(name)
+    index = name.split(":", 1)[1] if name and ":" in name else None
     try:
-        device = torch.device(name)
+        return torch.device(f"{kind}:{index}" if index else kind)
     except RuntimeError as e:
-        raise SpachError(f"unknown --device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpachError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
+        raise SpachError(f"bad --device {name!r}: {e}") from None
 
 
 def predict(model, info, paths, topk=5, batch_size=32, device="cpu"):
@@ -88,7 +94,8 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise SpachError(f"--batch-size must be at least 1 (got {args.batch_size})")
     device = _device(args.device)
-    model, info = build_model(args.model, args.checkpoint, img_size=args.img_size, use_ema=args.use_ema)
+    model, info = build_model(args.model, args.checkpoint, img_size=args.img_size, use_ema=args.use_ema,
+                              crop_pct=args.crop_pct)
     results = predict(model, info, args.images, topk=args.topk, batch_size=args.batch_size, device=device)
     if args.json:
         print(json.dumps({"model": info.model_name, "checkpoint": info.checkpoint, "num_classes": info.num_classes,
