@@ -42,6 +42,7 @@ def _inputs(batch, size=32, seed=3):
 def test_onnx_export_matches_pytorch_with_dynamic_batch(trained, tmp_path, capsys):
     pytest.importorskip("onnx", reason="spach[export] extra (onnx) not installed")
     ort = pytest.importorskip("onnxruntime", reason="spach[export] extra (onnxruntime) not installed")
+    pytest.importorskip("onnxscript", reason="spach[export] extra (onnxscript) not installed")
     model, ckpt = trained
     out = tmp_path / "model.onnx"
     # no --model: the checkpoint's args name it
@@ -102,6 +103,7 @@ def test_release_layout_exports_to_safetensors_that_create_model_loads_as_is(tmp
         assert torch.equal(reloaded(x), model(x))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_export_matches_pytorch(trained, tmp_path, capsys):
     model, ckpt = trained
     out = tmp_path / "model.pt"

@@ -12,6 +12,10 @@ from spach.commands.plot import read_log, run_labels
 from spach.tb import scalar_tags
 
 
+def _needs_matplotlib():
+    pytest.importorskip("matplotlib", reason="spach[plot] extra (matplotlib) not installed")
+
+
 def _write_log(folder, epochs, acc_offset=0.0, torn_tail=True, keys=None):
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -30,6 +34,7 @@ def _write_log(folder, epochs, acc_offset=0.0, torn_tail=True, keys=None):
 
 
 def test_plot_of_two_runs_is_a_png(tmp_path, capsys):
+    _needs_matplotlib()
     a = _write_log(tmp_path / "a" / "run", 5)
     b = _write_log(tmp_path / "b" / "run", 3, acc_offset=5.0)
     out = tmp_path / "curves.png"
@@ -46,6 +51,7 @@ def test_plot_of_two_runs_is_a_png(tmp_path, capsys):
 
 
 def test_read_log_tolerates_partial_and_resumed_logs(tmp_path, capsys):
+    _needs_matplotlib()
     folder = _write_log(tmp_path / "run", 3, keys={"epoch", "train_loss"})
     entries = read_log(str(folder / "log.txt"))
     assert [e["epoch"] for e in entries] == [0, 1, 2]  # the torn last line is skipped silently
@@ -88,6 +94,11 @@ def test_plot_errors(tmp_path, capsys, monkeypatch):
     run = _write_log(tmp_path / "run", 2)
     assert main(["plot", str(run), "--output", str(tmp_path / "p.jpg")]) == 2
     assert "name it *.png" in capsys.readouterr().err
+    # without tensorboard: the install command, before anything is written
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    assert main(["plot", str(run), "--output", str(tmp_path / "q.png"), "--tensorboard", str(tmp_path / "tb")]) == 2
+    assert "pip install 'spach[tensorboard]'" in capsys.readouterr().err
+    assert not (tmp_path / "q.png").exists() and not (tmp_path / "tb").exists()
     # without matplotlib: the install command
     for mod in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, mod, None)
@@ -101,8 +112,9 @@ def test_scalar_tags_map_log_keys():
     assert tags == {"train/loss": 2.5, "train/lr": 1e-3, "test/acc1": 50.0}
 
 
-def test_tensorboard_scalars(tmp_path, capsys, monkeypatch):
+def test_tensorboard_scalars(tmp_path):
     pytest.importorskip("tensorboard", reason="spach[tensorboard] extra not installed")
+    _needs_matplotlib()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from spach.tb import close_tensorboard_writers, write_tensorboard_scalars
@@ -124,10 +136,3 @@ def test_tensorboard_scalars(tmp_path, capsys, monkeypatch):
     acc.Reload()
     assert {"train/loss", "train/lr", "test/loss", "test/acc1", "test/acc5"} <= set(acc.Tags()["scalars"])
     assert [s.value for s in acc.Scalars("test/acc1")] == [0.0, 10.0, 20.0, 30.0]
-    capsys.readouterr()
-
-    # without tensorboard: the install command, before anything is written
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    assert main(["plot", str(run), "--output", str(tmp_path / "q.png"), "--tensorboard", str(tb)]) == 2
-    assert "pip install 'spach[tensorboard]'" in capsys.readouterr().err
-    assert not (tmp_path / "q.png").exists()

@@ -1,6 +1,7 @@
 """`spach predict`: the evaluation transform of the model's pretrained config, the right class (named from
 the checkpoint) for images a checkpoint was built to separate, and clear errors that name the bad file."""
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -111,6 +112,56 @@ def test_build_model_reads_size_and_classes_from_a_bare_state_dict(tmp_path):
     built, info = build_model(NAME, str(path), img_size=SIZE)
     assert info.num_classes == 7 and info.img_size == (SIZE, SIZE) and info.class_names is None
     assert not built.training
+
+
+def test_crop_pct_comes_from_the_training_run(tmp_path):
+    model = spach.create_model(NAME, num_classes=2, img_size=SIZE)
+    path = tmp_path / "ck.pth"
+    torch.save({"model": model.state_dict(), "args": {"model": NAME, "input_size": SIZE, "crop_pct": 1.0}}, path)
+    _, info = build_model(None, str(path))
+    assert info.pretrained_cfg["crop_pct"] == 1.0 and eval_transform(info).transforms[0].size == SIZE
+    _, info = build_model(None, str(path), crop_pct=0.5)  # --crop-pct wins
+    assert eval_transform(info).transforms[0].size == 2 * SIZE
+
+
+def test_trained_checkpoint_end_to_end(tmp_path, capsys):
+    """`spach train` 3 steps on a trivially separable colour set, then predict with its checkpoint (and
+    with its safetensors export), and plot its log."""
+    for split, n in (("train", 12), ("val", 2)):
+        for name, rgb in COLORS.items():
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for i in range(n):
+                jitter = tuple(max(0, min(255, c + (7 * i) % 31 - 15)) for c in rgb)
+                Image.new("RGB", (40 + 3 * i, 36), jitter).save(tmp_path / "data" / split / name / f"{i}.png")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "spach", "train", "--data-path", str(tmp_path / "data"), "--model", NAME,
+         "--input-size", str(SIZE), "--epochs", "1", "--batch-size", "12", "--output_dir", str(out),
+         "--device", "cpu", "--num_workers", "0", "--aa", "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0",
+         "--no-model-ema", "--no-repeated-aug", "--warmup-epochs", "0", "--lr", "0.1", "--seed", "0"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = out / "checkpoint.pth"
+    val = sorted((tmp_path / "data" / "val").glob("*/*.png"))
+    assert main(["predict", "--checkpoint", str(ckpt), *map(str, val), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    for res in results:
+        assert res["predictions"][0]["class_name"] == pathlib.Path(res["image"]).parent.name, res
+        assert res["predictions"][0]["probability"] > 0.5, res
+
+    st = tmp_path / "model.safetensors"
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "safetensors", "--output", str(st)]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(st), *map(str, val), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"] == results  # same names, same probabilities
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return  # spach[plot] not installed: test_plot.py covers plotting where it is
+    assert main(["plot", str(out), "--output", str(tmp_path / "curves.png")]) == 0
+    assert "out: 1 epoch (last 0)" in capsys.readouterr().out
+    assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_bad_image_is_one_clear_line_naming_it(checkpoint, images, tmp_path):
