@@ -1,0 +1,53 @@
+"""Two CPU processes on gloo under torchrun: DDP training, all-reduced stats, --dist-eval = single-process eval."""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from train_helpers import REPO, fast_flags, make_shapes_folder, run_spach
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*argv, nproc=2, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_free_port()), "-m", "spach", *map(str, argv)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _eval_line(text):
+    return re.findall(r"^\* Acc@1 [0-9.]+ Acc@5 [0-9.]+ loss [0-9.]+$", text, re.M)
+
+
+def test_ddp_training_and_dist_eval_match_single_process(tmp_path):
+    # 45 val images: not divisible by 2, so a padding sampler would count one image twice
+    data = make_shapes_folder(tmp_path / "shapes", n_train=32, n_val=15)
+    out = tmp_path / "ddp"
+    r = torchrun("train", *fast_flags(data, out, "--dist-eval", "--repeated-aug", epochs=2, batch=8))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "world_size: 2" in r.stdout
+    assert r.stdout.count("Averaged stats:") == 2  # printed once (rank 0), with all-reduced values
+    assert "Accuracy of the network on the 45 test images" in r.stdout
+    ddp_eval = _eval_line(r.stdout)[-1]
+    log = [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]
+    assert [l["epoch"] for l in log] == [0, 1]
+
+    ckpt = out / "checkpoint.pth"
+    single = run_spach("eval", "--checkpoint", ckpt, "--data-path", data, "--device", "cpu", "--num_workers", "0")
+    assert single.returncode == 0, single.stderr
+    assert _eval_line(single.stdout) == [ddp_eval]  # same acc@1, acc@5 and loss, to the printed digit
+
+    dist = torchrun("eval", "--checkpoint", ckpt, "--data-path", data, "--device", "cpu", "--num_workers", "0",
+                    "--dist-eval", "--batch-size", "4")
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    assert _eval_line(dist.stdout) == [ddp_eval]
+    assert "Accuracy of the network on the 45 test images" in dist.stdout
