@@ -13,6 +13,7 @@ examples:
 """
 import json
 import os
+import re
 import warnings
 
 import torch
@@ -23,6 +24,9 @@ from ._help import use_help_formatter
 
 FORMATS = {"onnx": ".onnx", "safetensors": ".safetensors", "torchscript": ".pt"}
 MIN_DYNAMO_OPSET = 18
+# the example batch the exporters see, and another for the check (a dynamic batch axis must take it);
+# torch.export specialises a dimension of size 1, so the example is 2
+EXPORT_BATCH, CHECK_BATCH = 2, 3
 ONNX_INSTALL = "spach export --format onnx needs onnx, onnxruntime and onnxscript: pip install 'spach[export]'"
 
 
@@ -46,8 +50,6 @@ def add_arguments(parser):
     parser.add_argument("--tolerance", type=float, default=1e-3,
                         help="largest max abs difference of the logits accepted when checking an ONNX or "
                              "TorchScript file")
-    parser.add_argument("--batch-size", type=int, default=2,
-                        help="batch size of the example input (the check runs another batch size)")
 
 
 def default_output(args, info: ModelInfo) -> str:
@@ -61,8 +63,6 @@ def default_output(args, info: ModelInfo) -> str:
 def run(args) -> int:
     if args.opset is not None and args.format != "onnx":
         raise SpachError(f"--opset applies to --format onnx only (got --format {args.format})")
-    if args.batch_size < 1:
-        raise SpachError(f"--batch-size must be at least 1 (got {args.batch_size})")
     if args.format == "onnx":
         _require_onnx(args.opset)
     model, info = build_model(args.model, args.checkpoint, img_size=args.img_size, use_ema=args.use_ema)
@@ -113,7 +113,7 @@ def export_onnx(model, info: ModelInfo, output: str, args) -> float:
     import onnx
     import onnxruntime as ort
 
-    x = _example(info, args.batch_size, seed=0)
+    x = _example(info, EXPORT_BATCH, seed=0)
     # The torch.export-based exporter writes opset 18 and newer; older opsets (for older runtimes) come
     # from the TorchScript-based exporter, which torch still ships.
     legacy = args.opset is not None and args.opset < MIN_DYNAMO_OPSET
@@ -134,9 +134,11 @@ def export_onnx(model, info: ModelInfo, output: str, args) -> float:
     except ImportError as e:  # onnxscript is what the torch.export-based exporter runs on
         raise SpachError(f"{ONNX_INSTALL} ({e})") from None
     except Exception as e:
+        detail = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+        hint = (f"; try another --opset than {args.opset}" if legacy else
+                f"; --opset {MIN_DYNAMO_OPSET - 1} uses torch's TorchScript-based exporter instead")
         raise SpachError(f"torch.onnx.export of {info.model_name} failed ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:300] if str(e) else ''})"
-                         + (f"; try another --opset than {args.opset}" if args.opset else "")) from None
+                         f"{detail[0][:300] if detail else 'no detail'}){hint}") from None
 
     # model facts as ONNX metadata, so a consumer knows the preprocessing and the classes
     proto = onnx.load(output)
@@ -148,7 +150,7 @@ def export_onnx(model, info: ModelInfo, output: str, args) -> float:
     print(f"exported ONNX (opset {opset}, dynamic batch axis) to {output}")
 
     session = ort.InferenceSession(output, providers=["CPUExecutionProvider"])
-    check = _example(info, args.batch_size + 1, seed=1)  # another batch size: the batch axis is dynamic
+    check = _example(info, CHECK_BATCH, seed=1)  # another batch size: the batch axis is dynamic
     with torch.no_grad():
         expected = model(check)
     got = session.run(None, {session.get_inputs()[0].name: check.numpy()})[0]
@@ -171,7 +173,7 @@ def export_safetensors(model, info: ModelInfo, output: str, args) -> None:
     if tuple(info.img_size) != (224, 224):
         kwargs["img_size"] = info.img_size[0] if info.img_size[0] == info.img_size[1] else info.img_size
     reloaded = create_model(info.model_name, checkpoint_path=output, **kwargs).eval()
-    x = _example(info, args.batch_size, seed=1)
+    x = _example(info, EXPORT_BATCH, seed=1)
     with torch.no_grad():
         same = torch.equal(reloaded(x), model(x))
     if not same:
@@ -182,7 +184,7 @@ def export_safetensors(model, info: ModelInfo, output: str, args) -> None:
 
 # --- TorchScript --------------------------------------------------------------------------------------
 def export_torchscript(model, info: ModelInfo, output: str, args) -> float:
-    x = _example(info, args.batch_size, seed=0)
+    x = _example(info, EXPORT_BATCH, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notice
         try:
@@ -201,7 +203,7 @@ def export_torchscript(model, info: ModelInfo, output: str, args) -> float:
         torch.jit.save(scripted, output, _extra_files=extra)
         print(f"exported TorchScript ({how}) to {output}")
         loaded = torch.jit.load(output, map_location="cpu")
-    check = _example(info, args.batch_size + 1, seed=1)
+    check = _example(info, CHECK_BATCH, seed=1)
     with torch.no_grad():
         expected = model(check)
         got = loaded(check)

@@ -25,6 +25,12 @@ PANELS = (
     ("test_acc5", "val top-5", "accuracy (%)"),
     ("train_lr", "learning rate", "lr"),
 )
+# a second curve drawn in a panel: (key, line style, what the title says about it)
+COMPANIONS = {
+    "train_loss": ("test_loss", "--", "val dashed"),
+    "test_acc1": ("test_ema_acc1", ":", "EMA dotted"),
+    "test_acc5": ("test_ema_acc5", ":", "EMA dotted"),
+}
 
 
 def add_arguments(parser):
@@ -122,18 +128,21 @@ def plot_runs(runs: Dict[str, List[dict]], output: str, title: str = None) -> No
     axes = fig.subplots(2, 2).ravel()
     for ax, (key, panel_title, ylabel) in zip(axes, PANELS):
         drawn = False
-        for label, entries in runs.items():
+        for i, (label, entries) in enumerate(runs.items()):
             xs, ys = _series(entries, key)
             if xs:
-                ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3, label=label)
+                ax.plot(xs, ys, color=f"C{i % 10}", marker="o" if len(xs) < 20 else None, markersize=3, label=label)
                 drawn = True
-        if key == "train_loss":  # validation loss, dashed, where logged
+        if key in COMPANIONS:  # validation loss / EMA accuracy in the run's colour, where logged
+            other, style, note = COMPANIONS[key]
+            drawn_other = False
             for i, (label, entries) in enumerate(runs.items()):
-                xs, ys = _series(entries, "test_loss")
+                xs, ys = _series(entries, other)
                 if xs:
-                    ax.plot(xs, ys, linestyle="--", color=f"C{i}", alpha=0.6)
-                    drawn = True
-            panel_title = "loss (train; val dashed)"
+                    ax.plot(xs, ys, linestyle=style, color=f"C{i % 10}", alpha=0.7)
+                    drawn = drawn_other = True
+            if drawn_other:
+                panel_title = f"{panel_title} ({note})"
         ax.set_title(panel_title)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
