@@ -149,3 +149,22 @@ def test_export_errors(trained, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx"]) == 2
     assert "pip install 'spach[export]'" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_torchscript_falls_back_to_tracing_with_a_note(trained, tmp_path, capsys, monkeypatch):
+    model, ckpt = trained
+
+    def no_script(*args, **kwargs):
+        raise RuntimeError("unsupported construct")
+
+    monkeypatch.setattr(torch.jit, "script", no_script)
+    out = tmp_path / "traced.pt"
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "torch.jit.script failed (RuntimeError: unsupported construct); tracing" in printed
+    monkeypatch.undo()
+    loaded = torch.jit.load(str(out))
+    x = _inputs(4)  # another batch size than the trace's example
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=1e-5)
