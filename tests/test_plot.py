@@ -121,8 +121,8 @@ def test_tensorboard_scalars(tmp_path):
     # what the training loop does each epoch
     live = tmp_path / "live"
     for epoch in range(3):
-        assert write_tensorboard_scalars(str(live), {"epoch": epoch, "train_loss": 3.0 - epoch, "test_acc1": 10.0 * epoch},
-                                         epoch) == 2
+        stats = {"epoch": epoch, "train_loss": 3.0 - epoch, "test_acc1": 10.0 * epoch}
+        assert write_tensorboard_scalars(str(live), stats, epoch) == 2
     close_tensorboard_writers()
     acc = EventAccumulator(str(live))
     acc.Reload()

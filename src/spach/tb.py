@@ -12,8 +12,8 @@ from typing import Dict
 
 from .errors import SpachError
 
-__all__ = ["TensorBoardWriter", "write_tensorboard_scalars", "close_tensorboard_writers", "scalar_tags", "require_tensorboard",
-           "TENSORBOARD_INSTALL"]
+__all__ = ["TensorBoardWriter", "write_tensorboard_scalars", "close_tensorboard_writers", "scalar_tags",
+           "require_tensorboard", "TENSORBOARD_INSTALL"]
 
 TENSORBOARD_INSTALL = "--tensorboard needs the tensorboard package: pip install 'spach[tensorboard]'"
 _SKIP = ("epoch", "n_parameters")
