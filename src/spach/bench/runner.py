@@ -153,7 +153,10 @@ def _resolve_device(name: str) -> torch.device:
         raise SpachError(f"--device {name} requested but Apple MPS is not available here; use --device cpu")
     if kind not in ("cpu", "cuda", "mps"):
         raise SpachError(f"unknown --device {name!r}: use cpu, cuda (cuda:N) or mps")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SpachError(f"cannot parse --device {name!r}: use cpu, cuda, cuda:N or mps") from None
 
 
 def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -355,7 +358,8 @@ def _result(wl: Workload, times: List[float], mem: PeakMemory, peak_mb: float, b
 
 def run_benchmark(cfg: BenchConfig) -> Dict:
     """Build, warm up, and time ``cfg.repeats`` blocks of ``cfg.steps`` steps; a result dict."""
-    mem = PeakMemory(torch.device(cfg.device) if cfg.device else torch.device("cpu"))
+    cfg.validate()
+    mem = PeakMemory(_resolve_device(cfg.device))
     base_rss = mem.current_rss_mb()
     wl = Workload(cfg)
     try:

@@ -116,7 +116,8 @@ def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-def print_table(results, file=sys.stdout):
+def print_table(results, file=None):
+    file = file or sys.stdout
     header = (f"{'model':34s} {'mode':5s} {'batch':>5s} {'amp':>4s} {'img/s':>9s} {'step ms':>9s} "
               f"{'peak MB':>9s} {'TFLOP/s':>8s} {'MFU %':>6s}")
     print(header, file=file)

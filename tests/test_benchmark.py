@@ -1,0 +1,214 @@
+"""`spach benchmark` and the fast data pipeline: runs, counts what it times, reports, refuses bad flags; the fast
+pipeline produces what the timm transform produces (shape, dtype, normalisation, statistics)."""
+import json
+import random
+import statistics
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import spach
+from spach.cli import main as cli_main
+
+MODEL = "spach_ms_xxs_patch4_224_conv"
+# tiny steps: one thread is faster than two (no fork/join per op) and the suite runs beside other jobs
+SMALL = ["--img-size", "64", "--num-classes", "10", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _photo(w, h, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([128 + 90 * np.sin(xx / (20 + 7 * c) + yy / (31 - 5 * c)) for c in range(3)], -1)
+    img += rng.normal(0, 6, img.shape)
+    img[h // 4: h // 2, w // 3: w // 2] = (230, 40, 60)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def jpeg_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jpegs")
+    for c in range(2):
+        d = root / "train" / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(4):
+            _photo(160, 120, seed=10 * c + i).save(d / f"{i}.jpg", quality=90)
+    return root
+
+
+def _run_json(tmp_path, *flags):
+    out = tmp_path / "bench.json"
+    rc = cli_main(["benchmark", "--model", MODEL, "--device", "cpu", "--json", str(out), *SMALL, *flags])
+    assert rc == 0
+    return json.loads(out.read_text())["results"]
+
+
+def test_benchmark_train_and_infer_report_fields(tmp_path, capsys):
+    results = _run_json(tmp_path, "--mode", "both", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+                        "--repeats", "2", "--amp", "off")
+    table = capsys.readouterr().out
+    assert "img/s" in table and "TFLOP/s" in table and MODEL in table
+    assert [r["mode"] for r in results] == ["train", "infer"]
+    macs = spach.models.count_flops(spach.create_model(MODEL, num_classes=10, img_size=64), (64, 64))
+    for r in results:
+        assert r["img_per_s"] > 0 and r["step_ms"] > 0
+        assert r["images_per_block"] == 2 * 2          # steps * batch, warm-up not included
+        assert r["images_counted"] == 2 * 2 * 2        # ... per timed block, two blocks
+        assert len(r["block_seconds"]) == 2
+        assert r["peak_mem_mb"] > 0 and r["mem_kind"] == "peak_rss"
+        factor = 3 if r["mode"] == "train" else 1
+        assert r["gflops_per_img"] == pytest.approx(2 * factor * macs / 1e9)
+        assert r["tflops"] == pytest.approx(r["img_per_s"] * r["gflops_per_img"] / 1e3)
+        assert r["mfu_pct"] is None                    # no GPU peak on a CPU
+    assert results[0]["optimizer"] == "fused"          # fused AdamW is the default where the device has it
+
+
+def test_warmup_steps_are_run_but_not_counted():
+    from spach.bench.runner import BenchConfig, run_benchmark
+    calls = []
+
+    def count(module, args, output):
+        if isinstance(module, spach.SpachMS):
+            calls.append(args[0].shape[0])
+
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        r = run_benchmark(BenchConfig(model=MODEL, batch_size=2, steps=2, warmup=2, repeats=2, img_size=64,
+                                      num_classes=10, amp="off"))
+    finally:
+        handle.remove()
+    assert len(calls) == 2 + 2 * 2                     # every step ran a forward, warm-up included
+    assert r["images_counted"] == 2 * 2 * 2            # only the timed steps are counted
+    assert r["img_per_s"] == pytest.approx(statistics.median(2 * 2 / t for t in r["block_seconds"]), rel=1e-2)
+
+
+def test_fp32_step_is_plain_math_and_bf16_runs(tmp_path):
+    (fp32,) = _run_json(tmp_path, "--batch-size", "2", "--steps", "1", "--warmup", "0", "--repeats", "1",
+                        "--amp", "off", "--no-fused-optimizer", "--no-mixup")
+    assert fp32["amp"] == "off" and fp32["optimizer"] == "foreach" and fp32["mixup"] is False
+    (bf16,) = _run_json(tmp_path, "--batch-size", "2", "--steps", "1", "--warmup", "0", "--repeats", "1",
+                        "--amp", "bf16", "--grad-checkpointing", "--channels-last")
+    assert bf16["amp"] == "bf16" and bf16["grad_checkpointing"] and bf16["channels_last"]
+
+
+@pytest.mark.parametrize("pipeline", ["fast", "timm"])
+def test_benchmark_from_jpeg_folder(tmp_path, jpeg_dir, pipeline):
+    (r,) = _run_json(tmp_path, "--data", str(jpeg_dir), "--data-pipeline", pipeline, "--workers", "0",
+                     "--batch-size", "2", "--steps", "2", "--warmup", "1", "--repeats", "1", "--amp", "off")
+    assert r["data"] == str(jpeg_dir) and r["data_pipeline"] == pipeline
+    assert r["images_counted"] == 4 and r["img_per_s"] > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "spach_nope"], "unknown model"),
+    (["--model", MODEL, "--steps", "0"], "--steps"),
+    (["--model", MODEL, "--batch-size", "0"], "--batch-size"),
+    (["--model", MODEL, "--amp", "fp16", "--device", "cpu"], "fp16"),
+    (["--model", MODEL, "--data", "/no/such/folder"], "--data"),
+    (["--model", MODEL, "--device", "tpu"], "--device"),
+])
+def test_bad_flags_give_one_line_errors(flags, message, capsys):
+    rc = cli_main(["benchmark", *flags, "--steps" if "--steps" not in flags else "--warmup", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_mode_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["benchmark", "--model", MODEL, "--mode", "fast"])
+    assert e.value.code == 2
+
+
+# --- the fast data pipeline ---------------------------------------------------------------------------------
+
+def test_fast_transform_output_shape_dtype_and_normalisation(tmp_path):
+    from spach.data.fast_pipeline import DeviceNormalize, build_fast_train_transform
+    path = tmp_path / "a.jpg"
+    _photo(500, 375).save(path, quality=90)
+    tf = build_fast_train_transform(224)
+    x = tf(str(path))
+    assert x.shape == (3, 224, 224) and x.dtype == torch.uint8
+    batch = torch.stack([tf(str(path)) for _ in range(4)])
+    y = DeviceNormalize(re_prob=0.0)(batch)
+    assert y.dtype == torch.float32 and y.shape == (4, 3, 224, 224)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert torch.allclose(y, (batch.float() / 255 - mean) / std, atol=1e-5)
+    with pytest.raises(TypeError):
+        DeviceNormalize()(y)
+
+
+def test_fast_crop_resize_matches_pil_bicubic(tmp_path):
+    """No augmentation and a whole-image crop: the uint8 resize equals PIL's bicubic resize to within a grey
+    level, including a DCT-scaled (draft) decode of a large JPEG."""
+    from spach.data.fast_pipeline import FastTrainTransform
+    for (w, h) in [(500, 375), (1600, 1200)]:
+        img = _photo(w, h)
+        path = tmp_path / f"{w}.jpg"
+        img.save(path, quality=95)
+        tf = FastTrainTransform(224, scale=(1.0, 1.0), ratio=(w / h, w / h), hflip=0.0, auto_augment=None)
+        fast = tf(str(path)).permute(1, 2, 0).numpy().astype(np.float64)
+        ref = np.asarray(Image.open(path).convert("RGB").resize((224, 224), Image.BICUBIC)).astype(np.float64)
+        diff = np.abs(fast - ref)
+        # 500x375 decodes at full size (exact filter); 1600x1200 decodes at 1/4 scale in the DCT domain
+        assert diff.mean() < (0.6 if w == 500 else 3.0), (w, diff.mean())
+
+
+def test_fast_pipeline_statistics_match_timm_transform(tmp_path):
+    """Same augmentation distribution: over many draws on one image, per-channel mean and spread of the
+    normalised outputs agree with timm's DeiT transform."""
+    from timm.data import create_transform
+    from spach.data.fast_pipeline import DeviceNormalize, build_fast_train_transform
+    from spach.data.transforms import patch_posterize
+    path = tmp_path / "b.jpg"
+    _photo(500, 375, seed=3).save(path, quality=90)
+    timm_tf = create_transform(224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic",
+                               re_prob=0.25, re_mode="pixel", re_count=1)
+    patch_posterize(timm_tf)
+    fast_tf, finalize = build_fast_train_transform(224), DeviceNormalize()
+    n = 100
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    ref = torch.stack([timm_tf(Image.open(path).convert("RGB")) for _ in range(n)])
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    fast = finalize(torch.stack([fast_tf(str(path)) for _ in range(n)]))
+    assert fast.shape == ref.shape and fast.dtype == ref.dtype
+    m_ref, m_fast = ref.mean(dim=(0, 2, 3)), fast.mean(dim=(0, 2, 3))
+    s_ref, s_fast = ref.std(dim=(0, 2, 3)), fast.std(dim=(0, 2, 3))
+    assert torch.allclose(m_ref, m_fast, atol=0.08), (m_ref, m_fast)
+    assert torch.allclose(s_ref, s_fast, rtol=0.08), (s_ref, s_fast)
+    # the per-image means spread alike (the random crops and RandAugment are drawn from the same distribution)
+    spread_ref, spread_fast = ref.mean(dim=(1, 2, 3)).std(), fast.mean(dim=(1, 2, 3)).std()
+    assert spread_fast == pytest.approx(spread_ref.item(), rel=0.3)
+
+
+def test_sample_crop_follows_timm_distribution():
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from spach.data.fast_pipeline import sample_crop
+    img = Image.new("RGB", (500, 375))
+    random.seed(5)
+    ours = [sample_crop(500, 375) for _ in range(300)]
+    random.seed(5)
+    theirs = [RandomResizedCropAndInterpolation.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(300)]
+    assert ours == theirs  # same algorithm, same random draws
+
+
+def test_cpu_tuning_is_reported():
+    from spach.bench.cpu_tuning import apply_cpu_tuning, cpu_has_native_bf16, default_cpu_amp
+    threads = torch.get_num_threads()
+    try:
+        report = apply_cpu_tuning(threads=1)
+        assert torch.get_num_threads() == 1
+        assert report["threads"] == 1 and "allocator" in report
+    finally:
+        torch.set_num_threads(threads)
+    assert default_cpu_amp() == ("bf16" if cpu_has_native_bf16() else "off")
