@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError, SpachError
+from . import faults
 from .device import all_reduce_sum, autocast, synchronize
 
 __all__ = ["train_one_epoch", "evaluate", "throughput", "NonFiniteLossError", "DistillationLoss"]
@@ -128,6 +129,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
         with autocast(device, amp_dtype):
             outputs = model(samples)
             loss = criterion(samples, outputs, targets)
+        faults.point("step", step)
 
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -223,6 +225,7 @@ def evaluate(data_loader, model, device, *, amp_dtype=None, channels_last=False,
     model.eval()
     sums = torch.zeros(5, device=device, dtype=torch.float64)  # correct1, correct5, loss_sum, count, bad
     bar = _progress(len(data_loader), "Test", show_progress and is_main)
+    fault = "eval-ema" if header else "eval"
     for images, target, n_bad in _batches(data_loader):
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
@@ -237,6 +240,7 @@ def evaluate(data_loader, model, device, *, amp_dtype=None, channels_last=False,
         hit = top.eq(target[:, None])
         sums += torch.stack([hit[:, :1].sum(), hit.sum(), loss, torch.tensor(target.numel(), device=device),
                              n_bad.sum().to(device)]).to(torch.float64)
+        faults.point(fault)
         if bar is not None:
             bar.update(1)
     if bar is not None:
