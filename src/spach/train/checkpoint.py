@@ -8,14 +8,18 @@ and ``class_names`` (the class folder names, index order).
 A write goes to a temporary file in the same folder, is fsync'ed, then renamed over the old file, so a kill or
 a full disk at any moment leaves either the old or the new checkpoint, never a torn one.
 """
+import glob
+import io
 import os
 import random
 import tempfile
+import warnings
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from . import faults
 from ..models.pretrained import _torch_load
 
 __all__ = ["atomic_save", "load_checkpoint", "get_rng_state", "set_rng_state", "CHECKPOINT_NAME", "BEST_NAME"]
@@ -31,12 +35,25 @@ def atomic_save(obj, path: str):
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        name = os.path.basename(path)
         with os.fdopen(fd, "wb") as f:
+            if faults.armed(f"write:{name}"):  # test hook: die with half the bytes on disk
+                buf = io.BytesIO()
+                torch.save(obj, buf)
+                f.write(buf.getbuffer()[:buf.tell() // 2])
+                f.flush()
+                faults.point(f"write:{name}")
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
+        # temp files of writers killed mid-write (pre-emption while saving) would otherwise pile up
+        for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
+            try:
+                os.remove(stale)
+            except OSError:
+                pass
         try:  # make the rename itself durable
             dfd = os.open(folder, os.O_RDONLY)
             try:
@@ -45,7 +62,10 @@ def atomic_save(obj, path: str):
                 os.close(dfd)
         except OSError:
             pass
+        faults.point(f"saved:{name}")
     except (OSError, RuntimeError) as e:
+        while not isinstance(e, OSError) and isinstance(e.__context__, (OSError, RuntimeError)):
+            e = e.__context__  # torch.save reports a full disk as "unexpected pos"; the OSError is its context
         kept = f"the previous {path} is kept" if os.path.exists(path) else f"no earlier {os.path.basename(path)} exists"
         raise CheckpointError(f"could not write checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                               f"{kept}. Free disk space or fix the folder's permissions, then rerun the same "
@@ -62,7 +82,9 @@ def load_checkpoint(path: str) -> dict:
     """Read a training checkpoint (``weights_only``: tensors and plain containers only)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist: pass the path of a checkpoint.pth / best.pth")
-    ckpt = _torch_load(path)
+    with warnings.catch_warnings():  # a raw pickle's protocol warning would add lines to the one-line error
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        ckpt = _torch_load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint (no 'model' entry): use --finetune or "
                               f"--checkpoint for a bare weights file")
