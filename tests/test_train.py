@@ -14,11 +14,11 @@ CKPT_KEYS = {"model", "optimizer", "lr_scheduler", "epoch", "model_ema", "scaler
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread(monkeypatch):
     # 2 shared cores: one compute thread avoids OpenMP oversubscription stalls
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield
     torch.set_num_threads(n)
 
@@ -35,9 +35,16 @@ def trained(shapes, tmp_path_factory):
     import io
     import contextlib
     buf = io.StringIO()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OMP_NUM_THREADS", "1")
+    n = torch.get_num_threads()
     torch.set_num_threads(1)
-    with contextlib.redirect_stdout(buf):
-        rc = main(["train", *fast_flags(shapes, out, epochs=3)])
+    try:
+        with contextlib.redirect_stdout(buf):
+            rc = main(["train", *fast_flags(shapes, out, epochs=3)])
+    finally:
+        mp.undo()
+        torch.set_num_threads(n)
     return rc, out, buf.getvalue()
 
 

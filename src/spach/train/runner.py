@@ -20,6 +20,7 @@ from ..data import (EvalShardSampler, RASampler, ShuffleSampler, TolerantImageFo
                     prepare_demo_dataset)
 from ..data.demo import DEMO_NAME
 from . import device as devices
+from . import faults
 from .args import DEIT_DEFAULTS, DEMO_DEFAULTS
 from .checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_save, get_rng_state, load_checkpoint, set_rng_state
 from .engine import DistillationLoss, NonFiniteLossError, evaluate, throughput, train_one_epoch
@@ -189,9 +190,11 @@ def _run(args, dist_info, device_kind) -> int:
     amp_dtype = devices.resolve_amp(args.amp, device_kind)
     args.amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # one share of the cores per local process: more threads than cores makes OpenMP spin against itself
+        # one share of the cores per local process, less one core for the loader workers: more compute threads
+        # than free cores makes OpenMP spin against itself (measured 5x slower on 2 busy cores)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        share = cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, share - (1 if args.num_workers > 0 else 0)))
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if device.type == "cuda":
@@ -321,6 +324,8 @@ def _run(args, dist_info, device_kind) -> int:
             elif "rng" in ckpt and world == 1:
                 set_rng_state(ckpt["rng"])
             logger.info(f"resumed {resume} at epoch {start_epoch} (max accuracy so far {max_accuracy:.2f}%)")
+            if resume == auto and is_main:
+                _sync_log(os.path.join(args.output_dir, "log.txt"), start_epoch - 1, ckpt.get("log_stats"))
         del ckpt
 
     if start_epoch >= args.epochs:
@@ -333,6 +338,8 @@ def _run(args, dist_info, device_kind) -> int:
                 f"{n_train} train / {n_val} val images, {len(class_names)} classes")
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
+        faults.set_epoch(epoch)
+        faults.point("epoch")
         sampler_train.set_epoch(epoch)
         train_stats = train_one_epoch(
             net, criterion, loader_train, optimizer, device, epoch, schedule=schedule, model_ema=model_ema,
@@ -355,6 +362,10 @@ def _run(args, dist_info, device_kind) -> int:
         if save:
             error = None
             if is_main:
+                log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                             **{f"test_{k}": v for k, v in test_stats.items() if k != "n"},
+                             **({f"test_ema_{k}": v for k, v in ema_stats.items() if k != "n"} if ema_stats else {}),
+                             "epoch": epoch, "n_parameters": n_parameters}
                 state = {
                     "model": model_without_ddp.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -369,11 +380,14 @@ def _run(args, dist_info, device_kind) -> int:
                     "rng_per_rank": rng_all,
                     "class_names": list(class_names),
                     "world_size": world,
+                    "log_stats": log_stats,  # restores log.txt's line after a kill between the two writes
                 }
                 try:
-                    atomic_save(state, os.path.join(args.output_dir, CHECKPOINT_NAME))
+                    # checkpoint.pth last: it is the commit point. A kill before it reruns this epoch, which
+                    # rewrites best.pth; the other order could leave best.pth an epoch behind for good.
                     if improved:
                         atomic_save(state, os.path.join(args.output_dir, BEST_NAME))
+                    atomic_save(state, os.path.join(args.output_dir, CHECKPOINT_NAME))
                 except CheckpointError as e:
                     error = str(e)
                 del state
@@ -382,16 +396,35 @@ def _run(args, dist_info, device_kind) -> int:
                 raise CheckpointError(error + " Training stopped so that no epoch goes unsaved.")
             last_good = os.path.join(args.output_dir, CHECKPOINT_NAME)
             if is_main:
-                log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                             **{f"test_{k}": v for k, v in test_stats.items() if k != "n"},
-                             **({f"test_ema_{k}": v for k, v in ema_stats.items() if k != "n"} if ema_stats else {}),
-                             "epoch": epoch, "n_parameters": n_parameters}
                 with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                     f.write(json.dumps(log_stats) + "\n")
     total = time.time() - start_time
     logger.info(f"Training time {total:.0f}s ({total / 60:.1f} min); max accuracy {max_accuracy:.2f}%"
                 + (f"; weights in {args.output_dir}" if save else ""))
     return 0
+
+
+def _sync_log(path: str, epoch: int, stats: Optional[dict]):
+    """Make log.txt end with the line of the checkpoint's ``epoch``: a kill after the checkpoint was written but
+    before its line was appended (or in the middle of appending it) would otherwise leave a gap."""
+    lines = []
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a kill
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] <= epoch:
+            kept.append(line)
+    if stats and not any(json.loads(line)["epoch"] == epoch for line in kept):
+        kept.append(json.dumps(stats))
+    if kept != lines:
+        with open(path + ".tmp", "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+        os.replace(path + ".tmp", path)
 
 
 def _build_teacher(args, num_classes, device):
