@@ -212,3 +212,14 @@ def test_cpu_tuning_is_reported():
     finally:
         torch.set_num_threads(threads)
     assert default_cpu_amp() == ("bf16" if cpu_has_native_bf16() else "off")
+
+
+def test_fast_image_folder_skips_unreadable_files(tmp_path):
+    from spach.data.fast_pipeline import FastImageFolder, build_fast_train_transform
+    good = tmp_path / "good.jpg"
+    _photo(200, 150).save(good, quality=90)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    ds = FastImageFolder([(str(bad), 1), (str(good), 0)], ["a", "b"], build_fast_train_transform(64))
+    x, target, n_bad = ds[0]                       # the unreadable file is replaced by the next one
+    assert x.shape == (3, 64, 64) and x.dtype == torch.uint8 and target == 0 and n_bad == 1

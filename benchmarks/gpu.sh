@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The whole GPU measurement of issue 4, in under 8 minutes on one H100 / H200:
+#   1. Conv-MS-S training step, plain fp32 eager (foreach AdamW, NCHW)                      -> baseline
+#   2. Conv-MS-S bf16, fused AdamW, channels-last, eager                                   -> img/s, MFU
+#   3. the same with torch.compile (compiled during the untimed warm-up)                    -> img/s, MFU
+#   4. Hybrid-MS-S bf16 + compile (attention through SDPA / flash)                          -> img/s, MFU
+#   5. end to end from JPEG files: nvJPEG decode + crop/resize/flip/normalise/erase on the GPU,
+#      DataLoader workers only read files and draw crop boxes; compared with the synthetic rate of 3
+#   6. end to end through the plain timm/PIL loader (CPU workers), for comparison
+# Batch 128, synthetic data on the device for 1-4, mixup/cutmix soft targets, no host sync inside the step.
+# Usage: bash benchmarks/gpu.sh [OUT_DIR]   (python: $PYTHON or ./.venv / /work/venv / python3)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-${OUT:-benchmarks/gpu_out}}"
+mkdir -p "$OUT"
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  for p in .venv/bin/python /work/venv/bin/python python3; do
+    if command -v "$p" >/dev/null 2>&1; then PY="$p"; break; fi
+  done
+fi
+MODEL=spach_ms_s_patch4_224_conv
+B=128
+SPACH="$PY -m spach benchmark --device cuda --batch-size $B"
+export TORCHINDUCTOR_FX_GRAPH_CACHE=1   # the second compile of the same graph comes from the cache
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+T0=$(date +%s)
+log() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.txt"
+$PY -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'cuda', torch.version.cuda)" | tee "$OUT/versions.txt"
+
+log "1. plain fp32 eager"
+timeout 120 $SPACH --model $MODEL --amp off --no-fused-optimizer --steps 10 --warmup 3 --repeats 3 \
+  --json "$OUT/1_plain_fp32.json" | tee "$OUT/1_plain_fp32.txt"
+
+log "2. bf16 eager, fused AdamW, channels-last"
+timeout 120 $SPACH --model $MODEL --amp bf16 --channels-last --steps 20 --warmup 5 --repeats 3 \
+  --json "$OUT/2_bf16_eager.json" | tee "$OUT/2_bf16_eager.txt"
+
+log "3. bf16 + torch.compile"
+timeout 240 $SPACH --model $MODEL --amp bf16 --channels-last --compile --steps 30 --warmup 4 --repeats 3 \
+  --json "$OUT/3_bf16_compile.json" | tee "$OUT/3_bf16_compile.txt"
+
+log "4. Hybrid-MS-S bf16 + compile (SDPA)"
+timeout 150 $SPACH --model spach_ms_s_patch4_224_hybrid --amp bf16 --channels-last --compile --steps 20 --warmup 4 \
+  --repeats 3 --json "$OUT/4_hybrid_compile.json" | tee "$OUT/4_hybrid_compile.txt"
+
+log "5. JPEG files end to end (nvJPEG)"
+DATA="${DATA_DIR:-/tmp/spach_jpeg_bench}"
+if [ ! -d "$DATA/train" ]; then
+  $PY - "$DATA" <<'EOF'
+import os, sys
+from concurrent.futures import ProcessPoolExecutor
+sys.path.insert(0, "benchmarks")
+from data_pipeline import make_dataset
+root = sys.argv[1]
+n_jobs = min(16, os.cpu_count() or 1)
+with ProcessPoolExecutor(n_jobs) as ex:  # 3072 photo-like 500x375 JPEGs, quality 90, 16 classes
+    list(ex.map(make_dataset, [os.path.join(root, f"part{k}") for k in range(n_jobs)], [3072 // n_jobs] * n_jobs,
+                [(500, 375)] * n_jobs, [16] * n_jobs, range(n_jobs)))
+os.makedirs(os.path.join(root, "train"), exist_ok=True)
+for k in range(n_jobs):
+    for c in os.listdir(os.path.join(root, f"part{k}", "train")):
+        dst = os.path.join(root, "train", c)
+        os.makedirs(dst, exist_ok=True)
+        src = os.path.join(root, f"part{k}", "train", c)
+        for f in os.listdir(src):
+            os.rename(os.path.join(src, f), os.path.join(dst, f"{k}_{f}"))
+EOF
+fi
+WORKERS=$(( $(nproc) - 2 ))
+timeout 150 $SPACH --model $MODEL --amp bf16 --channels-last --compile --data "$DATA" --data-pipeline fast \
+  --workers $WORKERS --steps 20 --warmup 4 --repeats 3 --json "$OUT/5_jpeg_nvjpeg.json" | tee "$OUT/5_jpeg_nvjpeg.txt"
+
+log "6. JPEG files end to end (timm/PIL workers)"
+timeout 100 $SPACH --model $MODEL --amp bf16 --channels-last --compile --data "$DATA" --data-pipeline timm \
+  --workers $WORKERS --steps 8 --warmup 3 --repeats 2 --json "$OUT/6_jpeg_timm.json" | tee "$OUT/6_jpeg_timm.txt"
+
+log "summary"
+$PY - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
+import json, os, sys
+out = sys.argv[1]
+rows = {}
+for name in sorted(os.listdir(out)):
+    if name.endswith(".json"):
+        r = json.load(open(os.path.join(out, name)))["results"][0]
+        rows[name[:-5]] = r
+base = rows.get("1_plain_fp32")
+synth = rows.get("3_bf16_compile")
+for k, r in rows.items():
+    extra = f"  x{r['img_per_s'] / base['img_per_s']:.2f} vs plain fp32" if base else ""
+    if synth and "jpeg" in k:
+        extra += f"  {100 * r['img_per_s'] / synth['img_per_s']:.0f}% of the synthetic compiled rate"
+    mfu = f"{r['mfu_pct']:.1f}%" if r.get("mfu_pct") is not None else "-"
+    print(f"{k:18s} {r['model']:30s} {r['img_per_s']:9.1f} img/s  step {r['step_ms']:7.1f} ms  "
+          f"{r['tflops']:6.1f} TFLOP/s  MFU {mfu}  max alloc {r['peak_mem_mb']:.0f} MB{extra}")
+print("device:", next(iter(rows.values()))["device_name"] if rows else "?")
+EOF
+log "done"
