@@ -103,6 +103,16 @@ def _check_output_dir(path: str):
         raise SpachError(f"--output_dir {path} is not writable: fix its permissions or pick another folder")
 
 
+def _remove_stale_temp_files(folder: str):
+    """Temp files of a checkpoint write that was killed midway (the checkpoint itself is intact)."""
+    for name in os.listdir(folder):
+        if name.endswith(".tmp") and (name.startswith(f".{CHECKPOINT_NAME}.") or name.startswith(f".{BEST_NAME}.")):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
 def _build_model(args, num_classes: int):
     from ..models import create_model
     kwargs = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
@@ -184,6 +194,8 @@ def _run(args, dist_info, device_kind) -> int:
     save = bool(args.output_dir) and not args.eval and not args.throughput
     if save:
         _check_output_dir(args.output_dir)
+        if is_main:
+            _remove_stale_temp_files(args.output_dir)
     setup_logging(is_main, os.path.join(args.output_dir, "log_rank0.txt") if save else None)
     show_progress = sys.stdout.isatty()
 
