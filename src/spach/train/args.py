@@ -90,7 +90,7 @@ def _one_line_errors(parser: argparse.ArgumentParser):
 
 def add_train_arguments(parser: argparse.ArgumentParser):
     _one_line_errors(parser)
-    d = "(default: DeiT {} / demo {})"
+    d = "(default: DeiT {} / demo {})%(default).0s"  # the .0s keeps argparse from adding '(default: None)'
 
     def dd(key):
         return d.format(DEIT_DEFAULTS[key], DEMO_DEFAULTS[key])
@@ -110,7 +110,8 @@ def add_train_arguments(parser: argparse.ArgumentParser):
                "plain shuffling")
 
     g = parser.add_argument_group("model")
-    _flag(g, "--model", dest="model", default=None, metavar="MODEL", help="model name " + dd("model"))
+    _flag(g, "--model", dest="model", default=None, metavar="MODEL",
+          help="model name (`spach models` lists them; eval: read from the checkpoint) " + dd("model"))
     _flag(g, "--drop", dest="drop", type=_nonneg_float, default=0.0, help="dropout rate")
     _flag(g, "--drop-path", dest="drop_path", type=_nonneg_float, default=None, help="stochastic depth " + dd("drop_path"))
     _bool_pair(g, "model-ema", "model_ema", None, "keep an EMA of the weights, evaluated each epoch " + dd("model_ema"),
@@ -147,7 +148,7 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     _flag(g, "--train-interpolation", dest="train_interpolation", default="bicubic")
     _flag(g, "--hflip", dest="hflip", type=_nonneg_float, default=None, help="horizontal flip probability " + dd("hflip"))
     _flag(g, "--crop-pct", dest="crop_pct", type=_positive_float, default=None,
-          help="eval centre-crop fraction (default 0.875: resize 256, crop 224; demo 1.0)")
+          help="eval centre-crop fraction (default 0.875: resize 256, crop 224; demo 1.0)%(default).0s")
     _flag(g, "--reprob", dest="reprob", type=_nonneg_float, default=None, help="random erasing " + dd("reprob"))
     _flag(g, "--remode", dest="remode", default="pixel")
     _flag(g, "--recount", dest="recount", type=int, default=1)
@@ -169,7 +170,8 @@ def add_train_arguments(parser: argparse.ArgumentParser):
 
     g = parser.add_argument_group("run")
     _flag(g, "--output_dir", dest="output_dir", default=None,
-          help="where checkpoint.pth, best.pth and log.txt go (default: output/<model>-<dataset>; '' saves nothing)")
+          help="where checkpoint.pth, best.pth and log.txt go (default: output/<model>-<dataset>; '' saves nothing)"
+               "%(default).0s")
     _flag(g, "--resume", dest="resume", default="", help="resume from (or, with --eval, evaluate) this checkpoint")
     _bool_pair(g, "auto-resume", "auto_resume", True, "resume from <output_dir>/checkpoint.pth when it exists",
                "always start afresh")
@@ -184,10 +186,10 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     _flag(g, "--print-freq", dest="print_freq", type=_positive_int, default=10, help="log every N steps")
 
     g = parser.add_argument_group("device")
-    _flag(g, "--device", dest="device", default=None, help="cuda | npu | cpu | mps (default: the best available)")
+    _flag(g, "--device", dest="device", default=None, help="cuda | npu | cpu | mps (default: the best available)%(default).0s")
     _flag(g, "--npu", dest="npu", action="store_true", help="alias of --device npu")
     _flag(g, "--amp", dest="amp", default=None, choices=["bf16", "fp16", "off"],
-          help="mixed precision (default: bf16 on cuda/npu where supported, else fp16; off on cpu/mps)")
+          help="mixed precision (default: bf16 on cuda/npu where supported, else fp16; off on cpu/mps)%(default).0s")
     _flag(g, "--channels-last", dest="channels_last", action="store_true", help="NHWC memory format")
     _flag(g, "--compile", dest="compile", action="store_true", help="torch.compile the model")
     _flag(g, "--world_size", dest="world_size", type=int, default=1, help="set by torchrun (WORLD_SIZE)")

@@ -107,8 +107,8 @@ def init_distributed(device_kind: str, timeout_s: int = 1800) -> DistInfo:
     if distributed and not dist.is_initialized():
         backend = BACKENDS[device_kind]
         kwargs = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-        if device_kind in ("cuda", "npu"):
-            kwargs["device_id"] = device
+        if device_kind == "cuda":
+            kwargs["device_id"] = device  # binds NCCL's communicator to this rank's GPU
         try:
             dist.init_process_group(**kwargs)
         except TypeError:  # older torch without device_id
