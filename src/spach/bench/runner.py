@@ -311,13 +311,18 @@ class Workload:
         _sync(self.device)
 
     def timed_block(self) -> float:
-        """Seconds for ``steps`` steps, device-synchronised at both ends."""
+        """Seconds for ``steps`` steps, device-synchronised at both ends. The process CPU time of the block is
+        kept in ``last_cpu_seconds`` (on a CPU shared with other jobs, wall time includes the time slices they
+        take; CPU time does not)."""
         _sync(self.device)
+        c0 = time.process_time()
         t0 = time.perf_counter()
         for _ in range(self.cfg.steps):
             self.step()
         _sync(self.device)
-        return time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.last_cpu_seconds = time.process_time() - c0
+        return elapsed
 
     def flops_per_image(self) -> float:
         """FLOPs (2 per multiply-accumulate) of one image: forward, or 3x forward for a training step."""
@@ -334,10 +339,14 @@ def _cpu_fused_adamw_available() -> bool:
     return version >= (2, 4)
 
 
-def _result(wl: Workload, times: List[float], mem: PeakMemory, peak_mb: float, base_rss_mb) -> Dict:
+def _result(wl: Workload, times: List[float], mem: PeakMemory, peak_mb: float, base_rss_mb,
+            cpu_times: Optional[List[float]] = None) -> Dict:
     cfg = wl.cfg
     per_block = cfg.steps * cfg.batch_size
     rates = [per_block / t for t in times]
+    threads = torch.get_num_threads()
+    # images per second of CPU time per thread: the rate the threads would reach with the cores to themselves
+    cpu_rates = [per_block * threads / c for c in cpu_times] if cpu_times and wl.device.type == "cpu" else None
     rate = statistics.median(rates)
     step_ms = statistics.median(t / cfg.steps * 1000 for t in times)
     tflops = rate * wl.flops_per_image() / 1e12
@@ -349,6 +358,8 @@ def _result(wl: Workload, times: List[float], mem: PeakMemory, peak_mb: float, b
         optimizer=getattr(wl, "optimizer_kind", None), images_per_block=per_block,
         images_counted=per_block * len(times), block_seconds=[round(t, 4) for t in times],
         img_per_s=rate, img_per_s_blocks=rates, step_ms=step_ms,
+        cpu_seconds=[round(c, 4) for c in cpu_times] if cpu_times else None,
+        img_per_cpu_s=statistics.median(cpu_rates) if cpu_rates else None, img_per_cpu_s_blocks=cpu_rates,
         peak_mem_mb=peak_mb, mem_kind=mem.kind, mem_reset=mem.reset_ok, base_rss_mb=base_rss_mb,
         gflops_per_img=wl.flops_per_image() / 1e9, tflops=tflops,
         peak_bf16_tflops=peak, mfu_pct=(100.0 * tflops / peak) if peak else None,
@@ -365,11 +376,14 @@ def run_benchmark(cfg: BenchConfig) -> Dict:
     try:
         mem.reset()
         wl.warmup()
-        times = [wl.timed_block() for _ in range(cfg.repeats)]
+        times, cpu_times = [], []
+        for _ in range(cfg.repeats):
+            times.append(wl.timed_block())
+            cpu_times.append(wl.last_cpu_seconds)
         peak = mem.peak_mb()
     finally:
         wl.close()
-    return _result(wl, times, mem, peak, base_rss)
+    return _result(wl, times, mem, peak, base_rss, cpu_times)
 
 
 def run_interleaved(cfgs: List[BenchConfig], repeats: int) -> List[Dict]:
@@ -380,13 +394,15 @@ def run_interleaved(cfgs: List[BenchConfig], repeats: int) -> List[Dict]:
     for wl in wls:
         wl.warmup()
     times = [[] for _ in wls]
+    cpu_times = [[] for _ in wls]
     for _ in range(repeats):
         for i, wl in enumerate(wls):
             times[i].append(wl.timed_block())
+            cpu_times[i].append(wl.last_cpu_seconds)
     results = []
-    for wl, ts in zip(wls, times):
+    for wl, ts, cs in zip(wls, times, cpu_times):
         mem = PeakMemory(wl.device)
-        r = _result(wl, ts, mem, math.nan, None)
+        r = _result(wl, ts, mem, math.nan, None, cs)
         r["peak_mem_mb"] = None
         results.append(r)
         wl.close()

@@ -22,7 +22,8 @@ from ..data.demo import DEMO_NAME
 from . import device as devices
 from . import faults
 from .args import DEIT_DEFAULTS, DEMO_DEFAULTS
-from .checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_save, get_rng_state, load_checkpoint, set_rng_state
+from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_save, get_rng_state, load_checkpoint, read_checkpoint_file,
+                         set_rng_state)
 from .engine import DistillationLoss, NonFiniteLossError, evaluate, throughput, train_one_epoch
 from .optim import CosineSchedule, build_optimizer
 
@@ -171,12 +172,10 @@ def run(args) -> int:
         if not os.path.isfile(args.resume):
             raise CheckpointError(f"checkpoint {args.resume} does not exist: pass the path of a .pth file")
     if args.eval or args.throughput:
-        try:
-            ck = load_checkpoint(args.resume) if args.resume and args.resume.endswith(".pth") else None
-            ckpt_args = ck.get("args") if isinstance(ck, dict) and isinstance(ck.get("args"), dict) else None
-            del ck
-        except CheckpointError:
-            ckpt_args = None  # a bare state_dict: load_pretrained below reports real problems
+        # an unreadable file is refused here; a bare state_dict (no 'args') is checked by load_pretrained below
+        ck = read_checkpoint_file(args.resume) if args.resume and args.resume.endswith(".pth") else None
+        ckpt_args = ck.get("args") if isinstance(ck, dict) and isinstance(ck.get("args"), dict) else None
+        del ck
     resolve_defaults(args, ckpt_args)
     device_kind = devices.resolve_device(args.device)
     dist_info = devices.init_distributed(device_kind)
