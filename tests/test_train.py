@@ -1,6 +1,7 @@
 """spach train / spach eval on a tiny real-image dataset (CPU, seconds per test)."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -80,7 +81,7 @@ def test_checkpoint_has_the_original_layout_plus_resume_state(trained):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # no temp files left behind
 
 
-def test_eval_of_saved_checkpoint_matches_training_log(trained, shapes, capsys):
+def test_eval_of_saved_checkpoint_matches_training_log(trained, shapes, tmp_path, capsys):
     _, out, _ = trained
     best = _load(out / "best.pth")
     # model / input size / crop come from the checkpoint's args
@@ -92,6 +93,12 @@ def test_eval_of_saved_checkpoint_matches_training_log(trained, shapes, capsys):
     assert f"Accuracy of the network on the 36 test images: {best['max_accuracy']:.1f}%" in stdout
     # spach train --eval --resume goes through the same path
     rc = main(["train", "--eval", "--resume", str(out / "best.pth"), "--data-path", shapes, "--device", "cpu",
+               "--num_workers", "0"])
+    assert rc == 0 and f"* Acc@1 {best['max_accuracy']:.3f}" in capsys.readouterr().out
+    # evaluation needs only val/
+    val_only = tmp_path / "val_only"
+    shutil.copytree(os.path.join(shapes, "val"), val_only / "val")
+    rc = main(["eval", "--checkpoint", str(out / "best.pth"), "--data-path", str(val_only), "--device", "cpu",
                "--num_workers", "0"])
     assert rc == 0 and f"* Acc@1 {best['max_accuracy']:.3f}" in capsys.readouterr().out
 

@@ -221,7 +221,9 @@ def _run(args, dist_info, device_kind) -> int:
             devices.barrier()
             data_root = prepare_demo_dataset()
         logger.info(f"no --data-path: using the embedded MNIST-5k demo dataset at {data_root}")
-    class_names, samples = check_dataset(data_root)
+    eval_only = args.eval or args.throughput
+    class_names, samples = check_dataset(data_root, splits=("val",) if eval_only else ("train", "val"))
+    samples.setdefault("train", [])
     n_train, n_val = len(samples["train"]), len(samples["val"])
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
         if args.batch_size % 2:
@@ -240,13 +242,15 @@ def _run(args, dist_info, device_kind) -> int:
     val_tf = build_transform(False, args.input_size, crop_pct=args.crop_pct, **mean_std)
     dataset_train = TolerantImageFolder(samples["train"], class_names, train_tf, strict=args.strict_data)
     dataset_val = TolerantImageFolder(samples["val"], class_names, val_tf, strict=args.strict_data)
-    if args.repeated_aug:
+    if eval_only:
+        sampler_train = None
+    elif args.repeated_aug:
         sampler_train = RASampler(n_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     else:
         sampler_train = ShuffleSampler(n_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     dist_eval = args.dist_eval and dist_info.distributed
     sampler_val = EvalShardSampler(n_val, world, rank) if dist_eval else EvalShardSampler(n_val, 1, 0)
-    loader_train = _loader(dataset_train, sampler_train, args.batch_size, args, True, device)
+    loader_train = None if eval_only else _loader(dataset_train, sampler_train, args.batch_size, args, True, device)
     loader_val = _loader(dataset_val, sampler_val, int(1.5 * args.batch_size), args, False, device)
 
     # ---- model
