@@ -291,3 +291,23 @@ def test_cosine_schedule_warmup_decay_cooldown():
     assert s.lr_at(90) == pytest.approx(1e-5) and s.lr_at(99) == pytest.approx(1e-5)
     per_step = CosineSchedule(1e-3, 10, 1, 1e-6, 1e-5, 0, per_step=True)
     assert per_step.time(2, 5, 10) == 2.5 and s.time(2, 5, 10) == 2.0
+
+
+def test_ema_is_updated_every_step_and_evaluated(shapes, tmp_path, capsys):
+    out = tmp_path / "ema"
+    assert main(["train", *fast_flags(shapes, out, "--model-ema", "--model-ema-decay", "0.5", epochs=1)]) == 0
+    assert "Accuracy of the EMA model on the 36 test images" in capsys.readouterr().out
+    ck = _load(out / "checkpoint.pth")
+    ema, model = ck["model_ema"], ck["model"]
+    # the classifier starts at zero: an EMA that was never updated would still be zero
+    assert ema["head.weight"].abs().sum() > 0
+    assert not torch.equal(ema["head.weight"], model["head.weight"])
+    assert "test_ema_acc1" in json.loads((out / "log.txt").read_text().splitlines()[0])
+
+
+def test_channels_last_and_bf16_autocast_on_cpu(shapes, tmp_path):
+    out = tmp_path / "cl"
+    assert main(["train", *fast_flags(shapes, out, "--channels-last", "--amp", "bf16", epochs=1)]) == 0
+    ck = _load(out / "checkpoint.pth")
+    assert ck["args"]["amp"] == "bf16" and ck["args"]["channels_last"] is True
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
