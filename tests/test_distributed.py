@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 
-import pytest
+import torch
 
 from train_helpers import REPO, fast_flags, make_shapes_folder, run_spach
 
@@ -51,3 +51,17 @@ def test_ddp_training_and_dist_eval_match_single_process(tmp_path):
     assert dist.returncode == 0, dist.stderr[-3000:]
     assert _eval_line(dist.stdout) == [ddp_eval]
     assert "Accuracy of the network on the 45 test images" in dist.stdout
+
+
+def test_ddp_run_resumes_with_each_rank_rng(tmp_path):
+    data = make_shapes_folder(tmp_path / "shapes", n_train=16, n_val=6)
+    out = tmp_path / "ddp"
+    r = torchrun("train", *fast_flags(data, out, "--dist-eval", epochs=1, batch=8))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert len(ck["rng_per_rank"]) == 2 and ck["world_size"] == 2
+    assert not torch.equal(ck["rng_per_rank"][0]["torch"], ck["rng_per_rank"][1]["torch"])
+    r = torchrun("train", *fast_flags(data, out, "--dist-eval", epochs=2, batch=8))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "auto resume from" in r.stdout and "Epoch: [1]" in r.stdout and "Epoch: [0]" not in r.stdout
+    assert [json.loads(l)["epoch"] for l in (out / "log.txt").read_text().splitlines()] == [0, 1]

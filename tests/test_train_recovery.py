@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spach.cli import main
-from train_helpers import REPO, TINY_MODEL, fast_flags, make_shapes_folder
+from train_helpers import REPO, fast_flags, make_shapes_folder
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ schedule; resume; then either evaluate / measure throughput, or loop over epochs
 """
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -24,7 +23,7 @@ from . import faults
 from .args import DEIT_DEFAULTS, DEMO_DEFAULTS
 from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_save, get_rng_state, load_checkpoint, read_checkpoint_file,
                          set_rng_state)
-from .engine import DistillationLoss, NonFiniteLossError, evaluate, throughput, train_one_epoch
+from .engine import DistillationLoss, evaluate, throughput, train_one_epoch
 from .optim import CosineSchedule, build_optimizer
 
 __all__ = ["run", "resolve_defaults", "setup_logging"]
@@ -235,7 +234,6 @@ def _run(args, dist_info, device_kind) -> int:
                         f"{max(1, n_train // world)}")
 
     mean_std = {}
-    from ..models import model_config  # noqa: F401  (registers the models with timm)
     train_tf = build_transform(True, args.input_size, aa=args.aa, color_jitter=args.color_jitter,
                                train_interpolation=args.train_interpolation, reprob=args.reprob, remode=args.remode,
                                recount=args.recount, hflip=args.hflip, scale=tuple(args.scale), **mean_std)
