@@ -109,6 +109,14 @@ def init_distributed(device_kind: str, timeout_s: int = 1800) -> DistInfo:
         kwargs = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
         if device_kind == "cuda":
             kwargs["device_id"] = device  # binds NCCL's communicator to this rank's GPU
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None:
+            # torchrun keeps one TCPStore for every restart of the group, and the env:// store adds no per-attempt
+            # prefix: the restarted ranks would find the dead attempt's keys (its ranks' gloo addresses) and wait
+            # on ports nobody listens on. A fresh key space per attempt.
+            from torch.distributed.rendezvous import rendezvous
+            store, _, _ = next(rendezvous("env://", timeout=kwargs["timeout"]))
+            kwargs.update(store=dist.PrefixStore(f"spach/attempt_{attempt}", store), rank=rank, world_size=world_size)
         try:
             dist.init_process_group(**kwargs)
         except TypeError:  # older torch without device_id
