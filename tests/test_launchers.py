@@ -78,6 +78,8 @@ def test_performance_8p_on_two_processes_then_eval_8p(shapes, out_id):
     r = launch("train_performance_8p.sh", f"--data_path={shapes}", *TINY, "--epochs=2", "--nproc=2", out_id=out_id)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "torch.distributed.run --nproc_per_node 2" in r.stdout
+    if shutil.which("numactl") and shutil.which("lscpu"):
+        assert "bind_rank.sh" in r.stdout  # each rank bound to its share of the cores
     s = summary(out_id, "SPACH_bs16_2p_perf")
     assert s["RankSize"] == "2" and float(s["AvgFPS"]) > 0
     log = open(os.path.join(TEST_DIR, "output", out_id, f"train_{out_id}.log")).read()
@@ -119,3 +121,18 @@ def test_log_parsers_read_by_key_not_column():
         f"spach_parse_{f} <<'EOF'\n{log}EOF\n" for f in ("fps", "min_loss", "max_accuracy", "accuracy"))
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True).stdout.split()
     assert out == ["200.00", "1.2500", "70.10", "69.50"]
+
+
+@pytest.mark.skipif(not shutil.which("numactl"), reason="numactl not installed")
+def test_bind_rank_gives_each_rank_its_share_of_the_cores():
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    for rank in (0, 1):
+        env = dict(os.environ, SPACH_CPU_LIST=",".join(map(str, cpus[:2])), LOCAL_WORLD_SIZE="2", LOCAL_RANK=str(rank))
+        env.pop("OMP_NUM_THREADS", None)
+        r = subprocess.run(["bash", os.path.join(TEST_DIR, "bind_rank.sh"), "bash", "-c",
+                            "echo $OMP_NUM_THREADS; grep Cpus_allowed_list /proc/self/status"],
+                           env=env, capture_output=True, text=True)
+        threads, allowed = r.stdout.split("\n")[:2]
+        assert threads == "1" and allowed.split()[-1] == str(cpus[rank])
