@@ -236,18 +236,13 @@ def test_kill9_at_16_points_then_rerun_ends_bit_identical(shapes, tmp_path):
     # augmentation, EMA), a loader worker, per-step lr
     base = spach(flags(shapes, straight, full=True, workers=1), logs)
     assert base.rc == 0, base.err
-    improved = [r["epoch"] for i, r in enumerate(log_lines(straight))
-                if r["test_acc1"] > max([0.0] + [q["test_acc1"] for q in log_lines(straight)[:i]])]
-    assert improved and improved[0] == 0
+    assert log_lines(straight)[0]["test_acc1"] > 0  # epoch 0 writes best.pth: its two kill points are reached
 
     results = []
     for point, last_complete in KILL_POINTS_TEMPLATE:
-        if point.startswith(("write:best.pth", "saved:best.pth")) and int(point.rsplit(":", 1)[1]) not in improved:
-            continue
         run = spach(flags(shapes, broken, full=True, workers=1), logs, env={"SPACH_FAULT_AT": point})
-        assert run.rc == -signal.SIGKILL, (point, run.rc, run.err)
-        # resumed from the last complete checkpoint (if any)
-        # nothing unreadable is ever left behind
+        assert run.rc == -signal.SIGKILL, (point, run.rc, run.err)  # it died at exactly that point
+        # nothing unreadable is ever left behind, and checkpoint.pth is the last complete one
         for name in ("checkpoint.pth", "best.pth"):
             path = os.path.join(broken, name)
             if os.path.exists(path):
@@ -256,7 +251,6 @@ def test_kill9_at_16_points_then_rerun_ends_bit_identical(shapes, tmp_path):
         got = load(ck)["epoch"] if os.path.exists(ck) else None
         assert got == last_complete, (point, got, last_complete)
         results.append((point, run))
-    assert len(results) >= 10
 
     final = spach(flags(shapes, broken, full=True, workers=1), logs)
     assert final.rc == 0, final.err
