@@ -68,6 +68,17 @@ def test_onnx_export_matches_pytorch_with_dynamic_batch(trained, tmp_path, capsy
     assert props["spach.img_size"] == [32, 32]
 
 
+def test_onnx_older_opset_uses_the_torchscript_exporter(trained, tmp_path, capsys):
+    pytest.importorskip("onnx", reason="spach[export] extra (onnx) not installed")
+    pytest.importorskip("onnxruntime", reason="spach[export] extra (onnxruntime) not installed")
+    _, ckpt = trained
+    out = tmp_path / "opset17.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--opset", "17", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "exported ONNX (opset 17, dynamic batch axis)" in printed
+    assert float(re.search(r"max abs diff vs PyTorch ([0-9.e+-]+)", printed).group(1)) < 1e-4
+
+
 def test_safetensors_round_trips_to_identical_logits(trained, tmp_path):
     model, ckpt = trained
     out = tmp_path / "weights.safetensors"
