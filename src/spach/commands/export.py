@@ -11,7 +11,9 @@ examples:
   spach export --model spach_ms_s_patch4_224_conv --checkpoint spach_ms_conv_s.pth --format onnx
   spach export --checkpoint output/checkpoint.pth --format safetensors --output model.safetensors
 """
+import contextlib
 import json
+import logging
 import os
 import re
 import warnings
@@ -99,6 +101,18 @@ def _compare(name: str, got, expected: torch.Tensor, tolerance: float) -> float:
 
 
 # --- ONNX ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    # torch.export logs pages of guard diagnostics before raising; the error we raise says what failed
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _require_onnx(opset=None):
     try:
         import onnx  # noqa: F401
@@ -118,7 +132,7 @@ def export_onnx(model, info: ModelInfo, output: str, args) -> float:
     # from the TorchScript-based exporter, which torch still ships.
     legacy = args.opset is not None and args.opset < MIN_DYNAMO_OPSET
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_torch_logs():
             warnings.simplefilter("ignore")
             if legacy:
                 print(f"note: opset {args.opset} < {MIN_DYNAMO_OPSET}: using torch's TorchScript-based ONNX exporter")
