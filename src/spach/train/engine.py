@@ -160,6 +160,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
         if step >= warmup:
             n_timed += batch_size
 
+        if bar is not None:
+            bar.update(1)  # host-side only: no device sync
         last = step + 1 == steps
         if (step + 1) % print_freq == 0 or last:
             # the only host-device sync of the loop: every print_freq steps (all ranks agree on a bad loss)
@@ -178,7 +180,6 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
             window_avg = check[0].item() / window_n / _world(check)
             if bar is not None:
                 bar.set_postfix(loss=f"{window_avg:.4f}", lr=f"{lr:.2e}")
-                bar.update(step + 1 - window_start)
             elif is_main:
                 logger.info(f"Epoch: [{epoch}]  [{step + 1:>{len(str(steps))}}/{steps}]  lr: {lr:.6f}  "
                             f"loss: {window_avg:.4f}  time: {time.perf_counter() - t_epoch:.1f}s")
