@@ -153,6 +153,13 @@ def test_export_errors(trained, tmp_path, capsys, monkeypatch):
     assert main(["export", "--checkpoint", str(ckpt), "--format", "safetensors", "--output", str(st)]) == 0
     assert main(["export", "--checkpoint", str(st), "--format", "safetensors", "--output", str(st)]) == 2
     assert "is the checkpoint itself" in capsys.readouterr().err
+    # a failed check leaves nothing behind and keeps an older file of that name
+    st.write_bytes(b"older export")
+    with monkeypatch.context() as m:
+        m.setattr(torch, "equal", lambda a, b: False)
+        assert main(["export", "--checkpoint", str(ckpt), "--format", "safetensors", "--output", str(st)]) == 2
+    assert "safetensors check failed" in capsys.readouterr().err
+    assert st.read_bytes() == b"older export" and sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
     # --opset only means something for ONNX
     assert main(["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--opset", "17"]) == 2
     assert "--opset applies to --format onnx only" in capsys.readouterr().err

@@ -65,6 +65,8 @@ def default_output(args, info: ModelInfo) -> str:
 def run(args) -> int:
     if args.opset is not None and args.format != "onnx":
         raise SpachError(f"--opset applies to --format onnx only (got --format {args.format})")
+    if not args.tolerance >= 0:
+        raise SpachError(f"--tolerance must be >= 0 (got {args.tolerance})")
     if args.format == "onnx":
         _require_onnx(args.opset)
     model, info = build_model(args.model, args.checkpoint, img_size=args.img_size, use_ema=args.use_ema)
@@ -75,7 +77,16 @@ def run(args) -> int:
     if not os.path.isdir(parent):
         raise SpachError(f"cannot write {output}: folder {parent} does not exist")
     exporter = {"onnx": export_onnx, "safetensors": export_safetensors, "torchscript": export_torchscript}
-    exporter[args.format](model, info, output, args)
+    # write and check a temporary file beside the output, then rename: a failed check or an interrupted
+    # export never leaves a broken file under the output's name (nor removes an older one)
+    base, ext = os.path.splitext(os.path.basename(output))
+    partial = os.path.join(parent, f".{base}.partial{ext}")
+    try:
+        exporter[args.format](model, info, partial, args)
+        os.replace(partial, output)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
     size_mb = os.path.getsize(output) / 2 ** 20
     print(f"wrote {output} ({size_mb:.1f} MB): {info.model_name}, {info.num_classes} classes, "
           f"input {info.img_size[0]}x{info.img_size[1]}")
@@ -161,7 +172,7 @@ def export_onnx(model, info: ModelInfo, output: str, args) -> float:
         entry.key, entry.value = f"spach.{key}", json.dumps(value)
     onnx.save(proto, output)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    print(f"exported ONNX (opset {opset}, dynamic batch axis) to {output}")
+    print(f"exported ONNX (opset {opset}, dynamic batch axis)")
 
     session = ort.InferenceSession(output, providers=["CPUExecutionProvider"])
     check = _example(info, CHECK_BATCH, seed=1)  # another batch size: the batch axis is dynamic
@@ -191,8 +202,9 @@ def export_safetensors(model, info: ModelInfo, output: str, args) -> None:
     with torch.no_grad():
         same = torch.equal(reloaded(x), model(x))
     if not same:
-        raise SpachError(f"safetensors check failed: {output} does not reproduce the model's logits")
-    call = ", ".join([repr(info.model_name), f"checkpoint_path={output!r}"] + [f"{k}={v!r}" for k, v in kwargs.items()])
+        raise SpachError("safetensors check failed: the written file does not reproduce the model's logits")
+    name = args.output or default_output(args, info)
+    call = ", ".join([repr(info.model_name), f"checkpoint_path={name!r}"] + [f"{k}={v!r}" for k, v in kwargs.items()])
     print(f"safetensors check: spach.create_model({call}) gives identical logits")
 
 
@@ -215,7 +227,7 @@ def export_torchscript(model, info: ModelInfo, output: str, args) -> float:
             how = "torch.jit.trace"
         extra = {"spach.json": json.dumps(info.metadata())}
         torch.jit.save(scripted, output, _extra_files=extra)
-        print(f"exported TorchScript ({how}) to {output}")
+        print(f"exported TorchScript ({how})")
         loaded = torch.jit.load(output, map_location="cpu")
     check = _example(info, CHECK_BATCH, seed=1)
     with torch.no_grad():
