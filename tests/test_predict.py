@@ -115,6 +115,18 @@ def test_build_model_reads_size_and_classes_from_a_bare_state_dict(tmp_path):
     assert not built.training
 
 
+def test_use_ema_and_ddp_prefixed_checkpoints(tmp_path):
+    model = spach.create_model(NAME, num_classes=4, img_size=SIZE)
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    path = tmp_path / "ck.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "model_ema": ema,
+                "args": {"model": NAME, "input_size": SIZE}}, path)
+    built, info = build_model(None, str(path))
+    assert info.num_classes == 4 and torch.equal(built.head.bias, model.head.bias)
+    built, _ = build_model(None, str(path), use_ema=True)
+    assert torch.equal(built.head.bias, ema["head.bias"])
+
+
 def test_crop_pct_comes_from_the_training_run(tmp_path):
     model = spach.create_model(NAME, num_classes=2, img_size=SIZE)
     path = tmp_path / "ck.pth"
