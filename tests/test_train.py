@@ -117,6 +117,7 @@ def _full_recipe(shapes, out):
     return ["train", *fast_flags(shapes, out, "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.8",
                                  "--cutmix", "1.0", "--drop-path", "0.1", "--model-ema", "--model-ema-decay", "0.9",
                                  "--repeated-aug", "--sched-per-step", "--warmup-epochs", "1", "--deterministic",
+                                 "--clip-grad", "1.0",
                                  epochs=2, workers=1)]
 
 
