@@ -46,11 +46,12 @@ class ModelInfo:
         """JSON-serialisable description (the safetensors / ONNX / TorchScript metadata)."""
         from . import __version__
         cfg = self.pretrained_cfg
-        return {
+        values = {
             "model": self.model_name, "num_classes": self.num_classes, "img_size": list(self.img_size),
             "class_names": self.class_names, "mean": list(cfg.get("mean", ())), "std": list(cfg.get("std", ())),
             "crop_pct": cfg.get("crop_pct"), "interpolation": cfg.get("interpolation"), "spach_version": __version__,
         }
+        return {k: values[k] for k in METADATA_KEYS}
 
 
 def _as_size(value) -> Optional[Tuple[int, int]]:
