@@ -444,3 +444,16 @@ def test_models_cli_lists_every_model(capsys):
     for name in ALL:
         assert name in out
     assert "83.9" in out and "12.21" in out and "43.58" in out
+
+
+def test_safetensors_metadata_rebuilds_the_model(tmp_path):
+    import json as _json
+    from safetensors.torch import save_file
+    model = spach.create_model("spach_ms_xxs_patch4_224_mlp", num_classes=7, img_size=64).eval()
+    model.load_state_dict(seeded_state_dict(model, 9))
+    path = tmp_path / "w.safetensors"
+    save_file(model.state_dict(), str(path), metadata={"num_classes": "7", "img_size": _json.dumps([64, 64])})
+    again = spach.create_model("spach_ms_xxs_patch4_224_mlp", checkpoint_path=str(path)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), atol=0, rtol=0)

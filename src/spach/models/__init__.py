@@ -6,7 +6,7 @@ import timm as _timm
 
 from ..errors import SpachError
 from .flops import count_flops, count_params
-from .pretrained import checkpoint_filter_fn, load_pretrained, read_state_dict
+from .pretrained import checkpoint_filter_fn, load_pretrained, read_state_dict, safetensors_model_kwargs
 from .spach import MixingBlock, Spach, SpachMS
 from .variants import MODEL_CONFIGS, list_models, model_config, suggest_model_names, unknown_model_message
 
@@ -29,6 +29,9 @@ def create_model(model_name: str, pretrained: bool = False, checkpoint_path: str
     ``.pth``, training checkpoint, bare state_dict or ``.safetensors``) with strict key/shape checks."""
     if model_name not in MODEL_CONFIGS:
         raise UnknownModelError(unknown_model_message(model_name))
+    if checkpoint_path and str(checkpoint_path).endswith(".safetensors"):
+        for key, value in safetensors_model_kwargs(checkpoint_path).items():
+            kwargs.setdefault(key, value)  # explicit arguments win over the file's metadata
     model = _timm.create_model(model_name, pretrained=pretrained, **kwargs)
     if checkpoint_path:
         pruned = kwargs.get("features_only") or kwargs.get("num_classes", 1) == 0

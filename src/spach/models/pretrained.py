@@ -14,7 +14,8 @@ from torch import nn
 
 from ..errors import CheckpointError
 
-__all__ = ["read_state_dict", "load_pretrained", "load_pretrained_release", "checkpoint_filter_fn"]
+__all__ = ["read_state_dict", "load_pretrained", "load_pretrained_release", "checkpoint_filter_fn",
+           "safetensors_model_kwargs"]
 
 _WRAPPER_KEYS_EMA = ("model_ema", "state_dict_ema")
 _WRAPPER_KEYS = ("model", "state_dict", "module")
@@ -81,6 +82,29 @@ def read_state_dict(path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]
         raise CheckpointError(f"checkpoint {path} contains no tensors (keys: {sorted(ckpt)[:8]}): "
                               f"it is not a weights file")
     return tensors
+
+
+def safetensors_model_kwargs(path: str) -> dict:
+    """``num_classes`` / ``img_size`` recorded in a ``.safetensors`` file's metadata (``spach export`` writes
+    them as JSON strings), so the file alone rebuilds the model it came from."""
+    import json
+    try:
+        from safetensors import safe_open
+        with safe_open(os.fspath(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception:  # unreadable files are reported by read_state_dict with a clear message
+        return {}
+    out = {}
+    for key in ("num_classes", "img_size"):
+        try:
+            value = json.loads(raw[key]) if key in raw else None
+        except (TypeError, ValueError):
+            continue
+        if key == "num_classes" and isinstance(value, int):
+            out[key] = value
+        elif key == "img_size" and isinstance(value, (int, list)):
+            out[key] = tuple(value) if isinstance(value, list) else value
+    return out
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
