@@ -250,6 +250,12 @@ def test_kill9_at_16_points_then_rerun_ends_bit_identical(shapes, tmp_path):
         ck = os.path.join(broken, "checkpoint.pth")
         got = load(ck)["epoch"] if os.path.exists(ck) else None
         assert got == last_complete, (point, got, last_complete)
+        if point.startswith("write:"):  # the kill really tore a file: its half-written temp file is on disk
+            name = point.split(":")[1]
+            torn = [f for f in os.listdir(broken) if f.startswith(f".{name}.") and f.endswith(".tmp")]
+            assert len(torn) == 1, (point, os.listdir(broken))
+            with pytest.raises(Exception):
+                load(os.path.join(broken, torn[0]))
         results.append((point, run))
 
     final = spach(flags(shapes, broken, full=True, workers=1), logs)
