@@ -69,7 +69,7 @@ def atomic_save(obj, path: str):
         kept = f"the previous {path} is kept" if os.path.exists(path) else f"no earlier {os.path.basename(path)} exists"
         raise CheckpointError(f"could not write checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                               f"{kept}. Free disk space or fix the folder's permissions, then rerun the same "
-                              f"command to resume") from None
+                              f"command to resume.") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             try:
