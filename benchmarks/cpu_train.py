@@ -95,6 +95,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-memory", action="store_true", help="skip the grad-checkpointing memory runs")
+    ap.add_argument("--memory-only", action="store_true", help="only the memory runs")
+    ap.add_argument("--memory-batch", type=int, default=None, help="batch of the memory runs (default: --batch-size)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     steps = args.steps or (2 if args.mode == "train" else 4)
@@ -111,7 +113,7 @@ def main(argv=None):
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         batch = args.batch_size or DEFAULT_BATCH.get(model, 16)
         runs = {name: [] for name in configs}
-        for _ in range(args.rounds):
+        for _ in range(0 if args.memory_only else args.rounds):
             for name, extra in configs.items():
                 runs[name].append(run_one(model, args.mode, batch, extra, steps, args.warmup, args.blocks,
                                           args.threads, env))
@@ -119,7 +121,8 @@ def main(argv=None):
         if args.mode == "train" and not args.no_memory:
             menv = dict(env, **STRICT_MALLOC_ENV)
             for name, extra in MEMORY_CONFIGS.items():
-                r = run_one(model, args.mode, batch, extra + ["--no-cpu-tuning"], 1, 1, 1, args.threads, menv)
+                r = run_one(model, args.mode, args.memory_batch or batch, extra + ["--no-cpu-tuning"], 1, 1, 1,
+                            args.threads, menv)
                 memory[name] = dict(step_mem_mb=r["peak_mem_mb"] - r["base_rss_mb"], peak_rss_mb=r["peak_mem_mb"],
                                     command="env MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072 "
                                             + r["command"])
@@ -127,6 +130,8 @@ def main(argv=None):
                 row["vs_plain"] = row["step_mem_mb"] / memory["plain"]["step_mem_mb"]
         rows = {}
         for name, rs in runs.items():
+            if not rs:
+                continue
             rates = [v for r in rs for v in r["img_per_s_blocks"]]
             cpu_rates = [v for r in rs for v in r["img_per_cpu_s_blocks"]]
             train_mem = [r["peak_mem_mb"] - r["base_rss_mb"] for r in rs]
@@ -136,13 +141,15 @@ def main(argv=None):
                               peak_rss_mb=statistics.median(r["peak_mem_mb"] for r in rs),
                               train_mem_mb=statistics.median(train_mem), command=rs[0]["command"],
                               tflops=statistics.median(r["tflops"] for r in rs))
-        plain = rows["plain"]
-        for name, row in rows.items():
+        plain = rows.get("plain")
+        for name, row in (rows.items() if plain else ()):
             row["speedup"] = row["img_per_s"] / plain["img_per_s"]
             row["speedup_cpu"] = row["img_per_cpu_s"] / plain["img_per_cpu_s"]
             row["mem_ratio"] = row["train_mem_mb"] / plain["train_mem_mb"]
-        report["models"][model] = dict(batch=batch, configs=rows, memory=memory)
-        print(f"\n{model}  {args.mode}  batch {batch}  ({args.rounds} rounds x {args.blocks} blocks x {steps} steps)")
+        report["models"][model] = dict(batch=batch, memory_batch=args.memory_batch or batch, configs=rows,
+                                       memory=memory)
+        print(f"\n{model}  {args.mode}  batch {batch}  ({args.rounds} rounds x {args.blocks} blocks x {steps} steps)"
+              + (f", memory runs at batch {args.memory_batch}" if args.memory_batch else ""))
         print(f"{'config':10s} {'img/s':>7s} {'x plain':>7s} {'img/cpu-s':>9s} {'x plain':>7s} {'step ms':>8s} "
               f"{'peak RSS MB':>11s} {'step mem MB':>11s}  wall-clock blocks / cpu-time blocks")
         for name, row in rows.items():
@@ -150,7 +157,7 @@ def main(argv=None):
                   f"{row['speedup_cpu']:7.2f} {row['step_ms']:8.0f} {row['peak_rss_mb']:11.0f} "
                   f"{row['train_mem_mb']:11.0f}  {row['blocks']} / {row['cpu_blocks']}")
         if memory:
-            print(f"memory (strict accounting): " + ", ".join(
+            print("memory (strict accounting): " + ", ".join(
                 f"{k} {v['step_mem_mb']:.0f} MB ({v['vs_plain']:.2f}x)" for k, v in memory.items()))
         sys.stdout.flush()
     print("\nimg/s = wall clock; img/cpu-s = images per second of process CPU time per thread (the rate with the "
