@@ -21,8 +21,15 @@ COMMANDS = {
 }
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (what is wrong and where the help is), not a usage wall."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="spach", description="SPACH: train, evaluate and benchmark "
+    parser = OneLineArgumentParser(prog="spach", description="SPACH: train, evaluate and benchmark "
                                      "CNN / Transformer / MLP mixing networks")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"spach {__version__}")
@@ -38,14 +45,16 @@ def build_parser():
         p = sub.add_parser(name, help=help_text, description=getattr(module, "__doc__", None),
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _parser=p)
     return parser
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the sub-command, whose --help lists its flags
+        args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args._run(args) or 0)
     except SpachError as e:
@@ -56,6 +65,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("spach: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
