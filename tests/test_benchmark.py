@@ -223,3 +223,12 @@ def test_fast_image_folder_skips_unreadable_files(tmp_path):
     ds = FastImageFolder([(str(bad), 1), (str(good), 0)], ["a", "b"], build_fast_train_transform(64))
     x, target, n_bad = ds[0]                       # the unreadable file is replaced by the next one
     assert x.shape == (3, 64, 64) and x.dtype == torch.uint8 and target == 0 and n_bad == 1
+
+
+def test_fast_pipeline_refuses_recipes_it_does_not_implement():
+    from spach.data.fast_pipeline import build_fast_train_transform
+    with pytest.raises(ValueError, match="timm pipeline"):
+        build_fast_train_transform(224, auto_augment=None, color_jitter=0.4)
+    with pytest.raises(ValueError, match="timm pipeline"):
+        build_fast_train_transform(32)
+    assert build_fast_train_transform(224, color_jitter=0.4).rand_augment is not None  # ignored with RandAugment

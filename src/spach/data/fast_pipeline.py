@@ -211,8 +211,17 @@ class FastEvalTransform:
 
 
 def build_fast_train_transform(input_size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
-                               auto_augment="rand-m9-mstd0.5-inc1", mean=DEFAULT_MEAN, draft=True, **_ignored):
-    """The worker-side half of the fast DeiT training transform (see :class:`FastTrainTransform`)."""
+                               auto_augment="rand-m9-mstd0.5-inc1", mean=DEFAULT_MEAN, draft=True, color_jitter=None):
+    """The worker-side half of the fast DeiT training transform (see :class:`FastTrainTransform`).
+
+    ``color_jitter`` is accepted for signature parity with the timm transform, which ignores it when RandAugment
+    is on (as here); without RandAugment a colour jitter is not implemented, so that combination is refused."""
+    if color_jitter and not (auto_augment and auto_augment.lower() != "none"):
+        raise ValueError("the fast pipeline has no colour jitter (timm applies it only without RandAugment): "
+                         "use the timm pipeline for this recipe")
+    if (input_size if isinstance(input_size, int) else min(input_size)) <= 32:
+        raise ValueError("at input sizes <= 32 the recipe uses a padded random crop, which the fast pipeline does "
+                         "not implement: use the timm pipeline")
     return FastTrainTransform(input_size, scale=scale, ratio=ratio, hflip=hflip, auto_augment=auto_augment,
                               mean=mean, draft=draft)
 
