@@ -30,10 +30,10 @@ def add_arguments(parser):
                         help="model name, or several separated by commas (see `spach models`)")
     parser.add_argument("--mode", default="train", choices=["train", "infer", "both"])
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
-                        help="images per step (default: 128 on cuda, 16 on cpu)")
-    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cuda if available)")
+                        help="images per step; None: 128 on cuda, 16 on cpu")
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps; None: cuda if available, else cpu")
     parser.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
-                        help="autocast dtype (default: bf16 on cuda and on CPUs with native bf16, else off)")
+                        help="autocast dtype; None: bf16 on cuda and on CPUs with native bf16 (AVX512-BF16 / AMX), else off")
     parser.add_argument("--channels-last", dest="channels_last", action="store_true",
                         help="NHWC input and parameters")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (compile time excluded)")
@@ -44,12 +44,12 @@ def add_arguments(parser):
                              "its train/ split if present) read through the real DataLoader")
     parser.add_argument("--data-pipeline", dest="data_pipeline", default="fast", choices=["fast", "timm"],
                         help="with --data DIR: the fast decode+augment pipeline or the plain timm/PIL one")
-    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers with --data DIR "
-                        "(default: the available cores)")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers with --data DIR; "
+                        "None: the available cores")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (compilation happens here)")
     parser.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
-    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: available cores)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads; None: the available cores")
     parser.add_argument("--img-size", dest="img_size", type=int, default=224)
     parser.add_argument("--num-classes", dest="num_classes", type=int, default=1000)
     parser.add_argument("--no-mixup", dest="mixup", action="store_false",
