@@ -1,4 +1,5 @@
 """spach train / spach eval on a tiny real-image dataset (CPU, seconds per test)."""
+import math
 import json
 import os
 import shutil
@@ -288,8 +289,11 @@ def test_cosine_schedule_warmup_decay_cooldown():
     s = CosineSchedule(base_lr=1e-3, epochs=100, warmup_epochs=20, warmup_lr=1e-6, min_lr=1e-5, cooldown_epochs=10)
     assert s.lr_at(0) == pytest.approx(1e-6)
     assert s.lr_at(10) == pytest.approx((1e-6 + 1e-3) / 2)
-    assert s.lr_at(20) < 1e-3 and s.lr_at(20) > s.lr_at(50) > s.lr_at(80)
-    assert s.lr_at(90) == pytest.approx(1e-5) and s.lr_at(99) == pytest.approx(1e-5)
+    assert s.lr_at(20) < 1e-3 and s.lr_at(20) > s.lr_at(50) > s.lr_at(80) > s.lr_at(99) > 1e-5
+    # timm's CosineLRScheduler (t_initial=epochs, no warm-up prefix), as in the original recipe
+    assert s.lr_at(50) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert s.lr_at(25) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 0.25)))
+    assert s.lr_at(100) == pytest.approx(1e-5) and s.lr_at(109) == pytest.approx(1e-5)  # cool-down
     per_step = CosineSchedule(1e-3, 10, 1, 1e-6, 1e-5, 0, per_step=True)
     assert per_step.time(2, 5, 10) == 2.5 and s.time(2, 5, 10) == 2.0
 

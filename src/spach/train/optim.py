@@ -41,11 +41,15 @@ def build_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim
 
 @dataclass
 class CosineSchedule:
-    """Cosine decay from ``base_lr`` to ``min_lr`` with a linear warm-up from ``warmup_lr`` and ``cooldown``
-    epochs at ``min_lr`` at the end; a pure function of time (in epochs, fractional when ``per_step``), so it
-    needs no state to resume.
+    """timm/DeiT cosine schedule as a pure function of time (in epochs, fractional when ``per_step``), so it
+    needs no state to resume: a linear warm-up from ``warmup_lr`` over ``warmup_epochs``, and from there the
+    cosine of ``t / epochs`` from ``base_lr`` down to ``min_lr`` (timm's ``CosineLRScheduler`` without warm-up
+    prefix: the cosine clock starts at 0, not at the end of the warm-up). ``cooldown_epochs`` at ``min_lr``
+    follow ``epochs``; as in DeiT, whose loop stops at ``--epochs``, they are only reached by a run that is
+    extended past its planned length.
 
-    DeiT steps it once per epoch (``per_step=False``, the default); ``per_step`` updates it every optimizer step.
+    DeiT steps it once per epoch (``per_step=False``, the default; DeiT's own loop lags it by one epoch, which
+    we do not copy: epoch ``e`` trains at the value at ``e``); ``per_step`` updates it every optimizer step.
     """
     base_lr: float
     epochs: int
@@ -58,8 +62,9 @@ class CosineSchedule:
     def lr_at(self, t: float) -> float:
         if t < self.warmup_epochs:
             return self.warmup_lr + (self.base_lr - self.warmup_lr) * t / self.warmup_epochs
-        span = max(1.0, self.epochs - self.cooldown_epochs)
-        progress = min(1.0, t / span)
+        if t >= self.epochs:
+            return self.min_lr  # cool-down
+        progress = t / max(self.epochs, 1)
         return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
     def time(self, epoch: int, step: int, steps_per_epoch: int) -> float:
