@@ -316,3 +316,18 @@ def test_channels_last_and_bf16_autocast_on_cpu(shapes, tmp_path):
     ck = _load(out / "checkpoint.pth")
     assert ck["args"]["amp"] == "bf16" and ck["args"]["channels_last"] is True
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_tensorboard_scalars_are_written_per_epoch(shapes, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from spach.cli import main
+    out = tmp_path / "tb_run"
+    assert main(["train", *fast_flags(shapes, out, "--tensorboard", epochs=2)]) == 0
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "test/acc1"} <= set(tags)
+    assert [e.step for e in acc.Scalars("test/acc1")] == [0, 1]
+    logged = [json.loads(line)["test_acc1"] for line in (out / "log.txt").read_text().splitlines()]
+    assert [e.value for e in acc.Scalars("test/acc1")] == pytest.approx(logged)

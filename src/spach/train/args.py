@@ -184,6 +184,9 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     _flag(g, "--deterministic", dest="deterministic", action="store_true",
           help="deterministic algorithms (bit-reproducible CPU runs and resumes)")
     _flag(g, "--print-freq", dest="print_freq", type=_positive_int, default=10, help="log every N steps")
+    _flag(g, "--tensorboard", dest="tensorboard", action="store_true",
+          help="also write each epoch's stats as TensorBoard scalars to <output_dir>/tensorboard "
+               "(pip install 'spach[tensorboard]')")
 
     g = parser.add_argument_group("device")
     _flag(g, "--device", dest="device", default=None, help="cuda | npu | cpu | mps (default: the best available)%(default).0s")

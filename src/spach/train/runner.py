@@ -347,6 +347,9 @@ def _run(args, dist_info, device_kind) -> int:
         logger.info(f"Max accuracy: {max_accuracy:.2f}%")
         return 0
 
+    if getattr(args, "tensorboard", False) and save and is_main:
+        from ..tb import require_tensorboard
+        require_tensorboard()  # fail before the first epoch, with the install command
     logger.info(f"Start training for {args.epochs} epochs on {world} x {device.type} (amp {args.amp}), "
                 f"{n_train} train / {n_val} val images, {len(class_names)} classes")
     start_time = time.time()
@@ -411,6 +414,12 @@ def _run(args, dist_info, device_kind) -> int:
             if is_main:
                 with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                     f.write(json.dumps(log_stats) + "\n")
+                if getattr(args, "tensorboard", False):
+                    from ..tb import write_tensorboard_scalars
+                    write_tensorboard_scalars(os.path.join(args.output_dir, "tensorboard"), log_stats, epoch)
+    if getattr(args, "tensorboard", False) and save and is_main:
+        from ..tb import close_tensorboard_writers
+        close_tensorboard_writers()
     total = time.time() - start_time
     logger.info(f"Training time {total:.0f}s ({total / 60:.1f} min); max accuracy {max_accuracy:.2f}%"
                 + (f"; weights in {args.output_dir}" if save else ""))
