@@ -232,3 +232,17 @@ def test_fast_pipeline_refuses_recipes_it_does_not_implement():
     with pytest.raises(ValueError, match="timm pipeline"):
         build_fast_train_transform(32)
     assert build_fast_train_transform(224, color_jitter=0.4).rand_augment is not None  # ignored with RandAugment
+
+
+def test_fast_train_dataset_and_finalize_from_trainer_flags(tmp_path):
+    from spach.data.fast_pipeline import build_fast_train_dataset
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"{i}.jpg"
+        _photo(180, 140, seed=i).save(p, quality=90)
+        paths.append((str(p), i))
+    dataset, finalize = build_fast_train_dataset(paths, ["a", "b"], 64, reprob=0.0, scale=[0.5, 1.0])
+    batch = torch.stack([dataset[i][0] for i in range(2)])
+    out = finalize(batch)
+    assert out.shape == (2, 3, 64, 64) and out.dtype == torch.float32
+    assert -2.2 < out.min() and out.max() < 2.7           # ImageNet-normalised range of uint8 input

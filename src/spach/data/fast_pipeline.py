@@ -20,11 +20,13 @@ device='cuda')``) and does crop, resize and flip on the device; the workers only
 
 Selecting it in a trainer (the plain path stays available)::
 
-    from spach.data.fast_pipeline import FastImageFolder, build_fast_train_transform, DeviceNormalize
-    tf = build_fast_train_transform(args.input_size, auto_augment=args.aa, hflip=args.hflip, scale=args.scale)
-    dataset_train = FastImageFolder(samples['train'], class_names, tf)          # items: (uint8 CHW, target, n_bad)
-    finalize = DeviceNormalize(mean, std, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
-    ...  # per batch, after .to(device):  samples = finalize(samples)
+    from spach.data.fast_pipeline import build_fast_train_dataset
+    dataset_train, finalize = build_fast_train_dataset(
+        samples['train'], class_names, args.input_size, aa=args.aa, hflip=args.hflip, scale=args.scale,
+        reprob=args.reprob, remode=args.remode, recount=args.recount, color_jitter=args.color_jitter,
+        strict=args.strict_data)                          # items: (uint8 CHW, target, n_replaced)
+    finalize = finalize.to(device)
+    ...  # per batch, after .to(device) and before mixup:  samples = finalize(samples)
 """
 import io
 import math
@@ -39,6 +41,7 @@ from PIL import Image
 
 __all__ = ["FastTrainTransform", "FastEvalTransform", "build_fast_train_transform", "build_fast_eval_transform",
            "DeviceNormalize", "FastImageFolder", "GpuJpegDecoder", "sample_crop", "build_benchmark_loader",
+           "build_fast_train_dataset",
            "DEFAULT_MEAN", "DEFAULT_STD"]
 
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -301,6 +304,20 @@ if _FolderBase is not None:
                             f"decoded: the dataset looks corrupt or unreadable")
 else:  # pragma: no cover
     FastImageFolder = None
+
+
+def build_fast_train_dataset(samples, classes, input_size=224, *, aa="rand-m9-mstd0.5-inc1", hflip=0.5,
+                             scale=(0.08, 1.0), reprob=0.25, remode="pixel", recount=1, mean=DEFAULT_MEAN,
+                             std=DEFAULT_STD, color_jitter=None, strict=False):
+    """Both halves of the fast training pipeline from the trainer's flags: ``(dataset, finalize)``. The dataset
+    yields ``(uint8 CHW, target, n_replaced)`` like :class:`~spach.data.folder.TolerantImageFolder`; apply
+    ``finalize`` (a module; ``.to(device)`` it) to each batch after moving it to the device, before mixup."""
+    if FastImageFolder is None:
+        raise ImportError("spach.data.folder is not available in this build")
+    tf = build_fast_train_transform(input_size, scale=tuple(scale), hflip=hflip, auto_augment=aa, mean=mean,
+                                    color_jitter=color_jitter)
+    finalize = DeviceNormalize(mean, std, re_prob=reprob, re_mode=remode, re_count=recount)
+    return FastImageFolder(samples, classes, tf, strict=strict), finalize
 
 
 class _JpegBytesDataset(torch.utils.data.Dataset):
