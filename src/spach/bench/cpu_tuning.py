@@ -94,18 +94,9 @@ def set_threads(threads: Optional[int]) -> int:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 matrix products natively (AVX512-BF16 or AMX), where bf16 autocast
-    roughly doubles the throughput of the matmuls and convolutions; False where bf16 would be emulated."""
-    import torch
-    cpu = getattr(torch, "cpu", None)
-    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        fn = getattr(cpu, name, None)
-        try:
-            if fn is not None and fn():
-                return True
-        except Exception:
-            pass
-    return False
+    """True when the CPU computes bf16 matrix products natively (AVX512-BF16 or AMX)."""
+    from ..train.device import cpu_has_native_bf16 as _native
+    return _native()
 
 
 def default_cpu_amp() -> str:

@@ -192,7 +192,7 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     _flag(g, "--device", dest="device", default=None, help="cuda | npu | cpu | mps (default: the best available)%(default).0s")
     _flag(g, "--npu", dest="npu", action="store_true", help="alias of --device npu")
     _flag(g, "--amp", dest="amp", default=None, choices=["bf16", "fp16", "off"],
-          help="mixed precision (default: bf16 on cuda/npu where supported, else fp16; off on cpu/mps)%(default).0s")
+          help="mixed precision (default: bf16 where supported: cuda/npu with bf16, CPUs with AVX512-BF16/AMX; else fp16 on cuda/npu, off on other CPUs and mps)%(default).0s")
     _flag(g, "--channels-last", dest="channels_last", action="store_true", help="NHWC memory format")
     _flag(g, "--compile", dest="compile", action="store_true", help="torch.compile the model")
     _flag(g, "--world_size", dest="world_size", type=int, default=1, help="set by torchrun (WORLD_SIZE)")
