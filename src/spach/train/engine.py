@@ -94,7 +94,10 @@ def _progress(total, desc, enabled):
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int, *, schedule, model_ema=None,
                     mixup_fn=None, scaler=None, amp_dtype=None, clip_grad: Optional[float] = None,
                     print_freq: int = 10, fps_warmup_steps: int = 3, channels_last: bool = False,
-                    is_main: bool = True, show_progress: bool = False, ema_model=None, last_good: str = ""):
+                    is_main: bool = True, show_progress: bool = False, ema_model=None, last_good: str = "",
+                    batch_transform=None):
+    """One epoch. ``batch_transform`` finishes batches on the device (the fast data pipeline's normalise and
+    random erasing), before mixup."""
     model.train()
     steps = len(data_loader)
     if steps == 0:
@@ -121,6 +124,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
         batch_size = samples.shape[0]
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        if batch_transform is not None:
+            samples = batch_transform(samples)
         if channels_last:
             samples = samples.contiguous(memory_format=torch.channels_last)
         if mixup_fn is not None:

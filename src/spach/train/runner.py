@@ -239,6 +239,17 @@ def _run(args, dist_info, device_kind) -> int:
                                recount=args.recount, hflip=args.hflip, scale=tuple(args.scale), **mean_std)
     val_tf = build_transform(False, args.input_size, crop_pct=args.crop_pct, **mean_std)
     dataset_train = TolerantImageFolder(samples["train"], class_names, train_tf, strict=args.strict_data)
+    batch_transform = None
+    if getattr(args, "data_pipeline", "timm") == "fast" and not eval_only:
+        from ..data.fast_pipeline import build_fast_train_dataset
+        try:
+            dataset_train, batch_transform = build_fast_train_dataset(
+                samples["train"], class_names, args.input_size, aa=args.aa, hflip=args.hflip, scale=args.scale,
+                reprob=args.reprob, remode=args.remode, recount=args.recount, color_jitter=args.color_jitter,
+                strict=args.strict_data)
+        except ValueError as e:
+            raise SpachError(f"--data-pipeline fast cannot run these flags ({e}): use --data-pipeline timm") from None
+        batch_transform = batch_transform.to(device)
     dataset_val = TolerantImageFolder(samples["val"], class_names, val_tf, strict=args.strict_data)
     if eval_only:
         sampler_train = None
@@ -361,7 +372,7 @@ def _run(args, dist_info, device_kind) -> int:
             net, criterion, loader_train, optimizer, device, epoch, schedule=schedule, model_ema=model_ema,
             ema_model=model_without_ddp, mixup_fn=mixup_fn, scaler=scaler, amp_dtype=amp_dtype,
             clip_grad=args.clip_grad, print_freq=args.print_freq, channels_last=args.channels_last,
-            is_main=is_main, show_progress=show_progress, last_good=last_good)
+            is_main=is_main, show_progress=show_progress, last_good=last_good, batch_transform=batch_transform)
         test_stats = evaluate(loader_val, net, device, amp_dtype=amp_dtype, channels_last=args.channels_last,
                               reduce=dist_eval, is_main=is_main, show_progress=show_progress)
         logger.info(f"Accuracy of the network on the {test_stats['n']} test images: {test_stats['acc1']:.1f}%")
