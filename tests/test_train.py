@@ -351,3 +351,16 @@ def test_fast_data_pipeline_trains_from_jpeg_files(tmp_path, capsys):
     rc = main(["train", *flags, "--data-pipeline", "fast", "--output_dir", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "use --data-pipeline timm" in err[0]
+
+
+def test_grad_checkpointing_flag_gives_the_same_run(shapes, tmp_path):
+    """--grad-checkpointing recomputes activations in backward: same weights after a seeded run."""
+    from spach.cli import main
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    assert main(["train", *fast_flags(shapes, plain, "--amp", "off", epochs=1)]) == 0
+    assert main(["train", *fast_flags(shapes, ckpt, "--amp", "off", "--grad-checkpointing", epochs=1)]) == 0
+    a = _load(plain / "checkpoint.pth")["model"]
+    b = _load(ckpt / "checkpoint.pth")["model"]
+    assert _load(ckpt / "checkpoint.pth")["args"]["grad_checkpointing"] is True
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)

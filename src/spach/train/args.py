@@ -194,6 +194,8 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     _flag(g, "--amp", dest="amp", default=None, choices=["bf16", "fp16", "off"],
           help="mixed precision (default: bf16 where supported: cuda/npu with bf16, CPUs with AVX512-BF16/AMX; else fp16 on cuda/npu, off on other CPUs and mps)%(default).0s")
     _flag(g, "--channels-last", dest="channels_last", action="store_true", help="NHWC memory format")
+    _flag(g, "--grad-checkpointing", dest="grad_checkpointing", action="store_true",
+          help="recompute each block's activations in backward: same results, far less memory (benchmarks/RESULTS.md)")
     _flag(g, "--data-pipeline", dest="data_pipeline", default="timm", choices=["timm", "fast"],
           help="training decode + augment: 'timm' (PIL, the reference path) or 'fast' (same augmentation "
                "distribution; JPEG DCT-scaled decoding, uint8 until the device, normalise/erase on the device; "

@@ -118,6 +118,8 @@ def _build_model(args, num_classes: int):
     kwargs = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
                   img_size=args.input_size)
     model = create_model(args.model, **kwargs)
+    if getattr(args, "grad_checkpointing", False):
+        model.set_grad_checkpointing(True)
     stride = getattr(model, "total_stride", 1)
     if args.input_size % stride:
         ok = max(stride, args.input_size // stride * stride)
