@@ -278,30 +278,14 @@ if _FolderBase is not None:
     class FastImageFolder(_FolderBase):
         """:class:`~spach.data.folder.TolerantImageFolder` whose transform receives the file *path* (so it can
         draw the crop from the header and decode DCT-scaled) instead of a decoded image. Items are
-        ``(uint8 tensor, target, n_replaced)``; unreadable files are skipped (or raise with ``strict``) alike."""
+        ``(uint8 tensor, target, replaced)``; unreadable files are skipped (or raise with ``strict``) alike."""
 
-        def __getitem__(self, index: int):
-            from .folder import BAD_IMAGE_ERRORS
-            n_bad = 0
-            for attempt in range(self.max_tries):
-                path, target = self.samples[(index + attempt) % len(self.samples)]
-                try:
-                    if os.path.getsize(path) == 0:
-                        raise OSError("empty file (0 bytes)")
-                    img = self.transform(path) if self.transform is not None else _hwc_tensor(_to_rgb(_open(path)))[0]
-                except BAD_IMAGE_ERRORS as e:
-                    if self.strict:
-                        from ..errors import DataError
-                        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                        raise DataError(f"cannot decode image {path} ({reason}); remove or replace the file, or "
-                                        f"drop --strict-data to skip unreadable images") from None
-                    self._report(path, e)
-                    n_bad += 1
-                    continue
-                return img, target, n_bad
-            from ..errors import DataError
-            raise DataError(f"{self.max_tries} images in a row from {self.samples[index][0]} on could not be "
-                            f"decoded: the dataset looks corrupt or unreadable")
+        def _read(self, path: str):
+            if self.transform is not None:
+                return self.transform(path)
+            return _hwc_tensor(_to_rgb(_open(path)))[0]
+
+
 else:  # pragma: no cover
     FastImageFolder = None
 

@@ -138,6 +138,11 @@ class TolerantImageFolder:
             reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
             logger.warning("skipping unreadable image %s (%s)", path, reason)
 
+    def _read(self, path: str):
+        """The transformed sample of one file (subclasses may read differently, e.g. from the path)."""
+        img = load_rgb(path)
+        return self.transform(img) if self.transform is not None else img
+
     def __getitem__(self, index: int):
         n_bad = 0
         for attempt in range(self.max_tries):
@@ -145,7 +150,7 @@ class TolerantImageFolder:
             try:
                 if os.path.getsize(path) == 0:
                     raise OSError("empty file (0 bytes)")
-                img = load_rgb(path)
+                img = self._read(path)
             except BAD_IMAGE_ERRORS as e:
                 if self.strict:
                     reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
@@ -154,8 +159,6 @@ class TolerantImageFolder:
                 self._report(path, e)
                 n_bad += 1
                 continue
-            if self.transform is not None:
-                img = self.transform(img)
             return img, target, int(n_bad > 0)  # 1: this item's own file was unreadable
         raise DataError(f"{self.max_tries} images in a row from {self.samples[index][0]} on could not be decoded: "
                         f"the dataset looks corrupt or unreadable; check the files and their permissions")
