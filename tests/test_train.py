@@ -364,3 +364,18 @@ def test_grad_checkpointing_flag_gives_the_same_run(shapes, tmp_path):
     assert _load(ckpt / "checkpoint.pth")["args"]["grad_checkpointing"] is True
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_original_command_lines_are_accepted(shapes, tmp_path):
+    """Flags of the original main.py parse; --stem-type conv4 builds the 4-conv stem (Hybrid-MS-S+ recipe)."""
+    from spach.cli import main
+    out = tmp_path / "orig_flags"
+    flags = fast_flags(shapes, out, epochs=1)
+    flags[flags.index("--input-size") + 1] = "64"
+    extra = ["--stem-type", "conv4", "--data-set", "IMNET", "--pin-mem", "--dist_url", "env://", "--decay-epochs",
+             "30", "--patience-epochs", "10", "--dr", "0.1", "--lr-noise-pct", "0.67", "--resplit", "--opt-eps", "1e-8",
+             "--model-ema-decay", "0.99996", "--train-interpolation", "bicubic", "--mixup-switch-prob", "0.5"]
+    assert main(["train", *flags, *extra]) == 0
+    sd = _load(out / "checkpoint.pth")["model"]
+    assert sd["stem.proj.0.weight"].shape[-1] == 7  # conv4 stem
+    assert main(["train", *fast_flags(shapes, tmp_path / "x", "--lr-noise", "0.4", epochs=1)]) == 2

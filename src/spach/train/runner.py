@@ -61,6 +61,8 @@ def resolve_defaults(args, ckpt_args: Optional[dict] = None):
             if ckpt_args and key in ("model", "input_size", "crop_pct") and ckpt_args.get(key) is not None:
                 value = ckpt_args[key]
             setattr(args, key, value)
+    if getattr(args, "lr_noise", None) is not None:
+        raise SpachError("--lr-noise is not supported (the SPACH / DeiT recipe does not use it): drop the flag")
     if args.npu:
         if args.device and args.device.split(":")[0] != "npu":
             raise SpachError(f"--npu conflicts with --device {args.device}: pass one of them")
@@ -117,7 +119,14 @@ def _build_model(args, num_classes: int):
     from ..models import create_model
     kwargs = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
                   img_size=args.input_size)
-    model = create_model(args.model, **kwargs)
+    if getattr(args, "stem_type", None):
+        kwargs["stem_type"] = args.stem_type
+    if getattr(args, "shared_spatial_func", False):
+        kwargs["shared_spatial_func"] = True
+    try:
+        model = create_model(args.model, **kwargs)
+    except ValueError as e:  # an option the architecture cannot take (e.g. --shared-spatial-func on a hybrid)
+        raise SpachError(f"--model {args.model}: {e}") from None
     if getattr(args, "grad_checkpointing", False):
         model.set_grad_checkpointing(True)
     stride = getattr(model, "total_stride", 1)
