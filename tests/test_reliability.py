@@ -49,6 +49,10 @@ def _child(argv, env, log_prefix, uid):
         os.close(f)
     os.environ.update(env)
     if uid is not None:
+        # Load PIL's image plugins while still root: the unprivileged user may not be able to read the
+        # interpreter's site-packages (a virtual environment in a private temp folder, as in CI).
+        from PIL import Image
+        Image.init()
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
