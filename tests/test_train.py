@@ -15,14 +15,7 @@ DEIT_LOG_KEYS = {"train_lr", "train_loss", "test_loss", "test_acc1", "test_acc5"
 CKPT_KEYS = {"model", "optimizer", "lr_scheduler", "epoch", "model_ema", "scaler", "args"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    # 2 shared cores: one compute thread avoids OpenMP oversubscription stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

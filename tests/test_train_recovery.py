@@ -18,13 +18,7 @@ def shapes(tmp_path_factory):
     return make_shapes_folder(tmp_path_factory.mktemp("shapes"), n_train=32, n_val=12)
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load(path):

@@ -10,6 +10,15 @@ from torch.utils.data import Sampler
 __all__ = ["RASampler", "ShuffleSampler", "EvalShardSampler"]
 
 
+def _epoch_order(n: int, shuffle: bool, seed: int, epoch: int):
+    """The sample order of one epoch: a permutation seeded by ``seed + epoch`` (the same on every rank)."""
+    if not shuffle:
+        return list(range(n))
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
 class RASampler(Sampler):
     """Repeated augmentation (Hoffer et al. 2020; DeiT): each image appears ``repeats`` times per epoch, the
     copies spread over ranks so each rank sees different augmentations of it. An epoch has
@@ -31,12 +40,7 @@ class RASampler(Sampler):
         self.num_selected_samples = dataset_len // num_replicas
 
     def __iter__(self):
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
-            indices = torch.randperm(self.dataset_len, generator=g).tolist()
-        else:
-            indices = list(range(self.dataset_len))
+        indices = _epoch_order(self.dataset_len, self.shuffle, self.seed, self.epoch)
         indices = [i for i in indices for _ in range(self.repeats)]
         indices += indices[:self.total_size - len(indices)]
         indices = indices[self.rank:self.total_size:self.num_replicas]
@@ -63,12 +67,7 @@ class ShuffleSampler(Sampler):
         self.num_samples = dataset_len // num_replicas
 
     def __iter__(self):
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
-            indices = torch.randperm(self.dataset_len, generator=g).tolist()
-        else:
-            indices = list(range(self.dataset_len))
+        indices = _epoch_order(self.dataset_len, self.shuffle, self.seed, self.epoch)
         return iter(indices[self.rank:self.num_samples * self.num_replicas:self.num_replicas])
 
     def __len__(self):
