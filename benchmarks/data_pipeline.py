@@ -55,15 +55,9 @@ def make_dataset(root: str, n: int, size=(500, 375), classes: int = 4, seed: int
 
 
 def timm_transform(size=224):
-    from timm.data import create_transform
-    tf = create_transform(size, is_training=True, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1",
-                          interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1)
-    try:
-        from spach.data.transforms import patch_posterize
-        patch_posterize(tf)
-    except ImportError:
-        pass
-    return tf
+    """The baseline: the trainer's own timm/PIL DeiT transform (`spach train --data-pipeline timm`)."""
+    from spach.data.transforms import build_transform
+    return build_transform(True, size)
 
 
 def run_timm(paths, tf):

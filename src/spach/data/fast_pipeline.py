@@ -405,18 +405,8 @@ def build_benchmark_loader(root: str, batch_size: int, img_size: int, pipeline: 
     if len(samples) < batch_size:
         samples = (samples * (batch_size // len(samples) + 1))[:max(batch_size, len(samples))]
     if pipeline == "timm":
-        if train:
-            from timm.data import create_transform
-            tf = create_transform(img_size, is_training=True, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1",
-                                  interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1)
-            try:
-                from .transforms import patch_posterize
-                patch_posterize(tf)
-            except ImportError:
-                pass
-        else:
-            from timm.data import create_transform
-            tf = create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=0.875)
+        from .transforms import build_transform  # the trainer's own timm/PIL path
+        tf = build_transform(train, img_size)
         loader = torch.utils.data.DataLoader(_PlainFolder(samples, tf, pass_path=False), **common)
         return loader, None
     if device.type == "cuda" and train:
