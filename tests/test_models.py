@@ -353,6 +353,40 @@ def test_sdpa_equals_explicit_softmax_attention():
         torch.testing.assert_close(fused(x), plain(x), atol=1e-5, rtol=1e-4)
 
 
+def test_cpu_bf16_training_attention_takes_explicit_path(monkeypatch):
+    """A bf16 CPU training step uses the explicit softmax (faster there), up to the token bound; inference and
+    fp32 keep SDPA. Both paths give the same values and gradients within bf16 rounding."""
+    import torch.nn.functional as F
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    torch.manual_seed(0)
+    attn = SpatialAttention(32, num_heads=2).train()
+    x = torch.randn(2, 8, 8, 32)
+
+    def run(grad=True, max_tokens=1024):
+        attn.cpu_bf16_explicit_max_tokens = max_tokens
+        calls.clear()
+        xi = x.clone().requires_grad_(grad)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(xi)
+        if grad:
+            out.float().square().sum().backward()
+        return out.float(), (xi.grad if grad else None), len(calls)
+
+    out_e, grad_e, n_e = run()
+    assert n_e == 0                                        # 64 tokens <= 1024: explicit
+    out_s, grad_s, n_s = run(max_tokens=16)
+    assert n_s == 1                                        # above the bound: SDPA
+    torch.testing.assert_close(out_e, out_s, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(grad_e, grad_s, atol=5e-2, rtol=5e-2)
+    with torch.no_grad():
+        assert run(grad=False)[2] == 1                     # inference: SDPA
+    calls.clear()
+    attn(x.requires_grad_())                               # fp32 training: SDPA
+    assert len(calls) == 1
+
+
 # --- input sizes and names ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,size", [("spach_ms_xxs_patch4_224_conv", (256, 256)),
                                        ("spach_ms_xxs_patch4_224_attn", (160, 160)),

@@ -94,6 +94,11 @@ class SpatialAttention(nn.Module):
 
     ``fused_attn`` uses :func:`torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient
     kernels on GPU); the explicit softmax form is kept for reference and equals it within fp32 tolerance.
+
+    One exception to ``fused_attn``: a bf16 training step (autograd recording) on a CPU with at most
+    ``cpu_bf16_explicit_max_tokens`` tokens takes the explicit form, which PyTorch's CPU kernels run 1.15x faster
+    per training step than SDPA's bf16 CPU kernels (``benchmarks/RESULTS.md``; inference is no faster, so it keeps
+    SDPA). The token bound keeps the ``N x N`` score matrix that the backward pass stores small.
     """
 
     def __init__(self, dim, num_heads, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0,
@@ -105,6 +110,7 @@ class SpatialAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = qk_scale or self.head_dim ** -0.5
         self.fused_attn = fused_attn
+        self.cpu_bf16_explicit_max_tokens = 1024
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
@@ -115,7 +121,11 @@ class SpatialAttention(nn.Module):
         N = H * W
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim) each
-        if self.fused_attn:
+        fused = self.fused_attn
+        if (fused and q.requires_grad and q.dtype == torch.bfloat16 and q.device.type == "cpu"
+                and N <= self.cpu_bf16_explicit_max_tokens):
+            fused = False
+        if fused:
             out = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale)
         else:
