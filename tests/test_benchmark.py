@@ -1,6 +1,7 @@
 """`spach benchmark` and the fast data pipeline: runs, counts what it times, reports, refuses bad flags; the fast
 pipeline produces what the timm transform produces (shape, dtype, normalisation, statistics)."""
 import json
+import os
 import random
 import statistics
 
@@ -12,6 +13,7 @@ from PIL import Image
 import spach
 from spach.cli import main as cli_main
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "spach_ms_xxs_patch4_224_conv"
 # tiny steps: one thread is faster than two (no fork/join per op) and the suite runs beside other jobs
 SMALL = ["--img-size", "64", "--num-classes", "10", "--threads", "1"]
@@ -127,6 +129,27 @@ def test_bad_mode_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["benchmark", "--model", MODEL, "--mode", "fast"])
     assert e.value.code == 2
+
+
+def test_gpu_script_commands_parse(tmp_path):
+    """Every `spach benchmark` call in benchmarks/gpu.sh names known models and flags (the script runs on a lent
+    GPU with a fixed time budget, so a typo must fail here, not there)."""
+    import re
+    import shlex
+    from spach.cli import build_parser
+    from spach.commands.benchmark import configs_from_args
+    text = open(os.path.join(ROOT, "benchmarks", "gpu.sh")).read().replace("\\\n", " ")
+    values = dict(re.findall(r"^(MODEL|B)=(\S+)$", text, flags=re.M))
+    values.update(OUT=str(tmp_path), DATA=str(tmp_path), WORKERS="2")
+    calls = [line.split("$SPACH", 1)[1].split("|")[0] for line in text.splitlines() if "$SPACH" in line
+             and not line.lstrip().startswith("SPACH=")]
+    assert len(calls) == 6
+    for call in calls:
+        call = re.sub(r"\$(\w+)|\"\$(\w+)\"", lambda m: values[m.group(1) or m.group(2)], call)
+        argv = ["benchmark", "--device", "cuda", "--batch-size", values["B"], *shlex.split(call)]
+        args = build_parser().parse_args(argv)
+        cfgs = configs_from_args(args)
+        assert cfgs and all(c.device == "cuda" and c.batch_size == 128 for c in cfgs)
 
 
 # --- the fast data pipeline ---------------------------------------------------------------------------------
