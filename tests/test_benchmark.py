@@ -214,6 +214,27 @@ def test_fast_pipeline_statistics_match_timm_transform(tmp_path):
     assert spread_fast == pytest.approx(spread_ref.item(), rel=0.3)
 
 
+def test_nvjpeg_path_pieces_run_on_the_cpu(jpeg_dir):
+    """The GPU loader (file bytes + header crop boxes in the workers, batched decode_jpeg + crop/resize/flip on the
+    device) run end to end with device='cpu': same shapes as the CPU fast path, and a given box gives the CPU fast
+    path's crop to within JPEG-decoder and rounding differences."""
+    from spach.data.fast_pipeline import (GpuJpegDecoder, _collate_bytes, _JpegBytesDataset, _list_images,
+                                          _NvjpegLoader, _decode_crop)
+    samples, _ = _list_images(str(jpeg_dir))
+    ds = _JpegBytesDataset(samples, (64, 64), (0.08, 1.0), (3 / 4, 4 / 3), 0.5)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=_collate_bytes)
+    batches = list(_NvjpegLoader(loader, GpuJpegDecoder(64, "cpu"), torch.device("cpu")))
+    assert len(batches) == 2
+    x, y = batches[0]
+    assert x.shape == (4, 3, 64, 64) and x.dtype == torch.uint8 and y.tolist() == [0, 0, 0, 0]
+    data, box, _ = ds[0]
+    i, j, h, w, _flip = box.tolist()
+    box[4] = 0
+    gpu = GpuJpegDecoder(64, "cpu")([data], box[None])[0].float()
+    cpu = _decode_crop(samples[0][0], (64, 64), lambda W, H: (i, j, h, w), draft=False)[0].float()
+    assert (gpu - cpu).abs().mean() < 1.0, (gpu - cpu).abs().mean()
+
+
 def test_sample_crop_follows_timm_distribution():
     from timm.data.transforms import RandomResizedCropAndInterpolation
     from spach.data.fast_pipeline import sample_crop
