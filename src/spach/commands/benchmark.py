@@ -90,7 +90,13 @@ def configs_from_args(args):
     batch = args.batch_size if args.batch_size is not None else (128 if kind == "cuda" else 16)
     if batch < 1:
         raise SpachError(f"--batch-size must be at least 1 (got {batch})")
-    amp = args.amp or ("bf16" if kind == "cuda" else default_cpu_amp() if kind == "cpu" else "off")
+    if args.amp:
+        amp = args.amp
+    elif kind == "cuda":
+        from ..train.device import cuda_native_bf16
+        amp = "bf16" if cuda_native_bf16() else "fp16"
+    else:
+        amp = default_cpu_amp() if kind == "cpu" else "off"
     if args.data != "synthetic" and not os.path.isdir(args.data):
         raise SpachError(f"--data {args.data!r} is neither 'synthetic' nor an existing folder of images")
     workers = args.workers

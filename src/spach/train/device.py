@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from ..errors import SpachError
 
-__all__ = ["DistInfo", "available_devices", "resolve_device", "init_distributed", "destroy_distributed",
+__all__ = ["DistInfo", "available_devices", "resolve_device", "requested_index", "cuda_native_bf16", "init_distributed",
+           "destroy_distributed",
            "synchronize", "resolve_amp", "autocast", "is_main_process", "all_reduce_sum", "barrier",
            "broadcast_object"]
 
@@ -88,8 +89,19 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device_kind: str, timeout_s: int = 1800) -> DistInfo:
-    """Join the process group when started by torchrun (``WORLD_SIZE > 1``); pick this rank's device."""
+def requested_index(requested: Optional[str]) -> Optional[int]:
+    """The device index of ``--device cuda:1`` / ``npu:3`` (None without one)."""
+    if not requested or ":" not in requested:
+        return None
+    tail = requested.split(":", 1)[1]
+    if not tail.isdigit():
+        raise SpachError(f"--device {requested!r}: the index after ':' must be a number, e.g. cuda:1")
+    return int(tail)
+
+
+def init_distributed(device_kind: str, timeout_s: int = 1800, index: Optional[int] = None) -> DistInfo:
+    """Join the process group when started by torchrun (``WORLD_SIZE > 1``); pick this rank's device: the
+    rank's ``LOCAL_RANK``, or ``index`` (``--device cuda:1``) in a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -98,7 +110,12 @@ def init_distributed(device_kind: str, timeout_s: int = 1800) -> DistInfo:
         if world_size > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > n:
             raise SpachError(f"{os.environ.get('LOCAL_WORLD_SIZE')} processes per node but only {n} {device_kind} "
                              f"devices: lower --nproc_per_node to {n}")
-        index = local_rank % max(n, 1)
+        if world_size == 1 and index is not None:
+            if index >= n:
+                raise SpachError(f"--device {device_kind}:{index} requested but only {n} {device_kind} device(s) "
+                                 f"are visible (indices 0-{n - 1})")
+        else:
+            index = local_rank % max(n, 1)
         getattr(torch, device_kind).set_device(index)
         device = torch.device(device_kind, index)
     else:
@@ -177,6 +194,15 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def cuda_native_bf16() -> bool:
+    """True on GPUs with bf16 tensor cores (Ampere and newer). ``torch.cuda.is_bf16_supported()`` alone also says
+    yes where bf16 is only emulated (V100, T4), where fp16 with a grad scaler is the fast mixed precision."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.4: no emulation flag; bf16 tensor cores start at compute capability 8.0
+        return torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability()[0] >= 8
+
+
 def resolve_amp(amp: Optional[str], device_kind: str) -> Optional[torch.dtype]:
     """``--amp bf16|fp16|off`` to an autocast dtype (None = fp32).
 
@@ -186,7 +212,7 @@ def resolve_amp(amp: Optional[str], device_kind: str) -> Optional[torch.dtype]:
     """
     if amp is None:
         if device_kind == "cuda":
-            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            amp = "bf16" if cuda_native_bf16() else "fp16"
         elif device_kind == "npu":
             supported = getattr(torch.npu, "is_bf16_supported", lambda: False)
             amp = "bf16" if supported() else "fp16"
