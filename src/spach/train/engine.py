@@ -91,6 +91,11 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
 
 
+def _acc_dtype(device) -> torch.dtype:
+    """float64 for running sums, except on MPS, which has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int, *, schedule, model_ema=None,
                     mixup_fn=None, scaler=None, amp_dtype=None, clip_grad: Optional[float] = None,
                     print_freq: int = 10, fps_warmup_steps: int = 3, channels_last: bool = False,
@@ -104,8 +109,9 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
         raise DataError("the training loader has no full batch: lower --batch-size")
     warmup = min(fps_warmup_steps, steps - 1)
     lr = schedule.apply(optimizer, epoch, 0, steps)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    window_sum = torch.zeros((), device=device, dtype=torch.float64)
+    acc = _acc_dtype(device)
+    loss_sum = torch.zeros((), device=device, dtype=acc)
+    window_sum = torch.zeros((), device=device, dtype=acc)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     n_bad_images = 0
     window_start, window_n = 0, 0
@@ -152,7 +158,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
         if model_ema is not None:
             model_ema.update(ema_model if ema_model is not None else model)
 
-        loss_d = loss.detach().to(torch.float64)
+        loss_d = loss.detach().to(acc)
         finite = torch.isfinite(loss_d)
         first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step), first_bad)
         loss_sum += loss_d
@@ -170,7 +176,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
         last = step + 1 == steps
         if (step + 1) % print_freq == 0 or last:
             # the only host-device sync of the loop: every print_freq steps (all ranks agree on a bad loss)
-            check = torch.stack([window_sum, (first_bad >= 0).to(torch.float64)])
+            check = torch.stack([window_sum, (first_bad >= 0).to(acc)])
             check = all_reduce_sum(check)
             bad_step = int(first_bad.item())
             if check[1].item() > 0 or not math.isfinite(check[0].item()):
@@ -199,7 +205,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
     # the same steps are counted and timed: warm-up steps are out of both
     fps_local = n_timed / (t1 - t0) if t1 > t0 and n_timed else 0.0
     totals = all_reduce_sum(torch.tensor([loss_sum.item(), float(steps), fps_local, float(n_bad_images)],
-                                         dtype=torch.float64, device=device))
+                                         dtype=acc, device=device))
     world = _world(totals)
     loss_avg = totals[0].item() / totals[1].item()
     fps = totals[2].item()
@@ -229,7 +235,9 @@ def evaluate(data_loader, model, device, *, amp_dtype=None, channels_last=False,
     ``reduce`` the per-rank sums are all-reduced (use with a sharding sampler that neither pads nor repeats,
     so the result equals single-process evaluation)."""
     model.eval()
-    sums = torch.zeros(5, device=device, dtype=torch.float64)  # correct1, correct5, loss_sum, count, bad
+    acc = _acc_dtype(device)
+    sums = torch.zeros(3, device=device, dtype=acc)  # correct1, correct5, loss_sum
+    n_seen, n_replaced = 0, 0                         # counted on the host: no device round trip per batch
     bar = _progress(len(data_loader), "Test", show_progress and is_main)
     fault = "eval-ema" if header else "eval"
     for images, target, n_bad in _batches(data_loader):
@@ -244,13 +252,15 @@ def evaluate(data_loader, model, device, *, amp_dtype=None, channels_last=False,
         k = min(5, output.shape[1])
         top = output.topk(k, dim=1).indices
         hit = top.eq(target[:, None])
-        sums += torch.stack([hit[:, :1].sum(), hit.sum(), loss, torch.tensor(target.numel(), device=device),
-                             n_bad.sum().to(device)]).to(torch.float64)
+        sums += torch.stack([hit[:, :1].sum(), hit.sum(), loss]).to(acc)
+        n_seen += target.numel()
+        n_replaced += int(n_bad.sum())
         faults.point(fault)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    sums = torch.cat([sums, torch.tensor([n_seen, n_replaced], dtype=acc, device=device)])
     if reduce:
         all_reduce_sum(sums)
     c1, c5, loss_sum, n, bad = sums.tolist()
