@@ -303,6 +303,55 @@ def test_ema_is_updated_every_step_and_evaluated(shapes, tmp_path, capsys):
     assert "test_ema_acc1" in json.loads((out / "log.txt").read_text().splitlines()[0])
 
 
+def test_ema_averages_shared_mixer_tensors_once_per_step():
+    """--shared-spatial-func lists one mixer's tensors once per block in the state_dict; each gets one EMA step."""
+    import copy
+    import spach
+    from spach.train.ema import ModelEma
+    model = spach.create_model("spach_ms_xxs_patch4_224_mlp", num_classes=10, shared_spatial_func=True)
+    ema = ModelEma(model, decay=0.9)
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(1.0)
+    ema.update(moved)
+    for (name, p_ema), p in zip(ema.module.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p_ema - p, torch.full_like(p, 0.1), msg=name)
+    sd = model.state_dict()
+    assert len(sd) > len({t.data_ptr() for t in sd.values()})  # the layout does list shared tensors repeatedly
+
+
+def test_resumed_optimizer_keeps_this_runs_kernels():
+    """A checkpoint written with foreach AdamW (e.g. on a CPU) resumes into fused AdamW (e.g. on a GPU) as fused,
+    with its moments and step count."""
+    from spach.train.runner import _with_current_kernels
+    w = torch.nn.Parameter(torch.ones(4))
+    writer = torch.optim.AdamW([w], lr=0.1, foreach=True)
+    w.grad = torch.ones(4)
+    writer.step()
+    saved = writer.state_dict()
+    w2 = torch.nn.Parameter(w.detach().clone())
+    reader = torch.optim.AdamW([w2], lr=0.1, fused=True)
+    reader.load_state_dict(_with_current_kernels(saved, reader))
+    group = reader.param_groups[0]
+    assert group["fused"] and not group["foreach"]
+    torch.testing.assert_close(reader.state[w2]["exp_avg"], writer.state[w]["exp_avg"])
+    assert float(reader.state[w2]["step"]) == 1.0
+    plain = torch.optim.AdamW([torch.nn.Parameter(torch.ones(4))], lr=0.1, fused=True)
+    plain.load_state_dict(saved)
+    assert not plain.param_groups[0]["fused"]  # what torch's load_state_dict alone would have done
+    assert saved["param_groups"][0]["foreach"]  # and the saved state itself is left as it was
+
+
+def test_device_index_is_parsed():
+    from spach.errors import SpachError
+    from spach.train.device import init_distributed, requested_index
+    assert requested_index("cuda:1") == 1 and requested_index("cuda") is None and requested_index(None) is None
+    with pytest.raises(SpachError, match="must be a number"):
+        requested_index("cuda:first")
+    assert init_distributed("cpu", index=0).device == torch.device("cpu")
+
+
 def test_channels_last_and_bf16_autocast_on_cpu(shapes, tmp_path):
     out = tmp_path / "cl"
     assert main(["train", *fast_flags(shapes, out, "--channels-last", "--amp", "bf16", epochs=1)]) == 0

@@ -23,6 +23,7 @@ from . import faults
 from .args import DEIT_DEFAULTS, DEMO_DEFAULTS
 from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_save, get_rng_state, load_checkpoint, read_checkpoint_file,
                          set_rng_state)
+from .ema import ModelEma
 from .engine import DistillationLoss, evaluate, throughput, train_one_epoch
 from .optim import CosineSchedule, build_optimizer
 
@@ -188,11 +189,25 @@ def run(args) -> int:
         del ck
     resolve_defaults(args, ckpt_args)
     device_kind = devices.resolve_device(args.device)
-    dist_info = devices.init_distributed(device_kind)
+    dist_info = devices.init_distributed(device_kind, index=devices.requested_index(args.device))
     try:
         return _run(args, dist_info, device_kind)
     finally:
         devices.destroy_distributed()
+
+
+def _with_current_kernels(saved: dict, optimizer) -> dict:
+    """A saved optimizer state with this run's kernel choice (``fused`` / ``foreach`` / ``capturable``):
+    ``load_state_dict`` would otherwise bring back the settings of the device that wrote it (foreach AdamW from a
+    CPU run resumed on a GPU, or fused kernels on a device without them)."""
+    groups = []
+    for saved_group, group in zip(saved.get("param_groups", []), optimizer.param_groups):
+        saved_group = dict(saved_group)
+        for key in ("fused", "foreach", "capturable"):
+            if key in group:
+                saved_group[key] = group[key]
+        groups.append(saved_group)
+    return dict(saved, param_groups=groups) if groups else saved
 
 
 def _run(args, dist_info, device_kind) -> int:
@@ -300,9 +315,8 @@ def _run(args, dist_info, device_kind) -> int:
 
     model_ema = None
     if args.model_ema:
-        from timm.utils import ModelEmaV3
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
-                               device=torch.device("cpu") if args.model_ema_force_cpu else None)
+        model_ema = ModelEma(model, decay=args.model_ema_decay,
+                             device=torch.device("cpu") if args.model_ema_force_cpu else None)
     model_without_ddp = model
     if dist_info.distributed:
         ids = [device.index] if device.type in ("cuda", "npu") else None
@@ -346,7 +360,7 @@ def _run(args, dist_info, device_kind) -> int:
         from ..models import load_pretrained
         load_pretrained(model_without_ddp, resume)
         if "optimizer" in ckpt and "epoch" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            optimizer.load_state_dict(_with_current_kernels(ckpt["optimizer"], optimizer))
             start_epoch = int(ckpt["epoch"]) + 1
             if model_ema is not None and isinstance(ckpt.get("model_ema"), dict):
                 model_ema.module.load_state_dict(ckpt["model_ema"])
@@ -389,8 +403,13 @@ def _run(args, dist_info, device_kind) -> int:
         logger.info(f"Accuracy of the network on the {test_stats['n']} test images: {test_stats['acc1']:.1f}%")
         ema_stats = None
         if model_ema is not None:
+            ema_device = next(model_ema.module.parameters()).device
+            if ema_device != device:  # --model-ema-force-cpu: evaluate on the training device, keep it on the CPU
+                model_ema.module.to(device)
             ema_stats = evaluate(loader_val, model_ema.module, device, amp_dtype=amp_dtype,
                                  channels_last=args.channels_last, reduce=dist_eval, is_main=is_main, header="EMA ")
+            if ema_device != device:
+                model_ema.module.to(ema_device)
             logger.info(f"Accuracy of the EMA model on the {ema_stats['n']} test images: {ema_stats['acc1']:.1f}%")
         improved = test_stats["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats["acc1"])
