@@ -181,6 +181,8 @@ class Workload:
         self.cfg = cfg
         self.device = _resolve_device(cfg.device)
         self.amp_dtype = _amp_dtype(cfg.amp, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # as the trainer: fixed shapes, pick the fastest conv kernels
         torch.manual_seed(cfg.seed)
         try:
             model = spach.create_model(cfg.model, num_classes=cfg.num_classes, img_size=cfg.img_size,
@@ -374,8 +376,8 @@ def run_benchmark(cfg: BenchConfig) -> Dict:
     base_rss = mem.current_rss_mb()
     wl = Workload(cfg)
     try:
+        wl.warmup()  # compilation, first-step allocations (optimizer state) and the allocator settle here
         mem.reset()
-        wl.warmup()
         times, cpu_times = [], []
         for _ in range(cfg.repeats):
             times.append(wl.timed_block())

@@ -410,6 +410,12 @@ def build_benchmark_loader(root: str, batch_size: int, img_size: int, pipeline: 
         loader = torch.utils.data.DataLoader(_PlainFolder(samples, tf, pass_path=False), **common)
         return loader, None
     if device.type == "cuda" and train:
+        not_jpeg = [p for p, _ in samples if not p.lower().endswith((".jpg", ".jpeg"))]
+        if not_jpeg:
+            from ..errors import DataError
+            raise DataError(f"the GPU (nvJPEG) pipeline decodes JPEG files only, and {len(not_jpeg)} files under "
+                            f"{root} are not JPEGs (e.g. {not_jpeg[0]}): use --data-pipeline timm, or a folder of "
+                            f"JPEGs")
         decoder = GpuJpegDecoder(img_size, device)
         finalize = DeviceNormalize().to(device)
         loader = torch.utils.data.DataLoader(
