@@ -60,6 +60,7 @@ class BenchConfig:
     grad_checkpointing: bool = False
     fused_optimizer: bool = True        # fused AdamW where the device has it (cuda, cpu with torch >= 2.4)
     fused_attn: bool = True             # SDPA attention (False: explicit softmax)
+    cpu_bf16_explicit_attn: bool = True  # bf16 CPU training takes the explicit softmax (False: SDPA there too)
     data: str = "synthetic"             # synthetic | a folder of JPEGs (ImageFolder, train/ used if present)
     data_pipeline: str = "fast"         # fast | timm  (only with a data folder)
     workers: int = 2
@@ -190,6 +191,11 @@ class Workload:
                                        fused_attn=cfg.fused_attn)
         except (TypeError, ValueError) as e:
             raise SpachError(f"cannot build {cfg.model} with these settings: {e}") from None
+        if not cfg.cpu_bf16_explicit_attn:
+            from ..models.layers import SpatialAttention
+            for m in model.modules():
+                if isinstance(m, SpatialAttention):
+                    m.cpu_bf16_explicit_max_tokens = 0
         self.macs_per_image = spach.models.count_flops(model, (cfg.img_size, cfg.img_size))
         model.to(self.device)
         if cfg.channels_last:
