@@ -235,6 +235,8 @@ def _run(args, dist_info, device_kind) -> int:
         share = cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, share))
     if args.deterministic:
+        if device.type == "cuda":  # cuBLAS is deterministic only with a fixed workspace, read at its first call
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not args.deterministic
