@@ -8,7 +8,9 @@
 #      DataLoader workers only read files and draw crop boxes; compared with the synthetic rate of 3
 #   6. end to end through the plain timm/PIL loader (CPU workers), for comparison
 # Batch 128, synthetic data on the device for 1-4, mixup/cutmix soft targets, no host sync inside the step.
-# Usage: bash benchmarks/gpu.sh [OUT_DIR]   (python: $PYTHON or ./.venv / /work/venv / python3)
+# Usage: bash benchmarks/gpu.sh [OUT_DIR]   (python: $PYTHON or ./.venv / /work/venv / python3; BUDGET_S=560 total)
+# On a lent machine (device tool): run(command='PYTHONUNBUFFERED=1 bash benchmarks/gpu.sh "$OUT/gpu"', timeout_s=600);
+# its python3 has torch, torchvision and timm, and spach runs from src/ (PYTHONPATH below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-benchmarks/gpu_out}}"
@@ -26,25 +28,36 @@ export TORCHINDUCTOR_FX_GRAPH_CACHE=1   # the second compile of the same graph c
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 T0=$(date +%s)
 log() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+# The whole script must end inside one device call (600 s there): each step's timeout is cut to what is left of
+# BUDGET_S (less a reserve for the summary), and a step with under 30 s left is skipped, so the summary of the
+# steps that did run is always written.
+BUDGET_S="${BUDGET_S:-560}"
+limit() {  # limit WANTED_SECONDS -> the timeout to use now, or 0 to skip
+  local left=$(( BUDGET_S - ($(date +%s) - T0) - 15 ))
+  if [ "$left" -lt 30 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+step() {  # step NAME WANTED_SECONDS ARGS... : one timed `spach benchmark` run, its JSON and text under $OUT
+  local name=$1 want=$2; shift 2
+  local t; t=$(limit "$want")
+  if [ "$t" -eq 0 ]; then log "skipped $name (time budget spent)"; return 0; fi
+  timeout "$t" $SPACH "$@" --json "$OUT/$name.json" | tee "$OUT/$name.txt"
+}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.txt"
 $PY -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'cuda', torch.version.cuda)" | tee "$OUT/versions.txt"
 
 log "1. plain fp32 eager"
-timeout 120 $SPACH --model $MODEL --amp off --no-fused-optimizer --steps 10 --warmup 3 --repeats 3 \
-  --json "$OUT/1_plain_fp32.json" | tee "$OUT/1_plain_fp32.txt"
+step 1_plain_fp32 120 --model $MODEL --amp off --no-fused-optimizer --steps 10 --warmup 3 --repeats 3
 
 log "2. bf16 eager, fused AdamW, channels-last"
-timeout 120 $SPACH --model $MODEL --amp bf16 --channels-last --steps 20 --warmup 5 --repeats 3 \
-  --json "$OUT/2_bf16_eager.json" | tee "$OUT/2_bf16_eager.txt"
+step 2_bf16_eager 120 --model $MODEL --amp bf16 --channels-last --steps 20 --warmup 5 --repeats 3
 
 log "3. bf16 + torch.compile"
-timeout 240 $SPACH --model $MODEL --amp bf16 --channels-last --compile --steps 30 --warmup 4 --repeats 3 \
-  --json "$OUT/3_bf16_compile.json" | tee "$OUT/3_bf16_compile.txt"
+step 3_bf16_compile 240 --model $MODEL --amp bf16 --channels-last --compile --steps 30 --warmup 4 --repeats 3
 
 log "4. Hybrid-MS-S bf16 + compile (SDPA)"
-timeout 150 $SPACH --model spach_ms_s_patch4_224_hybrid --amp bf16 --channels-last --compile --steps 20 --warmup 4 \
-  --repeats 3 --json "$OUT/4_hybrid_compile.json" | tee "$OUT/4_hybrid_compile.txt"
+step 4_hybrid_compile 150 --model spach_ms_s_patch4_224_hybrid --amp bf16 --channels-last --compile --steps 20 \
+  --warmup 4 --repeats 3
 
 log "5. JPEG files end to end (nvJPEG)"
 DATA="${DATA_DIR:-/tmp/spach_jpeg_bench}"
@@ -70,12 +83,12 @@ for k in range(n_jobs):
 EOF
 fi
 WORKERS=$(( $(nproc) - 2 ))
-timeout 150 $SPACH --model $MODEL --amp bf16 --channels-last --compile --data "$DATA" --data-pipeline fast \
-  --workers $WORKERS --steps 20 --warmup 4 --repeats 3 --json "$OUT/5_jpeg_nvjpeg.json" | tee "$OUT/5_jpeg_nvjpeg.txt"
+step 5_jpeg_nvjpeg 150 --model $MODEL --amp bf16 --channels-last --compile --data "$DATA" --data-pipeline fast \
+  --workers $WORKERS --steps 20 --warmup 4 --repeats 3
 
 log "6. JPEG files end to end (timm/PIL workers)"
-timeout 100 $SPACH --model $MODEL --amp bf16 --channels-last --compile --data "$DATA" --data-pipeline timm \
-  --workers $WORKERS --steps 8 --warmup 3 --repeats 2 --json "$OUT/6_jpeg_timm.json" | tee "$OUT/6_jpeg_timm.txt"
+step 6_jpeg_timm 100 --model $MODEL --amp bf16 --channels-last --compile --data "$DATA" --data-pipeline timm \
+  --workers $WORKERS --steps 8 --warmup 3 --repeats 2
 
 log "summary"
 $PY - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
