@@ -9,7 +9,7 @@ process per configuration. Ratios are against the first variant.
 
 Variants: plain (fp32, foreach AdamW), fused (fp32, fused AdamW), bf16 (the default: explicit softmax attention in
 bf16 CPU training), compile, bf16-compile, cl (channels-last), bf16-cl, explicit (fp32, explicit softmax attention),
-explicit-bf16 (= bf16), sdpa-bf16 (bf16 with SDPA attention, the model default elsewhere).
+explicit-bf16 (= bf16 in train mode; inference keeps SDPA), sdpa-bf16 (bf16 with SDPA attention in training too).
 """
 import argparse
 import json

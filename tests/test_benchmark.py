@@ -234,6 +234,17 @@ def test_nvjpeg_path_pieces_run_on_the_cpu(jpeg_dir):
     assert (gpu - cpu).abs().mean() < 1.0, (gpu - cpu).abs().mean()
 
 
+def test_nvjpeg_path_refuses_non_jpeg_files(tmp_path):
+    from spach.data.fast_pipeline import build_benchmark_loader
+    from spach.errors import DataError
+    d = tmp_path / "train" / "a"
+    d.mkdir(parents=True)
+    _photo(64, 48).save(d / "x.jpg", quality=90)
+    _photo(64, 48).save(d / "y.png")
+    with pytest.raises(DataError, match="JPEG files only.*y.png"):  # refused before any CUDA call
+        build_benchmark_loader(str(tmp_path), 2, 64, "fast", 0, torch.device("cuda"), train=True)
+
+
 def test_sample_crop_follows_timm_distribution():
     from timm.data.transforms import RandomResizedCropAndInterpolation
     from spach.data.fast_pipeline import sample_crop

@@ -321,9 +321,11 @@ def test_ema_averages_shared_mixer_tensors_once_per_step():
     assert len(sd) > len({t.data_ptr() for t in sd.values()})  # the layout does list shared tensors repeatedly
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4),
+                    reason="fused AdamW on CPU needs torch >= 2.4")
 def test_resumed_optimizer_keeps_this_runs_kernels():
     """A checkpoint written with foreach AdamW (e.g. on a CPU) resumes into fused AdamW (e.g. on a GPU) as fused,
-    with its moments and step count."""
+    with its moments and step count, and the reverse; a state of another group layout is refused."""
     from spach.train.runner import _with_current_kernels
     w = torch.nn.Parameter(torch.ones(4))
     writer = torch.optim.AdamW([w], lr=0.1, foreach=True)
@@ -337,10 +339,22 @@ def test_resumed_optimizer_keeps_this_runs_kernels():
     assert group["fused"] and not group["foreach"]
     torch.testing.assert_close(reader.state[w2]["exp_avg"], writer.state[w]["exp_avg"])
     assert float(reader.state[w2]["step"]) == 1.0
+    w2.grad = torch.ones(4)
+    reader.step()                                           # the fused kernel runs on the loaded state
+    w.grad = torch.ones(4)
+    writer.step()
+    torch.testing.assert_close(w2.detach(), w.detach())
     plain = torch.optim.AdamW([torch.nn.Parameter(torch.ones(4))], lr=0.1, fused=True)
     plain.load_state_dict(saved)
     assert not plain.param_groups[0]["fused"]  # what torch's load_state_dict alone would have done
     assert saved["param_groups"][0]["foreach"]  # and the saved state itself is left as it was
+    back = torch.optim.AdamW([torch.nn.Parameter(torch.ones(4))], lr=0.1, foreach=True)
+    back.load_state_dict(_with_current_kernels(reader.state_dict(), back))
+    assert back.param_groups[0]["foreach"] and not back.param_groups[0]["fused"]
+    two = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.ones(1))]},
+                             {"params": [torch.nn.Parameter(torch.ones(1))]}], lr=0.1)
+    with pytest.raises(CheckpointError, match="has 1 parameter groups, this run.s optimizer 2"):
+        _with_current_kernels(saved, two)
 
 
 def test_device_index_is_parsed():
@@ -350,6 +364,22 @@ def test_device_index_is_parsed():
     with pytest.raises(SpachError, match="must be a number"):
         requested_index("cuda:first")
     assert init_distributed("cpu", index=0).device == torch.device("cpu")
+
+
+def test_device_index_selects_that_gpu_in_one_process(monkeypatch):
+    """`--device cuda:1` binds GPU 1 in a single process; torchrun ranks keep LOCAL_RANK. (The GPU count and
+    set_device are stood in for: this machine has no GPU; the selection logic is what is checked.)"""
+    from spach.errors import SpachError
+    from spach.train import device as devices
+    bound = []
+    monkeypatch.setattr(devices, "device_count", lambda kind: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert devices.init_distributed("cuda", index=1).device == torch.device("cuda", 1) and bound == [1]
+    assert devices.init_distributed("cuda").device == torch.device("cuda", 0) and bound[-1] == 0
+    with pytest.raises(SpachError, match="only 2 cuda device"):
+        devices.init_distributed("cuda", index=2)
 
 
 def test_channels_last_and_bf16_autocast_on_cpu(shapes, tmp_path):

@@ -28,15 +28,16 @@ def _unique_pairs(ema_module, model) -> Tuple[List[torch.Tensor], List[torch.Ten
 class ModelEma(ModelEmaV3):
     @torch.no_grad()
     def apply_update_(self, model, decay: float):
+        weight = 1.0 - decay
         ema_values, model_values = _unique_pairs(self.module, model)
         lerp_ema, lerp_model = [], []
         for ema_v, model_v in zip(ema_values, model_values):
             if not ema_v.is_floating_point():
                 ema_v.copy_(model_v.to(device=ema_v.device))
-            elif self.foreach:
+            elif self.foreach and model_v.device == ema_v.device:
                 lerp_ema.append(ema_v)
-                lerp_model.append(model_v)
+                lerp_model.append(model_v.to(dtype=ema_v.dtype))
             else:
-                self._lerp_(ema_v, model_v.to(device=ema_v.device), weight=1.0 - decay)
+                ema_v.lerp_(model_v.to(device=ema_v.device, dtype=ema_v.dtype), weight=weight)
         if lerp_ema:
-            self._foreach_lerp_(lerp_ema, lerp_model, weight=1.0 - decay)
+            torch._foreach_lerp_(lerp_ema, lerp_model, weight=weight)

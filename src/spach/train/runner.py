@@ -200,8 +200,13 @@ def _with_current_kernels(saved: dict, optimizer) -> dict:
     """A saved optimizer state with this run's kernel choice (``fused`` / ``foreach`` / ``capturable``):
     ``load_state_dict`` would otherwise bring back the settings of the device that wrote it (foreach AdamW from a
     CPU run resumed on a GPU, or fused kernels on a device without them)."""
+    saved_groups = saved.get("param_groups", [])
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"the checkpoint's optimizer state has {len(saved_groups)} parameter groups, this run's "
+                              f"optimizer {len(optimizer.param_groups)}: it was written by another optimizer setup; "
+                              f"start from its weights with --finetune instead of --resume")
     groups = []
-    for saved_group, group in zip(saved.get("param_groups", []), optimizer.param_groups):
+    for saved_group, group in zip(saved_groups, optimizer.param_groups):
         saved_group = dict(saved_group)
         for key in ("fused", "foreach", "capturable"):
             if key in group:
