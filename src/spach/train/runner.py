@@ -67,7 +67,7 @@ def resolve_defaults(args, ckpt_args: Optional[dict] = None):
     if args.npu:
         if args.device and args.device.split(":")[0] != "npu":
             raise SpachError(f"--npu conflicts with --device {args.device}: pass one of them")
-        args.device = "npu"
+        args.device = args.device or "npu"  # keeps an index: --npu --device npu:1
     return args
 
 
