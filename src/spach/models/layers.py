@@ -139,42 +139,6 @@ class SpatialAttention(nn.Module):
         return out
 
 
-class SpatialMLP(nn.Module):
-    """Token-mixing MLP: a two-layer MLP applied across the ``in_features`` tokens of each channel.
-
-    Its weights are sized by the token count, so a model built for 224x224 only accepts 224x224
-    (build the model with another ``img_size`` to train at that size).
-    """
-
-    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0,
-                 **kwargs):
-        super().__init__()
-        out_features = out_features or in_features
-        hidden_features = hidden_features or in_features
-        self.in_features = in_features
-        self.hidden_features = hidden_features
-        self.out_features = out_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, out_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x):
-        B, H, W, C = x.shape
-        if H * W != self.in_features:
-            raise ValueError(
-                f"spatial-MLP block mixes exactly {self.in_features} tokens, but this input gives a {H}x{W} grid "
-                f"({H * W} tokens): spatial-MLP models are tied to the input size they were built for; "
-                f"use that input size, or create the model with img_size=<your size>")
-        x = x.reshape(B, H * W, C).transpose(1, 2)
-        x = self.fc1(x)
-        x = self.act(x)
-        x = self.drop(x)
-        x = self.fc2(x)
-        x = self.drop(x)
-        return x.transpose(1, 2).reshape(B, H, W, C)
-
-
 class ChannelMLP(nn.Module):
     """Channel-mixing MLP (the transformer FFN): Linear -> GELU -> Linear on the channel dimension."""
 
@@ -190,13 +154,39 @@ class ChannelMLP(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x):
+    def mlp(self, x):
         x = self.fc1(x)
         x = self.act(x)
         x = self.drop(x)
         x = self.fc2(x)
         x = self.drop(x)
         return x
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+class SpatialMLP(ChannelMLP):
+    """Token-mixing MLP: the same two-layer MLP applied across the ``in_features`` tokens of each channel.
+
+    Its weights are sized by the token count, so a model built for 224x224 only accepts 224x224
+    (build the model with another ``img_size`` to train at that size).
+    """
+
+    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0,
+                 **kwargs):
+        super().__init__(in_features, hidden_features, out_features, act_layer, drop)
+        self.in_features = in_features
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        if H * W != self.in_features:
+            raise ValueError(
+                f"spatial-MLP block mixes exactly {self.in_features} tokens, but this input gives a {H}x{W} grid "
+                f"({H * W} tokens): spatial-MLP models are tied to the input size they were built for; "
+                f"use that input size, or create the model with img_size=<your size>")
+        x = self.mlp(x.reshape(B, H * W, C).transpose(1, 2))
+        return x.transpose(1, 2).reshape(B, H, W, C)
 
 
 class DWConv(nn.Module):
