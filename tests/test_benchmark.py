@@ -198,7 +198,7 @@ def test_fast_pipeline_statistics_match_timm_transform(tmp_path):
                                re_prob=0.25, re_mode="pixel", re_count=1)
     patch_posterize(timm_tf)
     fast_tf, finalize = build_fast_train_transform(224), DeviceNormalize()
-    n = 100
+    n = 200  # the per-image spread is heavy-tailed (a posterised-to-black draw moves it): 100 draws are too few
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
     ref = torch.stack([timm_tf(Image.open(path).convert("RGB")) for _ in range(n)])
     random.seed(1), np.random.seed(1), torch.manual_seed(1)

@@ -282,10 +282,14 @@ def _run(args, dist_info, device_kind) -> int:
             dataset_train, batch_transform = build_fast_train_dataset(
                 samples["train"], class_names, args.input_size, aa=args.aa, hflip=args.hflip, scale=args.scale,
                 reprob=args.reprob, remode=args.remode, recount=args.recount, color_jitter=args.color_jitter,
-                strict=args.strict_data)
+                strict=args.strict_data, interpolation=args.train_interpolation)
         except ValueError as e:
             raise SpachError(f"--data-pipeline fast cannot run these flags ({e}): use --data-pipeline timm") from None
         batch_transform = batch_transform.to(device)
+        from ..data import cv_augment
+        logger.info("fast data pipeline: " + ("OpenCV decoding and RandAugment kernels" if cv_augment.available() else
+                                              "PIL decoding and RandAugment (pip install opencv-python-headless, or "
+                                              "spach[fast], for the faster kernels)"))
     dataset_val = TolerantImageFolder(samples["val"], class_names, val_tf, strict=args.strict_data)
     if eval_only:
         sampler_train = None
