@@ -5,8 +5,9 @@ so entropy decoding costs what it costs on photos), then times both pipelines on
 alternating passes over the same files (so load from other processes hits both alike), and reports the median
 images per second of the process's CPU time (one thread, so images per core-second; wall-clock rates are
 printed too) and the ratio. The fast pipeline's time includes its device-side finishing step (normalise + random
-erasing, here on the CPU, batched by 64) so both produce the same normalised float tensors; a third line times the worker side alone (uint8 out), which is
-what a loader worker does when the normalisation runs on a GPU.
+erasing, here on the CPU, batched by 64) so both produce the same normalised float tensors; a third line times the
+worker side alone (uint8 out), which is what a loader worker does when the normalisation runs on a GPU, and a fourth
+the fast pipeline without its OpenCV kernels (PIL decoding and RandAugment ops), when OpenCV is installed.
 
     python benchmarks/data_pipeline.py [--images 96] [--repeats 5] [--size 500x375] [--json out.json]
 """
@@ -110,17 +111,23 @@ def main(argv=None):
 
     timm_tf = timm_transform()
     fast_tf = build_fast_train_transform(224)
+    from spach.data import cv_augment
+    opencv = cv_augment.available()
+    pil_tf = build_fast_train_transform(224, use_cv2=False) if opencv else None
     finalize = DeviceNormalize()
     # warm-up (imports, first-call allocations)
     run_timm(paths[:8], timm_tf)
     run_fast(paths[:8], fast_tf, finalize)
-    rates = {"timm": [], "fast": [], "fast_worker": []}
-    wall = {"timm": [], "fast": [], "fast_worker": []}
+    names = ("timm", "fast", "fast_worker") + (("fast_pil",) if pil_tf is not None else ())
+    rates = {k: [] for k in names}
+    wall = {k: [] for k in names}
     for _ in range(args.repeats):
-        for name in ("timm", "fast", "fast_worker"):
+        for name in names:
             t0, c0 = time.perf_counter(), time.process_time()
             if name == "timm":
                 y = run_timm(paths, timm_tf)
+            elif name == "fast_pil":
+                y = run_fast(paths, pil_tf, finalize)
             else:
                 y = run_fast(paths, fast_tf, finalize if name == "fast" else None)
             c1, t1 = time.process_time(), time.perf_counter()
@@ -133,7 +140,7 @@ def main(argv=None):
     ratios = [f / t for f, t in zip(rates["fast"], rates["timm"])]
     result = dict(
         machine=dict(cpu=cpu_model_name(), cores=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
-                     pillow=Image.__version__),
+                     pillow=Image.__version__, opencv=cv_augment.cv2.__version__ if opencv else None),
         malloc_tuned=malloc_tuned, images=len(paths), image_size=f"{w}x{h}", mean_file_kb=round(mean_kb, 1), threads=1, repeats=args.repeats,
         timing="CPU time of the process (one thread): images per core-second, immune to other processes' load",
         timm_img_per_s=med["timm"], fast_img_per_s=med["fast"], ratio=med["fast"] / med["timm"],
@@ -141,6 +148,8 @@ def main(argv=None):
         timm_wall_img_per_s=med_wall["timm"], fast_wall_img_per_s=med_wall["fast"],
         wall_ratio=med_wall["fast"] / med_wall["timm"],
         ratio_per_pass_median=statistics.median(ratios), timm_runs=rates["timm"], fast_runs=rates["fast"])
+    if pil_tf is not None:
+        result.update(fast_pil_img_per_s=med["fast_pil"], pil_ratio=med["fast_pil"] / med["timm"])
     print(f"{len(paths)} JPEGs {w}x{h} q90 (mean {mean_kb:.0f} KiB), 1 thread, {args.repeats} alternating passes, "
           f"malloc tuned: {malloc_tuned}")
     print(f"timm/PIL DeiT transform : {med['timm']:7.1f} img/s per worker  (runs {[round(r) for r in rates['timm']]})")
@@ -148,6 +157,11 @@ def main(argv=None):
     print(f"ratio fast / timm       : {result['ratio']:.2f}x (median of per-pass ratios {result['ratio_per_pass_median']:.2f}x)")
     print(f"fast, worker side only  : {med['fast_worker']:7.1f} img/s per worker  = {result['worker_ratio']:.2f}x timm "
           f"(normalise + erase on the training device, as on a GPU)")
+    if pil_tf is not None:
+        print(f"fast, without OpenCV    : {med['fast_pil']:7.1f} img/s per worker  = {result['pil_ratio']:.2f}x timm "
+              f"(PIL decoding and RandAugment ops)")
+    else:
+        print("(OpenCV is not installed: the fast pipeline ran with PIL decoding and RandAugment ops)")
     print(f"(img/s per core-second of CPU time; wall clock: timm {med_wall['timm']:.1f}, fast {med_wall['fast']:.1f}, "
           f"ratio {result['wall_ratio']:.2f}x)")
     if args.json:

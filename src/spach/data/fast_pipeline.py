@@ -238,9 +238,8 @@ class FastTrainTransform:
                 arr = _cv.hflip(arr)
             if self.rand_augment is not None:
                 arr = self.rand_augment(arr)
-            if not arr.flags.writeable:
-                arr = arr.copy()
-            return torch.from_numpy(arr).permute(2, 0, 1)
+            # planar (CHW-contiguous) for the collate: splitting here costs less than a strided stack of HWC views
+            return torch.from_numpy(_cv.to_chw(arr))
         if self.rand_augment is not None:
             img = Image.fromarray(x[0].permute(1, 2, 0).numpy())
             if flip:
