@@ -410,13 +410,14 @@ def test_fast_data_pipeline_trains_from_jpeg_files(tmp_path, capsys):
     from spach.cli import main
     data = make_shapes_folder(tmp_path / "jpeg_shapes", n_train=32, n_val=12, size=64, ext=".jpg")
     out = tmp_path / "fast_run"
-    flags = fast_flags(data, out, epochs=3, lr=2e-3)
+    # 5 epochs: with RandAugment on 32 images, 3-epoch runs land anywhere between 33% and 86% (either pipeline)
+    flags = fast_flags(data, out, epochs=5, lr=2e-3)
     flags[flags.index("--input-size") + 1] = "64"
     flags[flags.index("--aa") + 1] = "rand-m9-mstd0.5-inc1"
     flags[flags.index("--reprob") + 1] = "0.25"
     assert main(["train", *flags, "--data-pipeline", "fast", "--color-jitter", "0"]) == 0
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-    assert len(log) == 3 and all(math.isfinite(e["train_loss"]) for e in log)
+    assert len(log) == 5 and all(math.isfinite(e["train_loss"]) for e in log)
     assert max(e["test_acc1"] for e in log) > 100 / 3 + 15  # well above chance (3 classes)
     # unsupported combinations are refused with the fix, not crashed
     flags[flags.index("--input-size") + 1] = "32"
