@@ -390,7 +390,8 @@ class _JpegBytesDataset(torch.utils.data.Dataset):
         path, target = self.samples[index]
         with open(path, "rb") as f:
             data = f.read()
-        width, height = Image.open(io.BytesIO(data)).size
+        header = _cv.jpeg_header(data)  # pure Python, no OpenCV needed; PIL for anything it does not parse
+        width, height = header[:2] if header is not None else Image.open(io.BytesIO(data)).size
         box = sample_crop(width, height, self.scale, self.ratio)
         flip = self.hflip > 0 and random.random() < self.hflip
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor(box + (int(flip),)), target
