@@ -9,10 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-cv2 = pytest.importorskip("cv2")
+from spach.data import cv_augment as cva
+from spach.data.transforms import posterize_safe
 
-from spach.data import cv_augment as cva  # noqa: E402
-from spach.data.transforms import posterize_safe  # noqa: E402
+
+def test_opencv_is_available():
+    """opencv-python-headless is a dependency: the fast pipeline's kernels must load."""
+    assert cva.available()
 
 
 def _photo(w, h, seed=0):

@@ -1,7 +1,7 @@
 """OpenCV kernels for the fast pipeline: JPEG decoding and the expensive RandAugment ops.
 
-Optional: everything here is used only when ``cv2`` (``pip install opencv-python-headless``, or ``spach[fast]``)
-imports; without it the fast pipeline keeps PIL for these steps.
+``opencv-python-headless`` is a dependency of spach; where ``cv2`` cannot be imported all the same (a broken
+install), the fast pipeline keeps PIL for these steps (:func:`available` says which).
 
 * :func:`decode_jpeg` decodes with OpenCV's libjpeg-turbo straight into a 3-byte-per-pixel array (PIL decodes into
   4-byte RGBX pixels and then needs a copy), optionally DCT-scaled by 2, 4 or 8 like PIL's ``draft``. The pixels are

@@ -8,7 +8,7 @@ same operations, but:
 * the crop box is drawn from the JPEG *header* (no pixels decoded yet), and when the crop is at least twice the
   output size in both directions the JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg
   "draft" mode) so that the decoder never produces pixels the resize would average away;
-* with OpenCV installed (``spach[fast]``), JPEGs are decoded by OpenCV's libjpeg-turbo into 3-byte pixels (the
+* with OpenCV (a dependency; PIL is the fallback where ``cv2`` cannot load), JPEGs are decoded by OpenCV's libjpeg-turbo into 3-byte pixels (the
   same pixels as PIL, without PIL's RGBX detour and Python header parsing), see :mod:`spach.data.cv_augment`;
 * the crop + bicubic antialiased resize runs on the uint8 pixels with PyTorch's vectorised uint8 kernel
   (same Keys a=-0.5 filter with PIL's support scaling; it matches PIL's result to within 1 grey level);

@@ -289,7 +289,7 @@ def _run(args, dist_info, device_kind) -> int:
         from ..data import cv_augment
         logger.info("fast data pipeline: " + ("OpenCV decoding and RandAugment kernels" if cv_augment.available() else
                                               "PIL decoding and RandAugment (pip install opencv-python-headless, or "
-                                              "spach[fast], for the faster kernels)"))
+                                              "spach's opencv-python-headless dependency did not load: reinstall it for the faster kernels)"))
     dataset_val = TolerantImageFolder(samples["val"], class_names, val_tf, strict=args.strict_data)
     if eval_only:
         sampler_train = None
