@@ -4,9 +4,12 @@
 #   2. Conv-MS-S bf16, fused AdamW, channels-last, eager                                   -> img/s, MFU
 #   3. the same with torch.compile (compiled during the untimed warm-up)                    -> img/s, MFU
 #   4. Hybrid-MS-S bf16 + compile (attention through SDPA / flash)                          -> img/s, MFU
-#   5. end to end from JPEG files: nvJPEG decode + crop/resize/flip/normalise/erase on the GPU,
-#      DataLoader workers only read files and draw crop boxes; compared with the synthetic rate of 3
-#   6. end to end through the plain timm/PIL loader (CPU workers), for comparison
+#   5. end to end from JPEG files as `spach train --data-pipeline fast` feeds the GPU: CPU workers decode (OpenCV)
+#      and run the full DeiT RandAugment, uint8 batches to the GPU, normalise + erasing there; compared with the
+#      synthetic rate of 3
+#   6. end to end with nvJPEG: decode + crop/resize/flip/normalise/erase on the GPU, workers only read files and
+#      draw crop boxes (no RandAugment: the decode capacity)
+#   7. end to end through the plain timm/PIL loader (CPU workers), for comparison
 # Batch 128, synthetic data on the device for 1-4, mixup/cutmix soft targets, no host sync inside the step.
 # Usage: bash benchmarks/gpu.sh [OUT_DIR]   (python: $PYTHON or ./.venv / /work/venv / python3; BUDGET_S=560 total)
 # On a lent machine (device tool): run(command='PYTHONUNBUFFERED=1 bash benchmarks/gpu.sh "$OUT/gpu"', timeout_s=600);
@@ -59,7 +62,7 @@ log "4. Hybrid-MS-S bf16 + compile (SDPA)"
 step 4_hybrid_compile 150 --model spach_ms_s_patch4_224_hybrid --amp bf16 --channels-last --compile --steps 20 \
   --warmup 4 --repeats 3
 
-log "5. JPEG files end to end (nvJPEG)"
+log "5. JPEG files end to end (fast pipeline: CPU workers with OpenCV + RandAugment)"
 DATA="${DATA_DIR:-/tmp/spach_jpeg_bench}"
 if [ ! -d "$DATA/train" ]; then
   $PY - "$DATA" <<'EOF'
@@ -83,11 +86,17 @@ for k in range(n_jobs):
 EOF
 fi
 WORKERS=$(( $(nproc) - 2 ))
-step 5_jpeg_nvjpeg 150 --model $MODEL --amp bf16 --channels-last --compile --data "$DATA" --data-pipeline fast \
+$PY -c "import cv2; print('opencv', cv2.__version__)" 2>/dev/null | tee -a "$OUT/versions.txt" \
+  || echo "opencv: not installed (the fast pipeline runs its PIL fallback)" | tee -a "$OUT/versions.txt"
+step 5_jpeg_fast 120 --model $MODEL --amp bf16 --channels-last --compile --data "$DATA" --data-pipeline fast \
+  --workers $WORKERS --steps 12 --warmup 4 --repeats 2
+
+log "6. JPEG files end to end (nvJPEG)"
+step 6_jpeg_nvjpeg 120 --model $MODEL --amp bf16 --channels-last --compile --data "$DATA" --data-pipeline nvjpeg \
   --workers $WORKERS --steps 20 --warmup 4 --repeats 3
 
-log "6. JPEG files end to end (timm/PIL workers)"
-step 6_jpeg_timm 100 --model $MODEL --amp bf16 --channels-last --compile --data "$DATA" --data-pipeline timm \
+log "7. JPEG files end to end (timm/PIL workers)"
+step 7_jpeg_timm 100 --model $MODEL --amp bf16 --channels-last --compile --data "$DATA" --data-pipeline timm \
   --workers $WORKERS --steps 8 --warmup 3 --repeats 2
 
 log "summary"

@@ -142,7 +142,7 @@ def test_gpu_script_commands_parse(tmp_path):
     values = dict(re.findall(r"^(MODEL|B)=(\S+)$", text, flags=re.M))
     values.update(OUT=str(tmp_path), DATA=str(tmp_path), WORKERS="2")
     calls = [line.split(None, 3)[3] for line in text.splitlines() if line.startswith("step ")]
-    assert len(calls) == 6
+    assert len(calls) == 7
     for call in calls:
         call = re.sub(r"\$(\w+)|\"\$(\w+)\"", lambda m: values[m.group(1) or m.group(2)], call)
         argv = ["benchmark", "--device", "cuda", "--batch-size", values["B"], *shlex.split(call)]
@@ -242,7 +242,11 @@ def test_nvjpeg_path_refuses_non_jpeg_files(tmp_path):
     _photo(64, 48).save(d / "x.jpg", quality=90)
     _photo(64, 48).save(d / "y.png")
     with pytest.raises(DataError, match="JPEG files only.*y.png"):  # refused before any CUDA call
-        build_benchmark_loader(str(tmp_path), 2, 64, "fast", 0, torch.device("cuda"), train=True)
+        build_benchmark_loader(str(tmp_path), 2, 64, "nvjpeg", 0, torch.device("cuda"), train=True)
+    (tmp_path / "train" / "a" / "y.png").unlink()
+    for device, train in (("cpu", True), ("cuda", False)):  # GPU decoding in training only
+        with pytest.raises(DataError, match="nvjpeg decodes on a CUDA GPU"):
+            build_benchmark_loader(str(tmp_path), 2, 64, "nvjpeg", 0, torch.device(device), train=train)
 
 
 def test_sample_crop_follows_timm_distribution():

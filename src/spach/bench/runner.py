@@ -62,7 +62,7 @@ class BenchConfig:
     fused_attn: bool = True             # SDPA attention (False: explicit softmax)
     cpu_bf16_explicit_attn: bool = True  # bf16 CPU training takes the explicit softmax (False: SDPA there too)
     data: str = "synthetic"             # synthetic | a folder of JPEGs (ImageFolder, train/ used if present)
-    data_pipeline: str = "fast"         # fast | timm  (only with a data folder)
+    data_pipeline: str = "fast"         # fast | timm | nvjpeg  (only with a data folder)
     workers: int = 2
     steps: int = 5
     warmup: int = 2
@@ -87,8 +87,8 @@ class BenchConfig:
         if self.steps < 1 or self.repeats < 1 or self.warmup < 0:
             raise SpachError("--steps and --repeats must be at least 1 and --warmup at least 0 "
                              f"(got steps={self.steps}, repeats={self.repeats}, warmup={self.warmup})")
-        if self.data_pipeline not in ("fast", "timm"):
-            raise SpachError(f"unknown --data-pipeline {self.data_pipeline!r}: use fast or timm")
+        if self.data_pipeline not in ("fast", "timm", "nvjpeg"):
+            raise SpachError(f"unknown --data-pipeline {self.data_pipeline!r}: use fast, timm or nvjpeg")
         if self.data != "synthetic" and not os.path.isdir(self.data):
             raise SpachError(f"--data {self.data!r} is neither 'synthetic' nor an existing folder of images")
 

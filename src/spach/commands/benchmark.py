@@ -42,8 +42,11 @@ def add_arguments(parser):
     parser.add_argument("--data", default="synthetic",
                         help="'synthetic' (random tensors on the device) or a folder of JPEGs (ImageFolder; "
                              "its train/ split if present) read through the real DataLoader")
-    parser.add_argument("--data-pipeline", dest="data_pipeline", default="fast", choices=["fast", "timm"],
-                        help="with --data DIR: the fast decode+augment pipeline or the plain timm/PIL one")
+    parser.add_argument("--data-pipeline", dest="data_pipeline", default="fast", choices=["fast", "timm", "nvjpeg"],
+                        help="with --data DIR: 'fast' = `spach train --data-pipeline fast` (CPU workers: OpenCV "
+                             "decoding + DeiT RandAugment, uint8 to the device, normalise + erasing there); 'timm' "
+                             "= the plain timm/PIL loader; 'nvjpeg' = GPU decoding (workers only read files; no "
+                             "RandAugment), CUDA only")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers with --data DIR; "
                         "None: the available cores")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")

@@ -468,7 +468,8 @@ def build_benchmark_loader(root: str, batch_size: int, img_size: int, pipeline: 
                            device: torch.device, train: bool = True, seed: int = 0):
     """A DataLoader over the images under ``root`` and the device-side finishing step (or None), for
     ``spach benchmark --data DIR``. ``pipeline`` 'timm' is the plain per-image PIL transform (float batches);
-    'fast' is this module (uint8 batches, normalised and erased on the device, nvJPEG-decoded on cuda)."""
+    'fast' is this module's worker transform, as ``spach train --data-pipeline fast`` runs it (uint8 batches,
+    normalised and erased on the device); 'nvjpeg' decodes on the GPU (training only, no RandAugment)."""
     samples, _ = _list_images(root)
     g = torch.Generator().manual_seed(seed)
     common = dict(batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers, generator=g,
@@ -482,10 +483,13 @@ def build_benchmark_loader(root: str, batch_size: int, img_size: int, pipeline: 
         tf = build_transform(train, img_size)
         loader = torch.utils.data.DataLoader(_PlainFolder(samples, tf, pass_path=False), **common)
         return loader, None
-    if device.type == "cuda" and train:
+    if pipeline == "nvjpeg":
+        from ..errors import DataError
+        if device.type != "cuda" or not train:
+            raise DataError("--data-pipeline nvjpeg decodes on a CUDA GPU in training: use --device cuda --mode "
+                            "train, or --data-pipeline fast")
         not_jpeg = [p for p, _ in samples if not p.lower().endswith((".jpg", ".jpeg"))]
         if not_jpeg:
-            from ..errors import DataError
             raise DataError(f"the GPU (nvJPEG) pipeline decodes JPEG files only, and {len(not_jpeg)} files under "
                             f"{root} are not JPEGs (e.g. {not_jpeg[0]}): use --data-pipeline timm, or a folder of "
                             f"JPEGs")
