@@ -11,7 +11,8 @@
 #      draw crop boxes (no RandAugment: the decode capacity)
 #   7. end to end through the plain timm/PIL loader (CPU workers), for comparison
 # Batch 128, synthetic data on the device for 1-4, mixup/cutmix soft targets, no host sync inside the step.
-# Usage: bash benchmarks/gpu.sh [OUT_DIR]   (python: $PYTHON or ./.venv / /work/venv / python3; BUDGET_S=560 total)
+# Usage: bash benchmarks/gpu.sh [OUT_DIR]   (python: $PYTHON or ./.venv / /work/venv / python3; BUDGET_S=560 total;
+#        OPENCV_WHEEL=<wheel> when that python has no cv2, for the fast pipeline's OpenCV kernels)
 # On a lent machine (device tool): run(command='PYTHONUNBUFFERED=1 bash benchmarks/gpu.sh "$OUT/gpu"', timeout_s=600);
 # its python3 has torch, torchvision and timm, and spach runs from src/ (PYTHONPATH below).
 set -uo pipefail
@@ -86,6 +87,12 @@ for k in range(n_jobs):
 EOF
 fi
 WORKERS=$(( $(nproc) - 2 ))
+# the lent machine's python may lack OpenCV (no network there): OPENCV_WHEEL=path/to/opencv_python_headless-*.whl
+# (carried with the working tree) is unpacked for this run only
+if ! $PY -c "import cv2" 2>/dev/null && [ -n "${OPENCV_WHEEL:-}" ] && [ -f "$OPENCV_WHEEL" ]; then
+  $PY -m pip install -q --no-deps --target /tmp/spach_opencv "$OPENCV_WHEEL" \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/spach_opencv"
+fi
 $PY -c "import cv2; print('opencv', cv2.__version__)" 2>/dev/null | tee -a "$OUT/versions.txt" \
   || echo "opencv: not installed (the fast pipeline runs its PIL fallback)" | tee -a "$OUT/versions.txt"
 step 5_jpeg_fast 120 --model $MODEL --amp bf16 --channels-last --compile --data "$DATA" --data-pipeline fast \
