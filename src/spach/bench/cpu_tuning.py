@@ -4,7 +4,12 @@ Why the allocator matters: glibc serves every allocation above ``M_MMAP_THRESHOL
 dynamically up to 32 MiB) with a fresh ``mmap`` and returns it to the kernel on ``free``; a training step
 allocates and frees the same few hundred activation buffers every iteration, so each step pays a page fault
 per 4 KiB page of every large tensor (zeroing included). Raising the mmap and trim thresholds makes glibc keep
-the freed memory in its heap and hand it back on the next step. Nothing about the arithmetic changes.
+the freed memory in its heap and hand it back on the next step. The threshold cannot go above 32 MiB, and at
+the default batch of 128 most activations are larger (an XXS model's first-stage activations are ~100 MiB, a
+Trans-MS attention matrix several hundred), so :func:`apply_cpu_tuning` also sets ``M_MMAP_MAX`` to 0: every
+block then comes from the heap and is reused. Measured at batch 128 (XXS-conv, 2 threads): fp32 1.26x and bf16
+1.07x faster per step, with a peak resident set 9% above the plain fp32 path's in fp32 (freed heap blocks are
+kept for reuse; bf16 stays 0.63x of it). Nothing about the arithmetic changes.
 
 Use from Python (``spach train`` / ``spach benchmark`` call it at start-up)::
 
@@ -51,7 +56,7 @@ def malloc_env() -> Dict[str, str]:
     """The same glibc settings as environment variables (read by glibc at process start), for launchers
     that prefer to set them from the shell: ``env $(python -c '...malloc_env()...') spach train ...``."""
     return {"MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD), "MALLOC_TOP_PAD_": str(_TOP_PAD),
-            "MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD)}
+            "MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD), "MALLOC_MMAP_MAX_": "0"}
 
 
 def tune_glibc_malloc(mmap_threshold: int = _MMAP_THRESHOLD, trim_threshold: int = _TRIM_THRESHOLD,
@@ -110,7 +115,7 @@ def apply_cpu_tuning(threads: Optional[int] = None, malloc: bool = True) -> Dict
         _applied.update(malloc=False, threads=None, disabled=True)
         return dict(_applied)
     if malloc and "malloc" not in _applied:
-        _applied["malloc"] = tune_glibc_malloc()
+        _applied["malloc"] = tune_glibc_malloc(disable_mmap=True)
     _applied["threads"] = set_threads(threads)
     _applied["allocator"] = _preloaded_allocator() or ("glibc-tuned" if _applied.get("malloc") else "default")
     return dict(_applied)
