@@ -12,6 +12,7 @@ from PIL import Image
 
 import spach
 from spach.cli import main as cli_main
+from train_helpers import photo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "spach_ms_xxs_patch4_224_conv"
@@ -28,12 +29,7 @@ def _one_thread():
 
 
 def _photo(w, h, seed=0):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([128 + 90 * np.sin(xx / (20 + 7 * c) + yy / (31 - 5 * c)) for c in range(3)], -1)
-    img += rng.normal(0, 6, img.shape)
-    img[h // 4: h // 2, w // 3: w // 2] = (230, 40, 60)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    return photo(w, h, seed)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from PIL import Image
 
 from spach.data import cv_augment as cva
 from spach.data.transforms import posterize_safe
+from train_helpers import photo
 
 
 def test_opencv_is_available():
@@ -19,12 +20,7 @@ def test_opencv_is_available():
 
 
 def _photo(w, h, seed=0):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([128 + 90 * np.sin(xx / (17 + 5 * c) + yy / (29 - 4 * c)) for c in range(3)], -1)
-    img += rng.normal(0, 10, img.shape)
-    img[h // 5: h // 2, w // 4: w // 2] = (235, 30, 70)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    return photo(w, h, seed, noise=10.0)
 
 
 def _jpeg(img, **kw):
@@ -33,12 +29,7 @@ def _jpeg(img, **kw):
     return b.getvalue()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one thread per worker, as in a loader
 
 
 def test_jpeg_header_matches_pil():

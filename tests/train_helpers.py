@@ -69,3 +69,14 @@ def jpeg_bytes(img: Image.Image, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", **kw)
     return buf.getvalue()
+
+
+def photo(w, h, seed=0, noise=6.0):
+    """A smooth, photo-like RGB image with sensor-like noise and a flat red block (JPEG and resize tests)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([128 + 90 * np.sin(xx / (20 + 7 * c) + yy / (31 - 5 * c)) for c in range(3)], -1)
+    img += rng.normal(0, noise, img.shape)
+    img[h // 4: h // 2, w // 3: w // 2] = (230, 40, 60)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))

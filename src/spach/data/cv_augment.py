@@ -460,31 +460,26 @@ _ARRAY_OPS = {
 _ARRAY_OPS.update({name: fn for name, fn in _OPS.items() if name not in _ARRAY_OPS})
 
 
-def _iter_ops(transform):
-    stack = [transform]
-    while stack:
-        t = stack.pop()
-        children = getattr(t, "transforms", None)
-        if children is not None:
-            stack.extend(children)
-        ops = getattr(t, "ops", None) or []
-        policy = getattr(t, "policy", None) or []
-        yield from list(ops) + [o for sub in policy for o in sub]
+def _swap_ops(transform, table, fallback=None) -> int:
+    """Set ``aug_fn`` of every op of ``transform``'s RandAugment / AutoAugment instances found in ``table`` (per
+    instance; timm's op table is untouched); the others get ``fallback(old_fn)`` if given. Returns how many were
+    found in ``table``."""
+    from .transforms import augment_ops
+    found = 0
+    for op in augment_ops(transform):
+        fn = table.get(getattr(op, "name", ""))
+        if fn is not None:
+            op.aug_fn = fn
+            found += 1
+        elif fallback is not None:
+            op.aug_fn = fallback(op.aug_fn)
+    return found
 
 
 def use_cv2_ops(transform) -> int:
     """Give the geometric and sharpness ops of every RandAugment / AutoAugment instance inside ``transform``
-    their OpenCV kernels (per instance; timm's op table is untouched). The ops keep taking PIL images. Returns
-    how many ops were swapped; 0 without OpenCV."""
-    if cv2 is None:
-        return 0
-    swapped = 0
-    for op in _iter_ops(transform):
-        fn = _OPS.get(getattr(op, "name", ""))
-        if fn is not None:
-            op.aug_fn = fn
-            swapped += 1
-    return swapped
+    their OpenCV kernels. The ops keep taking PIL images. Returns how many ops were swapped; 0 without OpenCV."""
+    return 0 if cv2 is None else _swap_ops(transform, _OPS)
 
 
 def use_array_ops(transform) -> int:
@@ -494,12 +489,4 @@ def use_array_ops(transform) -> int:
     array kernel (the rest go through PIL). Requires OpenCV."""
     if cv2 is None:
         raise RuntimeError("array RandAugment ops need OpenCV (pip install opencv-python-headless)")
-    native = 0
-    for op in _iter_ops(transform):
-        fn = _ARRAY_OPS.get(getattr(op, "name", ""))
-        if fn is not None:
-            op.aug_fn = fn
-            native += 1
-        else:
-            op.aug_fn = _via_pil(op.aug_fn)
-    return native
+    return _swap_ops(transform, _ARRAY_OPS, fallback=_via_pil)

@@ -10,7 +10,7 @@ import math
 from PIL import Image, ImageOps
 from torchvision import transforms
 
-__all__ = ["build_transform", "posterize_safe", "patch_posterize", "DEFAULT_MEAN", "DEFAULT_STD"]
+__all__ = ["build_transform", "posterize_safe", "patch_posterize", "augment_ops", "DEFAULT_MEAN", "DEFAULT_STD"]
 
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
 DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -30,10 +30,8 @@ def posterize_safe(img: Image.Image, bits_to_keep, **_kwargs) -> Image.Image:
     return ImageOps.posterize(img, bits)
 
 
-def patch_posterize(transform) -> int:
-    """Give every posterize op of the RandAugment / AutoAugment instances inside ``transform`` the safe
-    posterize (per instance, timm's module is untouched). Returns how many ops were patched."""
-    patched = 0
+def augment_ops(transform):
+    """Every op (``AugmentOp``) of the RandAugment / AutoAugment instances inside ``transform`` (a Compose tree)."""
     stack = [transform]
     while stack:
         t = stack.pop()
@@ -42,10 +40,17 @@ def patch_posterize(transform) -> int:
             stack.extend(children)
         ops = getattr(t, "ops", None) or []
         policy = getattr(t, "policy", None) or []  # AutoAugment: list of sub-policies (lists of ops)
-        for op in list(ops) + [o for sub in policy for o in sub]:
-            if "posterize" in getattr(op, "name", "").lower():
-                op.aug_fn = posterize_safe
-                patched += 1
+        yield from list(ops) + [o for sub in policy for o in sub]
+
+
+def patch_posterize(transform) -> int:
+    """Give every posterize op of the RandAugment / AutoAugment instances inside ``transform`` the safe
+    posterize (per instance, timm's module is untouched). Returns how many ops were patched."""
+    patched = 0
+    for op in augment_ops(transform):
+        if "posterize" in getattr(op, "name", "").lower():
+            op.aug_fn = posterize_safe
+            patched += 1
     return patched
 
 
