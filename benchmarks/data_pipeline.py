@@ -92,9 +92,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # one worker = one core
     from spach.bench.cpu_tuning import cpu_model_name, tune_glibc_malloc
-    # the malloc thresholds `spach train` applies, for both pipelines alike (fresh float batches otherwise
-    # page-fault on every allocation)
-    malloc_tuned = tune_glibc_malloc() if not args.no_malloc_tuning else False
+    # the malloc settings `spach train` applies on a CPU (heap only), for both pipelines alike (fresh float
+    # batches otherwise page-fault on every allocation)
+    malloc_tuned = tune_glibc_malloc(disable_mmap=True) if not args.no_malloc_tuning else False
     from spach.data.fast_pipeline import DeviceNormalize, build_fast_train_transform
 
     w, h = (int(v) for v in args.size.lower().split("x"))

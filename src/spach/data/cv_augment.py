@@ -20,9 +20,6 @@ install), the fast pipeline keeps PIL for these steps (:func:`available` says wh
     (PIL truncates) and, for bicubic, by the kernel (OpenCV's Keys a=-0.75 against PIL's a=-1): on average
     0.5-0.7 grey levels, more only along the one-pixel seam where the image meets the fill. 3x faster than PIL's
     generic transform at 224x224.
-
-  :func:`use_cv2_ops` instead swaps only the geometric and sharpness kernels of a RandAugment that keeps PIL
-  images (all geometric ops through ``warpAffine`` there).
 """
 import math
 import random
@@ -35,8 +32,8 @@ try:  # pragma: no cover - exercised where OpenCV is installed
 except Exception:  # ImportError, or a broken OpenCV install (missing system libraries)
     cv2 = None
 
-__all__ = ["available", "jpeg_header", "decode_jpeg", "use_cv2_ops", "use_array_ops", "warp", "affine", "sharpen",
-           "sharpness", "to_hwc", "to_chw", "hflip"]
+__all__ = ["available", "jpeg_header", "decode_jpeg", "use_array_ops", "warp", "affine", "shift", "sharpen",
+           "to_hwc", "to_chw", "hflip"]
 
 _threads_set = False
 
@@ -143,21 +140,13 @@ def warp(arr, matrix, resample=Image.BICUBIC, fillcolor=None):
                           borderMode=cv2.BORDER_CONSTANT, borderValue=_fill(fillcolor, channels))
 
 
-def affine(img, matrix, resample=Image.BICUBIC, fillcolor=None):
-    """``img.transform(img.size, Image.AFFINE, matrix, resample=resample, fillcolor=fillcolor)`` with OpenCV, for
-    a PIL image (returns one) or an (H, W, 3) uint8 array (returns one)."""
-    if isinstance(img, np.ndarray):
-        if int(resample) in _INTERP:
-            return warp(img, matrix, resample, fillcolor)
-        return np.asarray(affine(Image.fromarray(img), matrix, resample, fillcolor))
-    if img.mode not in ("RGB", "L") or int(resample) not in _INTERP:
-        return img.transform(img.size, Image.AFFINE, tuple(matrix), resample=resample, fillcolor=fillcolor)
-    return Image.fromarray(warp(np.asarray(img), matrix, resample, fillcolor), img.mode)
-
-
-def _size(img):
-    """(width, height) of a PIL image or an array."""
-    return (img.shape[1], img.shape[0]) if isinstance(img, np.ndarray) else img.size
+def affine(arr, matrix, resample=Image.BICUBIC, fillcolor=None):
+    """``transform(size, Image.AFFINE, matrix, resample=resample, fillcolor=fillcolor)`` of an (H, W, C) uint8
+    array: OpenCV for nearest / bilinear / bicubic, PIL for any other resampling filter."""
+    if int(resample) in _INTERP:
+        return warp(arr, matrix, resample, fillcolor)
+    img = Image.fromarray(arr)
+    return np.asarray(img.transform(img.size, Image.AFFINE, tuple(matrix), resample=resample, fillcolor=fillcolor))
 
 
 def _rotation_matrix(width, height, degrees):
@@ -171,25 +160,23 @@ def _rotation_matrix(width, height, degrees):
     return m
 
 
-def rotate(img, degrees, **kwargs):
+def rotate(arr, degrees, **kwargs):
     resample = _pick_resample(kwargs)
     fill = kwargs.get("fillcolor")
     angle = degrees % 360.0
     if angle == 0:
-        return img.copy()
+        return arr.copy()
     if angle in (90.0, 180.0, 270.0):  # PIL takes exact transposes for these
-        if isinstance(img, np.ndarray):
-            return np.asarray(Image.fromarray(img).rotate(degrees, resample=resample, fillcolor=fill))
-        return img.rotate(degrees, resample=resample, fillcolor=fill)
-    return affine(img, _rotation_matrix(*_size(img), degrees), resample, fill)
+        return np.asarray(Image.fromarray(arr).rotate(degrees, resample=resample, fillcolor=fill))
+    return affine(arr, _rotation_matrix(arr.shape[1], arr.shape[0], degrees), resample, fill)
 
 
-def shear_x(img, factor, **kwargs):
-    return affine(img, (1, factor, 0, 0, 1, 0), _pick_resample(kwargs), kwargs.get("fillcolor"))
+def shear_x(arr, factor, **kwargs):
+    return affine(arr, (1, factor, 0, 0, 1, 0), _pick_resample(kwargs), kwargs.get("fillcolor"))
 
 
-def shear_y(img, factor, **kwargs):
-    return affine(img, (1, 0, 0, factor, 1, 0), _pick_resample(kwargs), kwargs.get("fillcolor"))
+def shear_y(arr, factor, **kwargs):
+    return affine(arr, (1, 0, 0, factor, 1, 0), _pick_resample(kwargs), kwargs.get("fillcolor"))
 
 
 def _pil_cubic_weights(d):
@@ -238,31 +225,29 @@ def shift(arr, pixels, axis, resample=Image.BICUBIC, fillcolor=None):
     return out
 
 
-def _translate(img, pixels, axis, kwargs):
+def _translate(arr, pixels, axis, kwargs):
     resample = _pick_resample(kwargs)
     fill = kwargs.get("fillcolor")
-    if isinstance(img, np.ndarray) and img.ndim == 3:
-        out = shift(img, pixels, axis, resample, fill)
-        if out is not None:
-            return out
-    m = (1, 0, pixels, 0, 1, 0) if axis == 1 else (1, 0, 0, 0, 1, pixels)
-    return affine(img, m, resample, fill)
+    out = shift(arr, pixels, axis, resample, fill)
+    if out is not None:
+        return out
+    return affine(arr, (1, 0, pixels, 0, 1, 0) if axis == 1 else (1, 0, 0, 0, 1, pixels), resample, fill)
 
 
-def translate_x_rel(img, pct, **kwargs):
-    return _translate(img, pct * _size(img)[0], 1, kwargs)
+def translate_x_rel(arr, pct, **kwargs):
+    return _translate(arr, pct * arr.shape[1], 1, kwargs)
 
 
-def translate_y_rel(img, pct, **kwargs):
-    return _translate(img, pct * _size(img)[1], 0, kwargs)
+def translate_y_rel(arr, pct, **kwargs):
+    return _translate(arr, pct * arr.shape[0], 0, kwargs)
 
 
-def translate_x_abs(img, pixels, **kwargs):
-    return _translate(img, pixels, 1, kwargs)
+def translate_x_abs(arr, pixels, **kwargs):
+    return _translate(arr, pixels, 1, kwargs)
 
 
-def translate_y_abs(img, pixels, **kwargs):
-    return _translate(img, pixels, 0, kwargs)
+def translate_y_abs(arr, pixels, **kwargs):
+    return _translate(arr, pixels, 0, kwargs)
 
 
 _SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0
@@ -285,14 +270,6 @@ def sharpen(arr, factor):
     out += s
     np.clip(out, 0.0, 255.0, out=out)
     return out.astype(np.uint8)
-
-
-def sharpness(img, factor, **_kwargs):
-    """``ImageEnhance.Sharpness(img).enhance(factor)``, bit-exact for RGB and L images (PIL in, PIL out)."""
-    if img.mode not in ("RGB", "L"):
-        from PIL import ImageEnhance
-        return ImageEnhance.Sharpness(img).enhance(factor)
-    return Image.fromarray(sharpen(np.asarray(img), factor), img.mode)
 
 
 def to_hwc(x):
@@ -427,18 +404,6 @@ def _via_pil(pil_fn):
     return fn
 
 
-_OPS = {
-    "Rotate": rotate,
-    "ShearX": shear_x,
-    "ShearY": shear_y,
-    "TranslateXRel": translate_x_rel,
-    "TranslateYRel": translate_y_rel,
-    "TranslateX": translate_x_abs,
-    "TranslateY": translate_y_abs,
-    "Sharpness": sharpness,
-    "SharpnessIncreasing": sharpness,
-}
-
 _ARRAY_OPS = {
     "AutoContrast": a_auto_contrast,
     "Equalize": a_equalize,
@@ -455,38 +420,30 @@ _ARRAY_OPS = {
     "ContrastIncreasing": a_contrast,
     "Sharpness": a_sharpness,
     "SharpnessIncreasing": a_sharpness,
+    "Rotate": rotate,
+    "ShearX": shear_x,
+    "ShearY": shear_y,
+    "TranslateXRel": translate_x_rel,
+    "TranslateYRel": translate_y_rel,
+    "TranslateX": translate_x_abs,
+    "TranslateY": translate_y_abs,
 }
-# the affine ops take arrays as they are (see affine / rotate)
-_ARRAY_OPS.update({name: fn for name, fn in _OPS.items() if name not in _ARRAY_OPS})
-
-
-def _swap_ops(transform, table, fallback=None) -> int:
-    """Set ``aug_fn`` of every op of ``transform``'s RandAugment / AutoAugment instances found in ``table`` (per
-    instance; timm's op table is untouched); the others get ``fallback(old_fn)`` if given. Returns how many were
-    found in ``table``."""
-    from .transforms import augment_ops
-    found = 0
-    for op in augment_ops(transform):
-        fn = table.get(getattr(op, "name", ""))
-        if fn is not None:
-            op.aug_fn = fn
-            found += 1
-        elif fallback is not None:
-            op.aug_fn = fallback(op.aug_fn)
-    return found
-
-
-def use_cv2_ops(transform) -> int:
-    """Give the geometric and sharpness ops of every RandAugment / AutoAugment instance inside ``transform``
-    their OpenCV kernels. The ops keep taking PIL images. Returns how many ops were swapped; 0 without OpenCV."""
-    return 0 if cv2 is None else _swap_ops(transform, _OPS)
 
 
 def use_array_ops(transform) -> int:
     """Make every op of the RandAugment / AutoAugment instances inside ``transform`` take and return (H, W, 3)
-    uint8 RGB arrays: OpenCV / look-up-table kernels where this module has one, PIL in between otherwise. timm's
-    sampling (op choice, probabilities, magnitudes, interpolation draw) is untouched. Returns how many ops got an
-    array kernel (the rest go through PIL). Requires OpenCV."""
+    uint8 RGB arrays (per instance; timm's op table is untouched): OpenCV / look-up-table kernels where this
+    module has one, PIL in between otherwise. timm's sampling (op choice, probabilities, magnitudes,
+    interpolation draw) is untouched. Returns how many ops got an array kernel. Requires OpenCV."""
     if cv2 is None:
         raise RuntimeError("array RandAugment ops need OpenCV (pip install opencv-python-headless)")
-    return _swap_ops(transform, _ARRAY_OPS, fallback=_via_pil)
+    from .transforms import augment_ops
+    native = 0
+    for op in augment_ops(transform):
+        fn = _ARRAY_OPS.get(getattr(op, "name", ""))
+        if fn is not None:
+            op.aug_fn = fn
+            native += 1
+        else:
+            op.aug_fn = _via_pil(op.aug_fn)
+    return native

@@ -8,14 +8,16 @@ same operations, but:
 * the crop box is drawn from the JPEG *header* (no pixels decoded yet), and when the crop is at least twice the
   output size in both directions the JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg
   "draft" mode) so that the decoder never produces pixels the resize would average away;
-* with OpenCV (a dependency; PIL is the fallback where ``cv2`` cannot load), JPEGs are decoded by OpenCV's libjpeg-turbo into 3-byte pixels (the
-  same pixels as PIL, without PIL's RGBX detour and Python header parsing), see :mod:`spach.data.cv_augment`;
+* with OpenCV (a dependency; PIL is the fallback where ``cv2`` cannot load), JPEGs are decoded by OpenCV's
+  libjpeg-turbo into 3-byte pixels (the same pixels as PIL, without PIL's RGBX detour and Python header
+  parsing), see :mod:`spach.data.cv_augment`;
 * the crop + bicubic antialiased resize runs on the uint8 pixels with PyTorch's vectorised uint8 kernel
   (same Keys a=-0.5 filter with PIL's support scaling; it matches PIL's result to within 1 grey level);
 * RandAugment is timm's own instance (op list, choice, magnitudes, probabilities), with the training
   interpolation for its geometric ops as in timm's ``create_transform``; with OpenCV its ops run on HWC arrays:
-  the colour, histogram and sharpness ops bit-exact with PIL's, the affine ops with ``cv2.warpAffine`` (PIL's
-  geometry and fill; the bicubic kernel is OpenCV's a=-0.75 against PIL's a=-1); without OpenCV they are PIL's;
+  the colour, histogram and sharpness ops bit-exact with PIL's, translations within one grey level, shear and
+  rotation with ``cv2.warpAffine`` (PIL's geometry and fill; OpenCV's a=-0.75 bicubic against PIL's a=-1);
+  without OpenCV they are PIL's;
 * workers return uint8 tensors (4x less inter-process traffic than float); normalisation and random erasing
   run batched on the training device (:class:`DeviceNormalize`), as does mixup/cutmix in the trainer.
 
