@@ -9,9 +9,11 @@ and img per CPU-second per thread (process CPU time, user + system, so page faul
 threads achieve while they run and is far less disturbed by other jobs on a shared machine.
 
 Training configurations (``--mode train``):
-  plain      fp32, foreach AdamW, glibc malloc defaults          (the plain eager path)
-  fp32-opt   fp32, fused AdamW, malloc thresholds                 (every math-preserving trick that helps)
-  bf16       bf16 autocast, fused AdamW, malloc thresholds        (the proposed CPU default on bf16 CPUs)
+  plain      fp32, explicit softmax attention, foreach AdamW, glibc malloc defaults
+                                                                  (the plain eager path: the original's op sequence)
+  plain-sdpa as plain, but SDPA attention (our models' default)   (attention models only: a second reference)
+  fp32-opt   fp32, SDPA, fused AdamW, malloc settings             (every math-preserving trick that helps)
+  bf16       bf16 autocast, fused AdamW, malloc settings          (the CPU default of `spach train` on bf16 CPUs)
 Memory (one extra process per configuration, 1 step, glibc set to return freed memory at once so that the peak
 resident set measures what the step holds): plain, fp32-opt, bf16, and fp32 / bf16 with --grad-checkpointing.
 Inference (``--mode infer``): plain fp32, fp32 + malloc thresholds, bf16 + malloc thresholds.
@@ -35,7 +37,8 @@ DEFAULT_BATCH = {"spach_ms_s_patch4_224_hybrid": 4, "spach_ms_s_patch4_224_conv"
                  "spach_ms_s_patch4_224_mlp": 4}
 
 TRAIN_CONFIGS = {
-    "plain": ["--amp", "off", "--no-fused-optimizer", "--no-cpu-tuning"],
+    "plain": ["--amp", "off", "--no-fused-optimizer", "--no-cpu-tuning", "--no-fused-attn"],
+    "plain-sdpa": ["--amp", "off", "--no-fused-optimizer", "--no-cpu-tuning"],
     "fp32-opt": ["--amp", "off"],
     "bf16": ["--amp", "bf16"],
 }
@@ -50,6 +53,8 @@ MEMORY_CONFIGS = {
     "bf16-ckpt": ["--amp", "bf16", "--grad-checkpointing"],
 }
 STRICT_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+# configurations that differ from "plain" only in the attention kernel: run for models with attention blocks
+ATTENTION_ONLY = {"plain-sdpa"}
 INFER_CONFIGS = {
     "plain": ["--amp", "off", "--no-cpu-tuning"],
     "fp32-opt": ["--amp", "off"],
@@ -66,6 +71,13 @@ def lscpu_model() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return platform.processor()
+
+
+def has_attention(model: str) -> bool:
+    from spach.models.variants import MODEL_CONFIGS
+    arch = MODEL_CONFIGS[model]["net_arch"]
+    stages = arch if isinstance(arch[0], list) else [arch]
+    return any(kind == "attn" for stage in stages for kind, _ in stage)
 
 
 def run_one(model, mode, batch, extra, steps, warmup, blocks, threads, env):
@@ -112,9 +124,11 @@ def main(argv=None):
     report = dict(machine=machine, mode=args.mode, rounds=args.rounds, blocks=args.blocks, steps=steps, models={})
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         batch = args.batch_size or DEFAULT_BATCH.get(model, 16)
-        runs = {name: [] for name in configs}
+        attn = has_attention(model)
+        runs = {name: [] for name in configs if attn or name not in ATTENTION_ONLY}
         for _ in range(0 if args.memory_only else args.rounds):
-            for name, extra in configs.items():
+            for name in runs:
+                extra = configs[name]
                 runs[name].append(run_one(model, args.mode, batch, extra, steps, args.warmup, args.blocks,
                                           args.threads, env))
         memory = {}
@@ -146,6 +160,8 @@ def main(argv=None):
             row["speedup"] = row["img_per_s"] / plain["img_per_s"]
             row["speedup_cpu"] = row["img_per_cpu_s"] / plain["img_per_cpu_s"]
             row["mem_ratio"] = row["train_mem_mb"] / plain["train_mem_mb"]
+            if "plain-sdpa" in rows:
+                row["speedup_cpu_vs_sdpa"] = row["img_per_cpu_s"] / rows["plain-sdpa"]["img_per_cpu_s"]
         report["models"][model] = dict(batch=batch, memory_batch=args.memory_batch or batch, configs=rows,
                                        memory=memory)
         print(f"\n{model}  {args.mode}  batch {batch}  ({args.rounds} rounds x {args.blocks} blocks x {steps} steps)"
@@ -155,7 +171,9 @@ def main(argv=None):
         for name, row in rows.items():
             print(f"{name:10s} {row['img_per_s']:7.2f} {row['speedup']:7.2f} {row['img_per_cpu_s']:9.2f} "
                   f"{row['speedup_cpu']:7.2f} {row['step_ms']:8.0f} {row['peak_rss_mb']:11.0f} "
-                  f"{row['train_mem_mb']:11.0f}  {row['blocks']} / {row['cpu_blocks']}")
+                  f"{row['train_mem_mb']:11.0f}  {row['blocks']} / {row['cpu_blocks']}"
+                  + (f"  (cpu-time x plain-sdpa {row['speedup_cpu_vs_sdpa']:.2f})"
+                     if "speedup_cpu_vs_sdpa" in row else ""))
         if memory:
             print("memory (strict accounting): " + ", ".join(
                 f"{k} {v['step_mem_mb']:.0f} MB ({v['vs_plain']:.2f}x)" for k, v in memory.items()))

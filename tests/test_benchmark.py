@@ -300,3 +300,33 @@ def test_fast_train_dataset_and_finalize_from_trainer_flags(tmp_path):
     out = finalize(batch)
     assert out.shape == (2, 3, 64, 64) and out.dtype == torch.float32
     assert -2.2 < out.min() and out.max() < 2.7           # ImageNet-normalised range of uint8 input
+
+
+def test_cpu_train_script_plain_path_is_the_original_op_sequence(tmp_path):
+    """benchmarks/cpu_train.py: the plain path takes the explicit softmax attention (the original code's ops), a
+    second plain path with SDPA runs only for models with attention, and every ratio is against plain."""
+    import importlib.util
+    import subprocess
+    import sys
+    path = os.path.join(ROOT, "benchmarks", "cpu_train.py")
+    spec = importlib.util.spec_from_file_location("cpu_train_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for model, attention in [("spach_ms_xxs_patch4_224_attn", True), ("spach_ms_s_patch4_224_hybrid", True),
+                             ("spach_ms_xxs_patch4_224_conv", False), ("spach_xxs_patch16_224_mlp", False)]:
+        assert script.has_attention(model) is attention
+
+    out = tmp_path / "cpu_train.json"
+    proc = subprocess.run([sys.executable, path, "--models", "spach_ms_xxs_patch4_224_attn", "--batch-size", "2",
+                           "--rounds", "1", "--blocks", "1", "--steps", "1", "--warmup", "0", "--threads", "1",
+                           "--no-memory", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["models"]["spach_ms_xxs_patch4_224_attn"]["configs"]
+    assert list(rows) == ["plain", "plain-sdpa", "fp32-opt", "bf16"]
+    assert "--no-fused-attn" in rows["plain"]["command"] and "--no-fused-attn" not in rows["plain-sdpa"]["command"]
+    assert "--no-fused-attn" not in rows["fp32-opt"]["command"]
+    assert rows["plain"]["speedup_cpu"] == 1.0
+    for row in rows.values():
+        assert row["img_per_cpu_s"] > 0
+        assert row["speedup_cpu_vs_sdpa"] == pytest.approx(row["img_per_cpu_s"] / rows["plain-sdpa"]["img_per_cpu_s"])
+    assert "x plain-sdpa" in proc.stdout
