@@ -74,10 +74,8 @@ def lscpu_model() -> str:
 
 
 def has_attention(model: str) -> bool:
-    from spach.models.variants import MODEL_CONFIGS
-    arch = MODEL_CONFIGS[model]["net_arch"]
-    stages = arch if isinstance(arch[0], list) else [arch]
-    return any(kind == "attn" for stage in stages for kind, _ in stage)
+    from spach.models.variants import MODEL_CONFIGS, _stages
+    return any(kind == "attn" for stage in _stages(MODEL_CONFIGS[model]["net_arch"]) for kind, _ in stage)
 
 
 def run_one(model, mode, batch, extra, steps, warmup, blocks, threads, env):
