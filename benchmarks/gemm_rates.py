@@ -30,11 +30,12 @@ def shapes(batch):
 
 
 def rate(a, b, repeats):
-    (torch.bmm if a.dim() == 3 else torch.mm)(a, b)
+    op = torch.bmm if a.dim() == 3 else torch.mm
+    op(a, b)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        (torch.bmm if a.dim() == 3 else torch.mm)(a, b)
+        op(a, b)
         times.append(time.perf_counter() - t)
     flops = 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
     return flops / statistics.median(times) / 1e9

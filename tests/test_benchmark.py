@@ -330,3 +330,19 @@ def test_cpu_train_script_plain_path_is_the_original_op_sequence(tmp_path):
         assert row["img_per_cpu_s"] > 0
         assert row["speedup_cpu_vs_sdpa"] == pytest.approx(row["img_per_cpu_s"] / rows["plain-sdpa"]["img_per_cpu_s"])
     assert "x plain-sdpa" in proc.stdout
+
+
+def test_gemm_rates_script_reports_every_shape():
+    """benchmarks/gemm_rates.py runs and prints an fp32 and a bf16 rate for each product plus the median ratio."""
+    import subprocess
+    import sys
+    path = os.path.join(ROOT, "benchmarks", "gemm_rates.py")
+    proc = subprocess.run([sys.executable, path, "--batch", "1", "--repeats", "1", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.rstrip().endswith("x") and not line.startswith("median")]
+    assert len(rows) == 8
+    for line in rows:
+        fp32, bf16, ratio = line.split()[-3:]
+        assert float(fp32) > 0 and float(bf16) > 0 and float(ratio[:-1]) > 0
+    assert "median bf16/fp32:" in proc.stdout
