@@ -206,6 +206,14 @@ def test_randaugment_policy_runs_many_times_without_error():
 
 # ---- samplers
 
+def _assert_reshuffles_per_epoch_and_resumes(sampler):
+    e0 = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != e0
+    sampler.set_epoch(0)
+    assert list(sampler) == e0  # a function of (seed, epoch): resumable
+
+
 def test_ra_sampler_shards_repeats_and_reshuffles_per_epoch():
     n, world = 100, 4
     shards = [list(RASampler(n, world, r, seed=0)) for r in range(world)]
@@ -213,18 +221,20 @@ def test_ra_sampler_shards_repeats_and_reshuffles_per_epoch():
     # the 3 copies of an image go to different ranks
     first = [s[0] for s in shards[:3]]
     assert len(set(first)) == 1
-    s = RASampler(n, world, 0, seed=0)
-    e0 = list(s)
-    s.set_epoch(1)
-    assert list(s) != e0
-    s.set_epoch(0)
-    assert list(s) == e0  # a function of (seed, epoch): resumable
+    _assert_reshuffles_per_epoch_and_resumes(RASampler(n, world, 0, seed=0))
 
 
 def test_shuffle_sampler_partitions_without_overlap():
     shards = [list(ShuffleSampler(10, 3, r, seed=1)) for r in range(3)]
     flat = [i for s in shards for i in s]
     assert len(flat) == 9 and len(set(flat)) == 9
+    _assert_reshuffles_per_epoch_and_resumes(ShuffleSampler(10, 3, 0, seed=1))
+
+
+def test_training_samplers_refuse_fewer_samples_than_processes():
+    for cls in (RASampler, ShuffleSampler):
+        with pytest.raises(ValueError, match="3 samples cannot be split over 4 processes"):
+            cls(3, 4, 0)
 
 
 def test_eval_shard_sampler_covers_every_sample_exactly_once():
