@@ -294,9 +294,10 @@ def _run(args, dist_info, device_kind) -> int:
             raise SpachError(f"--data-pipeline fast cannot run these flags ({e}): use --data-pipeline timm") from None
         batch_transform = batch_transform.to(device)
         from ..data import cv_augment
-        logger.info("fast data pipeline: " + ("OpenCV decoding and RandAugment kernels" if cv_augment.available() else
-                                              "PIL decoding and RandAugment (pip install opencv-python-headless, or "
-                                              "spach's opencv-python-headless dependency did not load: reinstall it for the faster kernels)"))
+        logger.info("fast data pipeline: " + (
+            "OpenCV decoding and RandAugment kernels" if cv_augment.available() else
+            "PIL decoding and RandAugment: OpenCV (opencv-python-headless, a spach dependency) did not load; "
+            "reinstall it (pip install --force-reinstall opencv-python-headless) for the faster kernels"))
     dataset_val = TolerantImageFolder(samples["val"], class_names, val_tf, strict=args.strict_data)
     if eval_only:
         sampler_train = None
