@@ -214,7 +214,7 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     _flag(g, "--data-pipeline", dest="data_pipeline", default="timm", choices=["timm", "fast"],
           help="training decode + augment: 'timm' (PIL, the reference path) or 'fast' (same augmentation "
                "distribution; JPEG DCT-scaled decoding, uint8 until the device, normalise/erase on the device; "
-               "1.3-1.6x per loader core, benchmarks/RESULTS.md)")
+               "2.2-2.3x per loader core with OpenCV, 1.3-1.65x with its PIL fallback; benchmarks/RESULTS.md)")
     _flag(g, "--compile", dest="compile", action="store_true", help="torch.compile the model")
     _flag(g, "--world_size", dest="world_size", type=int, default=1, help="set by torchrun (WORLD_SIZE)")
     _flag(g, "--dist_url", dest="dist_url", default="env://", help="kept for compatibility; torchrun's env:// is used")
