@@ -250,6 +250,18 @@ def test_pretrained_without_network_names_the_url_and_the_fix(tmp_path, monkeypa
     assert cfg["url"] == "https://github.com/microsoft/SPACH/releases/download/v1.0/spach_ms_conv_xxs.pth"
 
 
+def test_pretrained_downloads_into_a_fresh_hub_cache(tmp_path, trained_xxs, monkeypatch):
+    """pretrained=True on a machine whose torch hub cache folder does not exist yet: created, downloaded, loaded."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "fresh_home"))
+    release = tmp_path / "spach_ms_trans_xxs.pth"
+    torch.save({"model": trained_xxs.state_dict()}, release)
+    model = timm.create_model("spach_ms_xxs_patch4_224_attn", pretrained=True,
+                              pretrained_cfg_overlay=dict(url=release.as_uri()))
+    assert (tmp_path / "fresh_home" / "hub" / "checkpoints" / "spach_ms_trans_xxs.pth").is_file()
+    for (k, a), b in zip(model.state_dict().items(), trained_xxs.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_pretrained_from_a_local_file(tmp_path, trained_xxs):
     path = tmp_path / "spach_ms_trans_xxs.pth"
     torch.save({"model": trained_xxs.state_dict()}, path)

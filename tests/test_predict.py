@@ -1,6 +1,7 @@
 """`spach predict`: the evaluation transform of the model's pretrained config, the right class (named from
 the checkpoint) for images a checkpoint was built to separate, and clear errors that name the bad file."""
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -95,6 +96,28 @@ def test_predict_names_the_right_class(checkpoint, images, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == str(images["red"]) and len(lines) == 2
     assert lines[1].split()[0] == "1." and lines[1].endswith("red") and "class 2" in lines[1]
+
+
+def test_weights_given_as_urls(checkpoint, images, tmp_path, capsys, monkeypatch):
+    """--checkpoint takes an http(s) URL (downloaded once into torch hub's cache, one folder per URL, so two
+    different best.pth files never stand in for each other) or a file:// URL (its path, nothing copied)."""
+    from train_helpers import serve_folder
+    from spach.models.pretrained import local_weights
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "best.pth").write_bytes(b"another file of the same name")
+    with serve_folder(checkpoint.parent) as base, serve_folder(other) as base2:
+        url = f"{base}/best.pth"
+        assert main(["predict", "--checkpoint", url, str(images["red"]), "--topk", "1"]) == 0
+        assert capsys.readouterr().out.strip().splitlines()[1].endswith("red")
+        first, second = local_weights(url), local_weights(f"{base2}/best.pth")
+    assert first != second and os.path.basename(first) == os.path.basename(second) == "best.pth"
+    assert open(first, "rb").read() == checkpoint.read_bytes()
+    assert open(second, "rb").read() == b"another file of the same name"
+    assert local_weights(url) == first  # cached: the server is gone
+    assert local_weights(checkpoint.as_uri()) == str(checkpoint)
+    assert local_weights(str(checkpoint)) == str(checkpoint)
 
 
 def test_imagenet_heads_get_imagenet_names_and_other_heads_indices():

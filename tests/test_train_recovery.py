@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spach.cli import main
-from train_helpers import REPO, fast_flags, make_shapes_folder
+from train_helpers import REPO, fast_flags, make_shapes_folder, serve_folder
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,27 @@ def test_finetune_reinitialises_a_head_of_another_size(shapes, tmp_path, capsys)
     rc = main(["train", *fast_flags(two, tmp_path / "bad", "--finetune", str(src / "checkpoint.pth"),
                                     "--model", "spach_ms_xxs_patch4_224_conv", epochs=1)])
     assert rc == 2 and "--finetune" in capsys.readouterr().err
+
+
+def test_finetune_from_a_url_downloads_once_into_the_hub_cache(shapes, tmp_path, capsys, monkeypatch):
+    """As the original's --finetune / --resume, an http(s) URL works: downloaded once into torch hub's cache
+    (TORCH_HOME), in a folder of its own per URL; an unreachable URL is one line naming it and the fix."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    src = tmp_path / "src"
+    assert main(["train", *fast_flags(shapes, src, epochs=1)]) == 0
+    capsys.readouterr()
+    with serve_folder(src) as base:
+        url = f"{base}/checkpoint.pth"
+        assert main(["train", *fast_flags(shapes, tmp_path / "ft", "--finetune", url, epochs=1)]) == 0
+    cached = list((tmp_path / "torch_home" / "hub" / "checkpoints").glob("url-*/checkpoint.pth"))
+    assert len(cached) == 1 and cached[0].read_bytes() == (src / "checkpoint.pth").read_bytes()
+    assert not list(cached[0].parent.glob("*.partial"))
+    capsys.readouterr()
+    rc = main(["train", *fast_flags(shapes, tmp_path / "ft2", "--finetune", "http://127.0.0.1:9/w/checkpoint.pth",
+                                    epochs=1)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert "could not download http://127.0.0.1:9/w/checkpoint.pth" in err and "local path" in err
 
 
 def test_distillation_with_a_timm_teacher(shapes, tmp_path, capsys):

@@ -1,9 +1,14 @@
-"""Helpers for the training-system tests: a tiny real-image ImageFolder and the common fast flags."""
+"""Helpers for the training-system tests: a tiny real-image ImageFolder, the common fast flags and a local
+HTTP server for weights given as URLs."""
+import contextlib
+import functools
+import http.server
 import io
 import os
 import random
 import subprocess
 import sys
+import threading
 
 from PIL import Image, ImageDraw
 
@@ -80,3 +85,22 @@ def photo(w, h, seed=0, noise=6.0):
     img += rng.normal(0, noise, img.shape)
     img[h // 4: h // 2, w // 3: w // 2] = (230, 40, 60)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serve_folder(folder):
+    """Serve ``folder`` over HTTP on a free local port for the duration of the block; yields the base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

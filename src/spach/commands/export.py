@@ -16,12 +16,14 @@ import json
 import logging
 import os
 import re
+import urllib.parse
 import warnings
 
 import torch
 
 from ..errors import SpachError
 from ..inference import ModelInfo, build_model
+from ..models.pretrained import is_url, local_weights
 from ._help import use_help_formatter
 
 FORMATS = {"onnx": ".onnx", "safetensors": ".safetensors", "torchscript": ".pt"}
@@ -37,8 +39,8 @@ def add_arguments(parser):
     parser.add_argument("--model", default=None, metavar="NAME",
                         help="model name (`spach models`); may be left out when the checkpoint names it")
     parser.add_argument("--checkpoint", default=None, metavar="CKPT",
-                        help="weights: a training checkpoint, an official release .pth or a .safetensors file "
-                             "(left out: random weights, with a warning)")
+                        help="weights: a training checkpoint, an official release .pth or a .safetensors file, or its "
+                             "http(s) URL (left out: random weights, with a warning)")
     parser.add_argument("--format", required=True, choices=sorted(FORMATS), help="what to write")
     parser.add_argument("--output", default=None, metavar="FILE",
                         help="output file (default: the checkpoint's name, or the model's, with the format's "
@@ -57,7 +59,10 @@ def add_arguments(parser):
 def default_output(args, info: ModelInfo) -> str:
     ext = FORMATS[args.format]
     if args.checkpoint:
-        stem = os.path.splitext(args.checkpoint)[0]
+        if is_url(args.checkpoint) and not args.checkpoint.lower().startswith("file:"):
+            # in the current folder, named after the downloaded file
+            return os.path.splitext(os.path.basename(urllib.parse.urlparse(args.checkpoint).path))[0] + ext
+        stem = os.path.splitext(local_weights(args.checkpoint))[0]
         return stem + ext
     return info.model_name + ext
 
@@ -69,9 +74,10 @@ def run(args) -> int:
         raise SpachError(f"--tolerance must be >= 0 (got {args.tolerance})")
     if args.format == "onnx":
         _require_onnx(args.opset)
-    model, info = build_model(args.model, args.checkpoint, img_size=args.img_size, use_ema=args.use_ema)
+    checkpoint = local_weights(args.checkpoint) if args.checkpoint else args.checkpoint
+    model, info = build_model(args.model, checkpoint, img_size=args.img_size, use_ema=args.use_ema)
     output = args.output or default_output(args, info)
-    if args.checkpoint and os.path.exists(output) and os.path.samefile(output, args.checkpoint):
+    if checkpoint and os.path.exists(output) and os.path.samefile(output, checkpoint):
         raise SpachError(f"--output {output} is the checkpoint itself: pass another --output FILE")
     parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(parent):

@@ -24,7 +24,8 @@ def add_arguments(parser):
     parser.add_argument("--model", default=None, metavar="NAME",
                         help="model name (`spach models`); may be left out when the checkpoint names it")
     parser.add_argument("--checkpoint", default=None, metavar="CKPT",
-                        help="weights: a training checkpoint, an official release .pth or a .safetensors file")
+                        help="weights: a training checkpoint, an official release .pth or a .safetensors file, or its "
+                             "http(s) URL")
     parser.add_argument("--topk", type=int, default=5, help="how many classes to show per image")
     parser.add_argument("--img-size", type=int, default=None, metavar="N",
                         help="input size (default: the checkpoint's training size, else the model's 224)")

@@ -4,9 +4,12 @@ A checkpoint is untrusted input: ``.pth`` files are read with ``torch.load(weigh
 pickle can run) and ``.safetensors`` with :mod:`safetensors`. Anything that does not fit the model is refused
 with the missing / unexpected / mis-shaped keys listed.
 """
+import hashlib
 import os
 import pickle
 import re
+import urllib.parse
+import urllib.request
 from typing import Dict, Optional
 
 import torch
@@ -15,7 +18,7 @@ from torch import nn
 from ..errors import CheckpointError
 
 __all__ = ["read_state_dict", "load_pretrained", "load_pretrained_release", "checkpoint_filter_fn",
-           "safetensors_model_kwargs"]
+           "safetensors_model_kwargs", "is_url", "local_weights"]
 
 _WRAPPER_KEYS_EMA = ("model_ema", "state_dict_ema")
 _WRAPPER_KEYS = ("model", "state_dict", "module")
@@ -165,6 +168,44 @@ def load_pretrained(model: nn.Module, path: str, use_ema: bool = False, strict: 
     return model
 
 
+_URL_SCHEMES = ("http://", "https://", "file://")
+
+
+def is_url(path) -> bool:
+    return isinstance(path, str) and path.lower().startswith(_URL_SCHEMES)
+
+
+def _download(url: str, cached: str, hint: str, what: str = "") -> str:
+    """``cached``, downloaded from ``url`` unless it is there (to a temporary name, then renamed: an interrupted
+    download leaves nothing behind)."""
+    if not os.path.isfile(cached):
+        try:
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            torch.hub.download_url_to_file(url, cached, progress=False)
+        except Exception as e:  # no network, HTTP error, DNS failure, unwritable cache ...
+            raise CheckpointError(
+                f"could not download {what}{url} ({type(e).__name__}: {str(e)[:160]}). Download that file yourself "
+                f"and {hint}, or place it at {cached}") from None
+    return cached
+
+
+def local_weights(path: str) -> str:
+    """``path`` itself; for a file:// URL its path; for an http(s):// URL (as the original's ``--resume`` /
+    ``--finetune`` / ``--teacher-path`` accept) a copy downloaded once into torch hub's cache, in a folder of its
+    own per URL (two runs' ``best.pth`` never stand in for each other)."""
+    if not is_url(path):
+        return path
+    parsed = urllib.parse.urlparse(path)
+    if parsed.scheme.lower() == "file":
+        return urllib.request.url2pathname(parsed.path)
+    file_name = os.path.basename(parsed.path)
+    if not file_name:
+        raise CheckpointError(f"{path} does not name a weights file: pass the URL of a .pth / .safetensors file")
+    key = hashlib.sha256(path.encode()).hexdigest()[:16]
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", f"url-{key}", file_name)
+    return _download(path, cached, "pass its local path instead of the URL")
+
+
 def load_pretrained_release(model: nn.Module, variant: str) -> nn.Module:
     """``pretrained=True``: the official release file, from ``pretrained_cfg['file']`` if set (a local
     file), else torch hub's cache, else downloaded. Without network this fails with the URL to fetch."""
@@ -173,21 +214,13 @@ def load_pretrained_release(model: nn.Module, variant: str) -> nn.Module:
     local = cfg.get("file")
     if local:
         return load_pretrained(model, local)
-    url, file_name = cfg.get("url"), os.path.basename(cfg.get("url") or "")
+    url = cfg.get("url")
     if not url:
         raise CheckpointError(
             f"no official weights were released for {variant}: train it with `spach train --model {variant}` "
             f"or pass your own file with checkpoint_path=...")
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
-    if not os.path.isfile(cached):
-        try:
-            torch.hub.download_url_to_file(url, cached, progress=False)
-        except Exception as e:  # no network, HTTP error, DNS failure ...
-            if os.path.exists(cached):
-                os.remove(cached)
-            raise CheckpointError(
-                f"could not download the pretrained weights of {variant} from {url} ({type(e).__name__}: "
-                f"{str(e)[:160]}). Download that file yourself and pass it: "
-                f"spach.create_model('{variant}', checkpoint_path='{file_name}') (CLI: --resume/--checkpoint "
-                f"{file_name}), or place it at {cached}") from None
-    return load_pretrained(model, cached)
+    file_name = os.path.basename(urllib.parse.urlparse(url).path)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)  # torch hub's own place for it
+    hint = (f"pass it: spach.create_model('{variant}', checkpoint_path='{file_name}') (CLI: --resume/--checkpoint "
+            f"{file_name})")
+    return load_pretrained(model, _download(url, cached, hint, what=f"the pretrained weights of {variant} from "))

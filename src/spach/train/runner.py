@@ -180,6 +180,10 @@ def _gather_rng(dist_info):
 
 
 def run(args) -> int:
+    from ..models.pretrained import local_weights
+    for flag in ("resume", "finetune", "teacher_path"):  # URLs, as the original accepts: downloaded once, cached
+        if getattr(args, flag, None):
+            setattr(args, flag, local_weights(getattr(args, flag)))
     if args.eval and not args.resume:
         raise SpachError("evaluation needs weights: pass --checkpoint/--resume CKPT (a checkpoint.pth, best.pth or an "
                          "official release .pth)")
