@@ -193,7 +193,7 @@ def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img
         raise SpachError(f"--crop-pct must be in (0, 1] (got {crop_pct})")
     if checkpoint:
         from .models.pretrained import local_weights
-        checkpoint = local_weights(checkpoint)  # an http(s) URL: downloaded once into torch hub's cache; file://: its path
+        checkpoint = local_weights(checkpoint)  # an http(s) URL: downloaded once into torch hub's cache
     meta = read_checkpoint_metadata(checkpoint, use_ema=use_ema) if checkpoint else {}
     if model_name is None:
         model_name = meta.get("model")

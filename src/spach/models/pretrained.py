@@ -177,7 +177,7 @@ def is_url(path) -> bool:
 
 def _download(url: str, cached: str, hint: str, what: str = "") -> str:
     """``cached``, downloaded from ``url`` unless it is there (to a temporary name, then renamed: an interrupted
-    download leaves nothing behind)."""
+    download never leaves a partial file under the cached name)."""
     if not os.path.isfile(cached):
         try:
             os.makedirs(os.path.dirname(cached), exist_ok=True)

@@ -178,7 +178,8 @@ def add_train_arguments(parser: argparse.ArgumentParser):
 
     g = parser.add_argument_group("distillation and fine-tuning")
     _flag(g, "--teacher-model", dest="teacher_model", default="regnety_160", help="timm teacher model")
-    _flag(g, "--teacher-path", dest="teacher_path", default="", help="teacher weights file (or an http(s) URL, downloaded once into torch hub's cache)")
+    _flag(g, "--teacher-path", dest="teacher_path", default="",
+          help="teacher weights: a file or an http(s) URL (downloaded once into torch hub's cache)")
     _flag(g, "--distillation-type", dest="distillation_type", default="none", choices=["none", "soft", "hard"])
     _flag(g, "--distillation-alpha", dest="distillation_alpha", type=float, default=0.5)
     _flag(g, "--distillation-tau", dest="distillation_tau", type=float, default=1.0)
@@ -189,7 +190,8 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     _flag(g, "--output_dir", dest="output_dir", default=None,
           help="where checkpoint.pth, best.pth and log.txt go (default: output/<model>-<dataset>; '' saves nothing)"
                "%(default).0s")
-    _flag(g, "--resume", dest="resume", default="", help="resume from (or, with --eval, evaluate) this checkpoint: a file or an http(s) URL")
+    _flag(g, "--resume", dest="resume", default="",
+          help="resume from (or, with --eval, evaluate) this checkpoint: a file or an http(s) URL")
     _bool_pair(g, "auto-resume", "auto_resume", True, "resume from <output_dir>/checkpoint.pth when it exists",
                "always start afresh")
     _flag(g, "--start_epoch", dest="start_epoch", type=int, default=0)
