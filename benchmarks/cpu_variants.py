@@ -45,7 +45,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import torch
-    from spach.bench.cpu_tuning import cpu_model_name, set_threads
+    from spach.runtime.cpu_tuning import cpu_model_name, set_threads
     from spach.bench.runner import BenchConfig, run_interleaved
     threads = set_threads(args.threads)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]

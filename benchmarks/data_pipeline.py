@@ -91,7 +91,7 @@ def main(argv=None):
     ap.add_argument("--no-malloc-tuning", action="store_true", help="keep glibc's default malloc thresholds")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # one worker = one core
-    from spach.bench.cpu_tuning import cpu_model_name, tune_glibc_malloc
+    from spach.runtime.cpu_tuning import cpu_model_name, tune_glibc_malloc
     # the malloc settings `spach train` applies on a CPU (heap only), for both pipelines alike (fresh float
     # batches otherwise page-fault on every allocation)
     malloc_tuned = tune_glibc_malloc(disable_mmap=True) if not args.no_malloc_tuning else False

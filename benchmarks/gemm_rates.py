@@ -47,7 +47,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--batch", type=int, default=64)
     args = ap.parse_args(argv)
-    from spach.bench.cpu_tuning import apply_cpu_tuning, cpu_model_name
+    from spach.runtime.cpu_tuning import apply_cpu_tuning, cpu_model_name
     apply_cpu_tuning(args.threads)
     print(f"# {cpu_model_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, batch {args.batch}")
     print(f"{'product':45s} {'fp32 GF/s':>9s} {'bf16 GF/s':>9s} {'bf16/fp32':>9s}")

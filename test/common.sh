@@ -52,14 +52,14 @@ spach_launch() {
         source "${test_path_dir}/env_npu.sh"
     fi
     if [[ -z "${device}" ]]; then
-        device="$(${PYTHON} -c 'from spach.train.device import available_devices; print(available_devices()[0])' 2>/dev/null || echo cpu)"
+        device="$(${PYTHON} -c 'from spach.runtime.device import available_devices; print(available_devices()[0])' 2>/dev/null || echo cpu)"
     fi
     if [[ -z "${nproc}" ]]; then
         if [[ "${RANK_SIZE_DEFAULT}" == "1" || "${device}" == cpu* || "${device}" == mps* ]]; then
             nproc=1
         else  # eight cards, or as many as this node has
             local n_devices
-            n_devices="$(${PYTHON} -c "from spach.train.device import device_count, available_devices as a
+            n_devices="$(${PYTHON} -c "from spach.runtime.device import device_count, available_devices as a
 d='${device}'.split(':')[0]; print(device_count(d) if d in a() else 0)" 2>/dev/null || echo 0)"
             nproc=$(( n_devices >= 8 ? 8 : (n_devices > 0 ? n_devices : 1) ))
         fi

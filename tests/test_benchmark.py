@@ -257,7 +257,7 @@ def test_sample_crop_follows_timm_distribution():
 
 
 def test_cpu_tuning_is_reported():
-    from spach.bench.cpu_tuning import apply_cpu_tuning, cpu_has_native_bf16, default_cpu_amp
+    from spach.runtime.cpu_tuning import apply_cpu_tuning, cpu_has_native_bf16, default_cpu_amp
     threads = torch.get_num_threads()
     try:
         report = apply_cpu_tuning(threads=1)

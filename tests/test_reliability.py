@@ -496,7 +496,7 @@ def test_bad_flags_give_one_line_errors(shapes, tmp_path):
         (["--input-size", "16"], ["--input-size 16", "multiple of", "32"]),
         (["--output_dir", str(a_file)], [str(a_file), "is a file"]),
     ]
-    from spach.train.device import available_devices
+    from spach.runtime.device import available_devices
     if "cuda" not in available_devices():
         cases.append((["--device", "cuda"], ["--device cuda", "CUDA"]))
     if "npu" not in available_devices():

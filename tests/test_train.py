@@ -124,7 +124,7 @@ def test_resume_after_interruption_ends_bit_identical(shapes, tmp_path, monkeypa
     real = runner.train_one_epoch
 
     def interrupted(*a, **kw):
-        if a[5] == 1:  # epoch
+        if a[2] == 1:  # epoch
             raise KeyboardInterrupt
         return real(*a, **kw)
 
@@ -253,7 +253,7 @@ def test_bad_flags_give_one_line_errors(shapes, tmp_path, capsys):
 
 
 def test_missing_devices_are_named(shapes, tmp_path, capsys):
-    from spach.train.device import available_devices
+    from spach.runtime.device import available_devices
     for flag, device in ((["--device", "cuda"], "cuda"), (["--npu"], "npu")):
         if device in available_devices():
             continue
@@ -329,7 +329,7 @@ def test_ema_averages_shared_mixer_tensors_once_per_step():
 def test_resumed_optimizer_keeps_this_runs_kernels():
     """A checkpoint written with foreach AdamW (e.g. on a CPU) resumes into fused AdamW (e.g. on a GPU) as fused,
     with its moments and step count, and the reverse; a state of another group layout is refused."""
-    from spach.train.runner import _with_current_kernels
+    from spach.train.setup import with_current_kernels as _with_current_kernels
     w = torch.nn.Parameter(torch.ones(4))
     writer = torch.optim.AdamW([w], lr=0.1, foreach=True)
     w.grad = torch.ones(4)
@@ -362,7 +362,7 @@ def test_resumed_optimizer_keeps_this_runs_kernels():
 
 def test_device_index_is_parsed():
     from spach.errors import SpachError
-    from spach.train.device import init_distributed, requested_index
+    from spach.runtime.device import init_distributed, requested_index
     assert requested_index("cuda:1") == 1 and requested_index("cuda") is None and requested_index(None) is None
     with pytest.raises(SpachError, match="must be a number"):
         requested_index("cuda:first")
@@ -373,7 +373,7 @@ def test_device_index_selects_that_gpu_in_one_process(monkeypatch):
     """`--device cuda:1` binds GPU 1 in a single process; torchrun ranks keep LOCAL_RANK. (The GPU count and
     set_device are stood in for: this machine has no GPU; the selection logic is what is checked.)"""
     from spach.errors import SpachError
-    from spach.train import device as devices
+    from spach.runtime import device as devices
     bound = []
     monkeypatch.setattr(devices, "device_count", lambda kind: 2)
     monkeypatch.setattr(torch.cuda, "set_device", bound.append)
@@ -469,7 +469,7 @@ def test_cpu_training_keeps_freed_buffers_and_says_so(shapes, tmp_path):
 
 _MMAP_PROBE = """
 import ctypes, sys
-from spach.bench.cpu_tuning import apply_cpu_tuning
+from spach.runtime.cpu_tuning import apply_cpu_tuning
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]

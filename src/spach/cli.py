@@ -1,12 +1,14 @@
 """The ``spach`` command line: ``spach train | eval | benchmark | models | export | plot | predict``.
 
 Each sub-command lives in its own module under :mod:`spach.commands` exposing ``add_arguments(parser)``
-and ``run(args) -> int``; modules are imported only when their command runs, so ``spach models`` stays fast.
+and ``run(args) -> int``; a module is imported only when its command runs (or its ``--help`` is asked for), so
+``spach --help`` imports none and ``spach models`` only its own.
 """
 import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from .errors import SpachError
 
@@ -28,7 +30,9 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def build_parser():
+def build_parser(command=None):
+    """The ``spach`` parser. Every sub-command is listed; only ``command``'s module is imported and given its
+    flags (all of them when ``command`` is None, as for documentation and tests that parse several commands)."""
     parser = OneLineArgumentParser(prog="spach", description="SPACH: train, evaluate and benchmark "
                                      "CNN / Transformer / MLP mixing networks")
     from . import __version__
@@ -36,6 +40,9 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():
+        if command is not None and name != command:
+            sub.add_parser(name, help=help_text)  # listed in `spach --help`; not imported
+            continue
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
@@ -49,9 +56,21 @@ def build_parser():
     return parser
 
 
+def _command_of(argv):
+    """The sub-command named in ``argv`` (its first word that is not an option), or "" when there is none."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else ""
+    return ""
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
+    # timm < 1.0.31 applies torch.jit.interface at import, which recent torch flags as deprecated on every
+    # start-up; the warning concerns timm's code, and on the command line it would be a second line around
+    # one-line errors.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.interface` is deprecated", category=FutureWarning)
+    parser = build_parser(_command_of(argv))
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # reported by the sub-command, whose --help lists its flags
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")

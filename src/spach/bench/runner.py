@@ -5,10 +5,12 @@ One :class:`Workload` is a built model + optimiser + batch source for one config
 synchronise and stops behind another, and the images counted are exactly ``steps * batch_size`` per block.
 The reported rate is the median over blocks.
 
-The training step is the one ``spach train`` runs: mixup/cutmix on the device with soft targets (label
-smoothing inside them) or cross-entropy with label smoothing when mixing is off, autocast with the chosen
-dtype, a GradScaler for fp16, AdamW (fused where the device has the kernel), and no host synchronisation
-(no ``.item()``) inside the step.
+The training step is the one ``spach train`` runs, :func:`spach.train.engine.train_step`, built from the same
+pieces (:func:`~spach.train.optim.build_optimizer`, :func:`~spach.train.engine.build_criterion`,
+:func:`~spach.train.engine.build_scaler`): mixup/cutmix on the device with soft targets (label smoothing inside
+them) or cross-entropy with label smoothing when mixing is off, autocast with the chosen dtype, a GradScaler for
+fp16, AdamW with DeiT's weight-decay groups (fused where the device has the kernel), and no host
+synchronisation (no ``.item()``) inside the step.
 """
 import math
 import os
@@ -19,9 +21,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import SpachError
+from ..runtime.cpu_tuning import cpu_model_name
+from ..runtime.device import autocast, requested_index, resolve_amp, resolve_device, synchronize
+from ..train.engine import TrainStep, build_criterion, build_scaler, train_step
+from ..train.optim import build_optimizer, optimizer_kind
 
 __all__ = ["BenchConfig", "Workload", "run_benchmark", "run_interleaved", "peak_bf16_tflops", "device_name",
            "PeakMemory"]
@@ -43,7 +48,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        from .cpu_tuning import cpu_model_name
         return f"{cpu_model_name()} ({torch.get_num_threads()} threads)"
     return device.type
 
@@ -58,7 +62,7 @@ class BenchConfig:
     channels_last: bool = False
     compile: bool = False
     grad_checkpointing: bool = False
-    fused_optimizer: bool = True        # fused AdamW where the device has it (cuda, cpu with torch >= 2.4)
+    fused_optimizer: bool = True        # the optimizer kernels `spach train` takes (False: foreach AdamW)
     fused_attn: bool = True             # SDPA attention (False: explicit softmax)
     cpu_bf16_explicit_attn: bool = True  # bf16 CPU training takes the explicit softmax (False: SDPA there too)
     data: str = "synthetic"             # synthetic | a folder of JPEGs (ImageFolder, train/ used if present)
@@ -139,38 +143,11 @@ class PeakMemory:
         return kb / 1024
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def _resolve_device(name: str) -> torch.device:
-    kind = name.split(":")[0].lower()
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise SpachError(f"--device {name} requested but no CUDA GPU is visible to PyTorch; use --device cpu")
-    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise SpachError(f"--device {name} requested but Apple MPS is not available here; use --device cpu")
-    if kind not in ("cpu", "cuda", "mps"):
-        raise SpachError(f"unknown --device {name!r}: use cpu, cuda (cuda:N) or mps")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise SpachError(f"cannot parse --device {name!r}: use cpu, cuda, cuda:N or mps") from None
-
-
-def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    if amp == "off":
-        return None
-    if amp == "fp16" and device.type == "cpu":
-        raise SpachError("--amp fp16 is not supported on cpu: use --amp bf16 or --amp off")
-    return torch.bfloat16 if amp == "bf16" else torch.float16
-
-
-class _SoftTargetCE(torch.nn.Module):
-    def forward(self, x, target):
-        return torch.sum(-target * F.log_softmax(x, dim=-1), dim=-1).mean()
+def _torch_device(name: str) -> torch.device:
+    """``--device`` as a torch.device, checked to exist (the same checks and messages as ``spach train``)."""
+    kind = resolve_device(name)
+    index = requested_index(name)
+    return torch.device(kind) if index is None else torch.device(kind, index)
 
 
 class Workload:
@@ -180,8 +157,8 @@ class Workload:
         import spach
         cfg.validate()
         self.cfg = cfg
-        self.device = _resolve_device(cfg.device)
-        self.amp_dtype = _amp_dtype(cfg.amp, self.device)
+        self.device = _torch_device(cfg.device)
+        self.amp_dtype = resolve_amp(cfg.amp, self.device.type)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # as the trainer: fixed shapes, pick the fastest conv kernels
         torch.manual_seed(cfg.seed)
@@ -207,9 +184,7 @@ class Workload:
         self.model = model
         self.net = torch.compile(model) if cfg.compile else model
         self.mixup_fn = None
-        self.criterion = None
-        self.optimizer = None
-        self.scaler = None
+        self.step_pieces: Optional[TrainStep] = None
         if cfg.mode == "train":
             model.train()
             self._build_train()
@@ -220,51 +195,23 @@ class Workload:
     # --- training pieces --------------------------------------------------------------------------------
     def _build_train(self):
         cfg = self.cfg
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-        groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg.weight_decay}]
-        kwargs = dict(lr=cfg.lr)
-        fused_ok = self.device.type == "cuda" or (self.device.type == "cpu" and _cpu_fused_adamw_available())
-        if cfg.fused_optimizer and fused_ok:
-            kwargs["fused"] = True
-        elif self.device.type != "mps":
-            kwargs["foreach"] = True
-        self.optimizer = torch.optim.AdamW(groups, **kwargs)
-        self.optimizer_kind = "fused" if kwargs.get("fused") else "foreach"
-        if self.amp_dtype == torch.float16:
-            self.scaler = torch.amp.GradScaler(self.device.type)
+        optimizer = build_optimizer(self.model, self.device, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    fused=None if cfg.fused_optimizer else False)
+        self.optimizer_kind = optimizer_kind(optimizer)
         if cfg.mixup and cfg.batch_size % 2 == 0:
             from timm.data import Mixup
             self.mixup_fn = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode="batch",
                                   label_smoothing=cfg.smoothing, num_classes=cfg.num_classes)
-            self.criterion = _SoftTargetCE()
-        else:
-            self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        self.step_pieces = TrainStep(
+            model=self.model, net=self.net, criterion=build_criterion(self.mixup_fn is not None, cfg.smoothing),
+            optimizer=optimizer, device=self.device, amp_dtype=self.amp_dtype,
+            scaler=build_scaler(self.device, self.amp_dtype), mixup_fn=self.mixup_fn)
 
     def train_step(self, x, y):
-        if self.mixup_fn is not None:
-            x, y = self.mixup_fn(x, y)
-        with self._autocast():
-            out = self.net(x)
-            loss = self.criterion(out, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
-        return loss.detach()
+        return train_step(self.step_pieces, x, y)
 
     def infer_step(self, x, y=None):
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), autocast(self.device, self.amp_dtype):
             return self.net(x)
 
     # --- data -------------------------------------------------------------------------------------------
@@ -316,18 +263,18 @@ class Workload:
     def warmup(self):
         for _ in range(self.cfg.warmup):
             self.step()
-        _sync(self.device)
+        synchronize(self.device)
 
     def timed_block(self) -> float:
         """Seconds for ``steps`` steps, device-synchronised at both ends. The process CPU time of the block is
         kept in ``last_cpu_seconds`` (on a CPU shared with other jobs, wall time includes the time slices they
         take; CPU time does not)."""
-        _sync(self.device)
+        synchronize(self.device)
         c0 = time.process_time()
         t0 = time.perf_counter()
         for _ in range(self.cfg.steps):
             self.step()
-        _sync(self.device)
+        synchronize(self.device)
         elapsed = time.perf_counter() - t0
         self.last_cpu_seconds = time.process_time() - c0
         return elapsed
@@ -340,11 +287,6 @@ class Workload:
         if self.loader is not None:
             self._iter = None
             self.loader = None
-
-
-def _cpu_fused_adamw_available() -> bool:
-    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2] if v.isdigit())
-    return version >= (2, 4)
 
 
 def _result(wl: Workload, times: List[float], mem: PeakMemory, peak_mb: float, base_rss_mb,
@@ -378,7 +320,7 @@ def _result(wl: Workload, times: List[float], mem: PeakMemory, peak_mb: float, b
 def run_benchmark(cfg: BenchConfig) -> Dict:
     """Build, warm up, and time ``cfg.repeats`` blocks of ``cfg.steps`` steps; a result dict."""
     cfg.validate()
-    mem = PeakMemory(_resolve_device(cfg.device))
+    mem = PeakMemory(_torch_device(cfg.device))
     base_rss = mem.current_rss_mb()
     wl = Workload(cfg)
     try:

@@ -72,7 +72,7 @@ def _default_device():
 
 
 def configs_from_args(args):
-    from ..bench.cpu_tuning import default_cpu_amp
+    from ..runtime.cpu_tuning import default_cpu_amp
     from ..bench.runner import BenchConfig
     from ..models import MODEL_CONFIGS, UnknownModelError
     from ..models.variants import unknown_model_message
@@ -96,7 +96,7 @@ def configs_from_args(args):
     if args.amp:
         amp = args.amp
     elif kind == "cuda":
-        from ..train.device import cuda_native_bf16
+        from ..runtime.device import cuda_native_bf16
         amp = "bf16" if cuda_native_bf16() else "fp16"
     else:
         amp = default_cpu_amp() if kind == "cpu" else "off"
@@ -144,7 +144,7 @@ def print_table(results, file=None):
 
 def run(args) -> int:
     import torch
-    from ..bench.cpu_tuning import apply_cpu_tuning
+    from ..runtime.cpu_tuning import apply_cpu_tuning
     from ..bench.runner import run_benchmark
 
     cfgs = configs_from_args(args)

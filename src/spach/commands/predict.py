@@ -57,7 +57,7 @@ def load_image(path: str, transform) -> torch.Tensor:
 
 
 def _device(name) -> torch.device:
-    from ..train.device import resolve_device  # the one place that knows cuda / npu / mps / cpu
+    from ..runtime.device import resolve_device  # the one place that knows cuda / npu / mps / cpu
     kind = resolve_device(name)
     index = name.split(":", 1)[1] if name and ":" in name else None
     try:

@@ -1,4 +1,7 @@
-"""One training epoch, one evaluation pass, and the inference throughput measurement.
+"""The training step, one training epoch, one evaluation pass, and the inference throughput measurement.
+
+:func:`train_step` is the one optimizer step of the project: ``spach train`` runs it inside
+:func:`train_one_epoch`, and ``spach benchmark`` times it as it is.
 
 The hot path queues work on the device and never waits for it: losses are summed on the device and read
 (``.item()``) only every ``print_freq`` steps, where a non-finite loss is also detected. FPS is measured over
@@ -9,16 +12,19 @@ import logging
 import math
 import sys
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import DataError, SpachError
+from ..runtime.device import all_reduce_sum, autocast, synchronize, world_size
 from . import faults
-from .device import all_reduce_sum, autocast, synchronize
 
-__all__ = ["train_one_epoch", "evaluate", "throughput", "NonFiniteLossError", "DistillationLoss"]
+__all__ = ["TrainStep", "train_step", "build_criterion", "build_scaler", "train_one_epoch", "evaluate", "throughput",
+           "NonFiniteLossError", "DistillationLoss"]
 
 logger = logging.getLogger("spach.train")
 
@@ -59,6 +65,75 @@ class DistillationLoss(torch.nn.Module):
         return base * (1 - self.alpha) + kd * self.alpha
 
 
+def build_criterion(soft_targets: bool, smoothing: float, teacher=None, distillation_type: str = "none",
+                    alpha: float = 0.5, tau: float = 1.0) -> DistillationLoss:
+    """The training loss, called as ``criterion(samples, outputs, targets)``: soft-target cross-entropy when
+    mixup/cutmix make the targets (label smoothing is already inside them), else cross-entropy with label
+    smoothing; wrapped in DeiT's distillation loss (``distillation_type`` none: the base loss alone)."""
+    if soft_targets:
+        from timm.loss import SoftTargetCrossEntropy
+        base = SoftTargetCrossEntropy()
+    else:
+        base = torch.nn.CrossEntropyLoss(label_smoothing=smoothing)
+    return DistillationLoss(base, teacher, distillation_type, alpha, tau)
+
+
+def build_scaler(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    """A GradScaler for fp16 autocast (its small range needs the loss scaled); None otherwise."""
+    return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+
+@dataclass
+class TrainStep:
+    """What one optimizer step uses, built once per run (:mod:`spach.train.setup`) or per benchmark workload.
+
+    ``model`` is the bare module (what the EMA averages and checkpoints hold); ``net`` is what runs the forward
+    pass: the model itself, or the DistributedDataParallel / torch.compile wrapper around it.
+    """
+    model: nn.Module
+    net: nn.Module
+    criterion: Callable                      # criterion(samples, outputs, targets), see build_criterion
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    amp_dtype: Optional[torch.dtype] = None  # autocast dtype; None: fp32
+    scaler: Optional[torch.amp.GradScaler] = None
+    mixup_fn: Optional[Callable] = None      # timm Mixup, applied on the device before the forward pass
+    clip_grad: Optional[float] = None
+    ema: Optional[nn.Module] = None          # ModelEma of ``model``, updated after every optimizer step
+
+
+def train_step(step: TrainStep, samples: torch.Tensor, targets: torch.Tensor,
+               index: Optional[int] = None) -> torch.Tensor:
+    """One optimizer step on a batch already on the device: mixup, forward and loss under autocast, backward
+    (scaled for fp16), optional gradient clipping, the optimizer update, the EMA update. Returns the loss
+    (detached); nothing here waits for the device. ``index`` is the step's number in its epoch, for the
+    fault-injection point between the forward and the backward pass."""
+    if step.mixup_fn is not None:
+        samples, targets = step.mixup_fn(samples, targets)
+    with autocast(step.device, step.amp_dtype):
+        outputs = step.net(samples)
+        loss = step.criterion(samples, outputs, targets)
+    if index is not None:
+        faults.point("step", index)
+    optimizer, scaler = step.optimizer, step.scaler
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if step.clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(step.net.parameters(), step.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if step.clip_grad:
+            torch.nn.utils.clip_grad_norm_(step.net.parameters(), step.clip_grad)
+        optimizer.step()
+    if step.ema is not None:
+        step.ema.update(step.model)
+    return loss.detach()
+
+
 def _loader_error(e: Exception) -> Exception:
     """A DataError raised inside a DataLoader worker arrives wrapped with the worker's traceback; keep its
     own message."""
@@ -96,14 +171,15 @@ def _acc_dtype(device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
-def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int, *, schedule, model_ema=None,
-                    mixup_fn=None, scaler=None, amp_dtype=None, clip_grad: Optional[float] = None,
-                    print_freq: int = 10, fps_warmup_steps: int = 3, channels_last: bool = False,
-                    is_main: bool = True, show_progress: bool = False, ema_model=None, last_good: str = "",
-                    batch_transform=None):
-    """One epoch. ``batch_transform`` finishes batches on the device (the fast data pipeline's normalise and
-    random erasing), before mixup."""
-    model.train()
+def train_one_epoch(step: TrainStep, data_loader, epoch: int, schedule, *, batch_transform=None,
+                    channels_last: bool = False, print_freq: int = 10, fps_warmup_steps: int = 3,
+                    is_main: bool = True, show_progress: bool = False, last_good: str = ""):
+    """One epoch of :func:`train_step` over ``data_loader``, the learning rate set by ``schedule``.
+    ``batch_transform`` finishes batches on the device (the fast data pipeline's normalise and random
+    erasing), before mixup. ``last_good`` (the checkpoint a run would restart from) goes into the message of a
+    non-finite loss."""
+    step.net.train()
+    device, optimizer = step.device, step.optimizer
     steps = len(data_loader)
     if steps == 0:
         raise DataError("the training loader has no full batch: lower --batch-size")
@@ -122,10 +198,10 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
     n_timed = 0
     batch_size = None
 
-    for step, (samples, targets, n_bad) in enumerate(_batches(data_loader)):
+    for i, (samples, targets, n_bad) in enumerate(_batches(data_loader)):
         n_bad_images += int(n_bad.sum())
-        if schedule.per_step and step:
-            lr = schedule.apply(optimizer, epoch, step, steps)
+        if schedule.per_step and i:
+            lr = schedule.apply(optimizer, epoch, i, steps)
         lrs.append(lr)
         batch_size = samples.shape[0]
         samples = samples.to(device, non_blocking=True)
@@ -134,47 +210,25 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
             samples = batch_transform(samples)
         if channels_last:
             samples = samples.contiguous(memory_format=torch.channels_last)
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
-
-        with autocast(device, amp_dtype):
-            outputs = model(samples)
-            loss = criterion(samples, outputs, targets)
-        faults.point("step", step)
-
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
-        if model_ema is not None:
-            model_ema.update(ema_model if ema_model is not None else model)
+        loss = train_step(step, samples, targets, index=i)
 
         loss_d = loss.detach().to(acc)
         finite = torch.isfinite(loss_d)
-        first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step), first_bad)
+        first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, i), first_bad)
         loss_sum += loss_d
         window_sum += loss_d
         window_n += 1
 
-        if step + 1 == warmup:
+        if i + 1 == warmup:
             synchronize(device)
             t0 = time.perf_counter()
-        if step >= warmup:
+        if i >= warmup:
             n_timed += batch_size
 
         if bar is not None:
             bar.update(1)  # host-side only: no device sync
-        last = step + 1 == steps
-        if (step + 1) % print_freq == 0 or last:
+        last = i + 1 == steps
+        if (i + 1) % print_freq == 0 or last:
             # the only host-device sync of the loop: every print_freq steps (all ranks agree on a bad loss)
             check = torch.stack([window_sum, (first_bad >= 0).to(acc)])
             check = all_reduce_sum(check)
@@ -188,14 +242,14 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
                                                    f"lower --lr or --clip-grad 1.0" if last_good else
                                                    "No checkpoint was saved yet: lower --lr or set --clip-grad 1.0"),
                     epoch=epoch, step=bad_step, lr=bad_lr)
-            window_avg = check[0].item() / window_n / _world(check)
+            window_avg = check[0].item() / window_n / world_size()
             if bar is not None:
                 bar.set_postfix(loss=f"{window_avg:.4f}", lr=f"{lr:.2e}")
             elif is_main:
-                logger.info(f"Epoch: [{epoch}]  [{step + 1:>{len(str(steps))}}/{steps}]  lr: {lr:.6f}  "
+                logger.info(f"Epoch: [{epoch}]  [{i + 1:>{len(str(steps))}}/{steps}]  lr: {lr:.6f}  "
                             f"loss: {window_avg:.4f}  time: {time.perf_counter() - t_epoch:.1f}s")
             window_sum.zero_()
-            window_start, window_n = step + 1, 0
+            window_start, window_n = i + 1, 0
 
     synchronize(device)
     t1 = time.perf_counter()
@@ -206,7 +260,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
     fps_local = n_timed / (t1 - t0) if t1 > t0 and n_timed else 0.0
     totals = all_reduce_sum(torch.tensor([loss_sum.item(), float(steps), fps_local, float(n_bad_images)],
                                          dtype=acc, device=device))
-    world = _world(totals)
+    world = world_size()
     loss_avg = totals[0].item() / totals[1].item()
     fps = totals[2].item()
     bad_total = int(totals[3].item())
@@ -221,11 +275,6 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
         logger.info(f"Averaged stats: lr: {stats['lr']:.6f}  loss: {loss_avg:.4f}  FPS: {fps:.2f}  "
                     f"world_size: {world}")
     return stats
-
-
-def _world(t):
-    import torch.distributed as dist
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @torch.no_grad()

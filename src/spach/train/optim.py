@@ -1,11 +1,12 @@
 """AdamW with DeiT's weight-decay rule, and the cosine learning-rate schedule with warm-up and cool-down."""
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
-__all__ = ["param_groups", "build_optimizer", "CosineSchedule"]
+__all__ = ["param_groups", "build_optimizer", "fused_adamw_available", "optimizer_kind", "CosineSchedule"]
 
 
 def param_groups(model: nn.Module, weight_decay: float):
@@ -24,19 +25,41 @@ def param_groups(model: nn.Module, weight_decay: float):
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def build_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, args.weight_decay)
-    opt = args.opt.lower()
-    if opt == "adamw":
-        kwargs = dict(lr=args.lr, eps=args.opt_eps, betas=tuple(args.opt_betas) if args.opt_betas else (0.9, 0.999))
-        if device.type == "cuda":
-            kwargs["fused"] = True  # one kernel for all parameters
+def build_optimizer(model: nn.Module, device: torch.device, *, name: str = "adamw", lr: float,
+                    weight_decay: float, eps: float = 1e-8, betas=None, momentum: float = 0.9,
+                    fused: Optional[bool] = None) -> torch.optim.Optimizer:
+    """The optimizer of ``spach train`` (and of ``spach benchmark``, which times the same step) over
+    :func:`param_groups`. AdamW takes the fused kernel (one kernel for all parameters) where the device has
+    it: cuda, and cpu with torch >= 2.4 (benchmarks/RESULTS.md, "CPU settings"); elsewhere the foreach
+    kernels (none on mps). ``fused=False`` asks for foreach where fused would be the default."""
+    groups = param_groups(model, weight_decay)
+    name = name.lower()
+    if name == "adamw":
+        kwargs = dict(lr=lr, eps=eps, betas=tuple(betas) if betas else (0.9, 0.999))
+        if (fused is None or fused) and fused_adamw_available(device):
+            kwargs["fused"] = True
         else:
             kwargs["foreach"] = device.type != "mps"
         return torch.optim.AdamW(groups, **kwargs)
-    if opt == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
-    raise ValueError(f"unknown optimizer {args.opt!r}")
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def fused_adamw_available(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW kernel for ``device``: cuda always, cpu from torch 2.4."""
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2] if v.isdigit())
+        return version >= (2, 4)
+    return False
+
+
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
+    """``fused``, ``foreach`` or ``for-loop``: the kernels the optimizer's first parameter group runs."""
+    group = optimizer.param_groups[0]
+    return "fused" if group.get("fused") else "foreach" if group.get("foreach") else "for-loop"
 
 
 @dataclass

@@ -19,8 +19,8 @@ from ..errors import SpachError
 
 __all__ = ["DistInfo", "available_devices", "resolve_device", "requested_index", "cuda_native_bf16", "init_distributed",
            "destroy_distributed",
-           "synchronize", "resolve_amp", "autocast", "is_main_process", "all_reduce_sum", "barrier",
-           "broadcast_object"]
+           "synchronize", "resolve_amp", "autocast", "all_reduce_sum", "barrier", "broadcast_object",
+           "world_size", "cpu_has_native_bf16", "device_count"]
 
 DEVICE_TYPES = ("cuda", "npu", "mps", "cpu")
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo", "mps": "gloo"}
@@ -147,8 +147,9 @@ def destroy_distributed():
         dist.destroy_process_group()
 
 
-def is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+def world_size() -> int:
+    """Processes in the process group (1 outside torchrun)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def barrier():
@@ -182,7 +183,7 @@ def synchronize(device: torch.device):
 
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 matrix products natively (AVX512-BF16 or AMX): there bf16 autocast
-    speeds training up (1.5-1.7x measured, benchmarks/RESULTS.md); elsewhere bf16 is emulated and slower."""
+    speeds training up (benchmarks/RESULTS.md); elsewhere bf16 is emulated and slower."""
     cpu = getattr(torch, "cpu", None)
     for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         fn = getattr(cpu, name, None)

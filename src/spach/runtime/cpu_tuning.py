@@ -7,31 +7,28 @@ per 4 KiB page of every large tensor (zeroing included). Raising the mmap and tr
 the freed memory in its heap and hand it back on the next step. The threshold cannot go above 32 MiB, and at
 the default batch of 128 most activations are larger (an XXS model's first-stage activations are ~100 MiB, a
 Trans-MS attention matrix several hundred), so :func:`apply_cpu_tuning` also sets ``M_MMAP_MAX`` to 0: every
-block then comes from the heap and is reused. Measured at batch 128 (XXS-conv, 2 threads): fp32 1.26x and bf16
-1.07x faster per step, with a peak resident set 9% above the plain fp32 path's in fp32 (freed heap blocks are
-kept for reuse; bf16 stays 0.63x of it). Nothing about the arithmetic changes.
+block then comes from the heap and is reused, at the price of a somewhat larger peak resident set (freed heap
+blocks are kept for reuse). Nothing about the arithmetic changes; the gain per step and the memory cost are in
+benchmarks/RESULTS.md ("CPU settings").
 
 Use from Python (``spach train`` / ``spach benchmark`` call it at start-up)::
 
-    from spach.bench.cpu_tuning import apply_cpu_tuning
+    from spach.runtime.cpu_tuning import apply_cpu_tuning
     report = apply_cpu_tuning(threads=None)      # mallopt + torch threads; returns what it did
 
-or, for a faster allocator than glibc where one is installed (``apt-get install libjemalloc2`` or
-``libtcmalloc-minimal4``), re-execute the process with it preloaded before importing torch::
-
-    maybe_reexec_with_allocator("jemalloc")     # no-op if already preloaded or not installed
-
+A faster allocator than glibc (jemalloc, tcmalloc) preloaded with ``LD_PRELOAD`` is detected and left alone.
 The environment variable ``SPACH_CPU_TUNING=0`` switches all of it off (for A/B measurements).
 """
 import ctypes
 import ctypes.util
-import glob
 import os
 import sys
 from typing import Dict, Optional
 
+from .device import cpu_has_native_bf16
+
 __all__ = ["apply_cpu_tuning", "tune_glibc_malloc", "set_threads", "cpu_has_native_bf16", "default_cpu_amp",
-           "find_allocator", "maybe_reexec_with_allocator", "cpu_model_name", "malloc_env"]
+           "cpu_model_name"]
 
 # glibc mallopt parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -50,13 +47,6 @@ _applied: Dict[str, object] = {}
 
 def _tuning_disabled() -> bool:
     return os.environ.get("SPACH_CPU_TUNING", "1").strip().lower() in ("0", "off", "no", "false")
-
-
-def malloc_env() -> Dict[str, str]:
-    """The same glibc settings as environment variables (read by glibc at process start), for launchers
-    that prefer to set them from the shell: ``env $(python -c '...malloc_env()...') spach train ...``."""
-    return {"MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD), "MALLOC_TOP_PAD_": str(_TOP_PAD),
-            "MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD), "MALLOC_MMAP_MAX_": "0"}
 
 
 def tune_glibc_malloc(mmap_threshold: int = _MMAP_THRESHOLD, trim_threshold: int = _TRIM_THRESHOLD,
@@ -98,12 +88,6 @@ def set_threads(threads: Optional[int]) -> int:
     return int(threads)
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 matrix products natively (AVX512-BF16 or AMX)."""
-    from ..train.device import cpu_has_native_bf16 as _native
-    return _native()
-
-
 def default_cpu_amp() -> str:
     """The training/benchmark default ``--amp`` on CPU: ``bf16`` on CPUs with native bf16, else ``off``."""
     return "bf16" if cpu_has_native_bf16() else "off"
@@ -127,42 +111,6 @@ def _preloaded_allocator() -> Optional[str]:
         if name in preload:
             return name
     return None
-
-
-def find_allocator(name: str) -> Optional[str]:
-    """Path of an installed jemalloc / tcmalloc shared library, or None."""
-    patterns = {"jemalloc": ["libjemalloc.so*"], "tcmalloc": ["libtcmalloc_minimal.so*", "libtcmalloc.so*"]}
-    if name not in patterns:
-        raise ValueError(f"unknown allocator {name!r}: use jemalloc or tcmalloc")
-    dirs = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib",
-            os.path.join(sys.prefix, "lib")]
-    for d in dirs:
-        for pat in patterns[name]:
-            hits = sorted(glob.glob(os.path.join(d, pat)))
-            if hits:
-                return hits[0]
-    return None
-
-
-def maybe_reexec_with_allocator(name: str = "jemalloc", argv=None) -> None:
-    """Re-execute this Python process with ``LD_PRELOAD`` set to ``name``'s library (a no-op when it is
-    already loaded, not installed, disabled by ``SPACH_CPU_TUNING=0``, or not on Linux). Call it before
-    any heavy import; the process is replaced, so nothing after it runs in the old one."""
-    if not sys.platform.startswith("linux") or _tuning_disabled() or _preloaded_allocator():
-        return
-    if os.environ.get("_SPACH_REEXEC") == "1":
-        return
-    lib = find_allocator(name)
-    if lib is None:
-        return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = (lib + " " + env.get("LD_PRELOAD", "")).strip()
-    env["_SPACH_REEXEC"] = "1"
-    if name == "jemalloc":
-        # keep freed pages for reuse (no decay back to the kernel between steps)
-        env.setdefault("MALLOC_CONF", "background_thread:true,dirty_decay_ms:-1,muzzy_decay_ms:-1")
-    args = list(sys.argv if argv is None else argv)
-    os.execve(sys.executable, [sys.executable] + args, env)
 
 
 def cpu_model_name() -> str:
