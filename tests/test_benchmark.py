@@ -346,3 +346,25 @@ def test_gemm_rates_script_reports_every_shape():
         fp32, bf16, ratio = line.split()[-3:]
         assert float(fp32) > 0 and float(bf16) > 0 and float(ratio[:-1]) > 0
     assert "median bf16/fp32:" in proc.stdout
+
+
+def test_benchmark_times_the_training_step_of_spach_train(monkeypatch):
+    """The benchmark's step is train_step with training's optimizer (same kernels, same weight-decay groups) and
+    loss, so its figures are those of `spach train`."""
+    import spach.bench.runner as bench_runner
+    from spach.train.engine import train_step
+    from spach.train.optim import build_optimizer, optimizer_kind
+    wl = bench_runner.Workload(bench_runner.BenchConfig(model=MODEL, batch_size=2, img_size=64, num_classes=10,
+                                                        amp="off"))
+    step = wl.step_pieces
+    trained = build_optimizer(wl.model, torch.device("cpu"), lr=1e-3, weight_decay=0.05)
+    assert optimizer_kind(step.optimizer) == optimizer_kind(trained) == wl.optimizer_kind
+    assert [len(g["params"]) for g in step.optimizer.param_groups] == [len(g["params"]) for g in trained.param_groups]
+    assert [g["weight_decay"] for g in step.optimizer.param_groups] == [0.0, 0.05]
+    assert type(step.criterion.base_criterion).__name__ == "SoftTargetCrossEntropy"  # mixup on: soft targets
+    before = [p.detach().clone() for p in wl.model.parameters()]
+    calls = []
+    monkeypatch.setattr(bench_runner, "train_step", lambda *a, **kw: calls.append(a[0]) or train_step(*a, **kw))
+    loss = wl.step()
+    assert calls == [step] and torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, wl.model.parameters()))  # the optimizer stepped

@@ -95,6 +95,17 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     def dd(key):
         return d.format(DEIT_DEFAULTS[key], DEMO_DEFAULTS[key])
 
+    _data_flags(parser, dd)
+    _model_flags(parser, dd)
+    _optimizer_flags(parser, dd)
+    _augmentation_flags(parser, dd)
+    _distillation_flags(parser, dd)
+    _run_flags(parser, dd)
+    _device_flags(parser, dd)
+    return parser
+
+
+def _data_flags(parser, dd):
     g = parser.add_argument_group("data")
     _flag(g, "--data-path", dest="data_path", default="", metavar="DIR",
           help="ImageFolder dataset with DIR/train/<class>/ and DIR/val/<class>/; omitted: the embedded MNIST-5k "
@@ -112,6 +123,8 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     _bool_pair(g, "repeated-aug", "repeated_aug", None, "repeated augmentation sampler (3 copies) " + dd("repeated_aug"),
                "plain shuffling")
 
+
+def _model_flags(parser, dd):
     g = parser.add_argument_group("model")
     _flag(g, "--model", dest="model", default=None, metavar="MODEL",
           help="model name (`spach models` lists them; eval: read from the checkpoint) " + dd("model"))
@@ -126,6 +139,8 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     _flag(g, "--model-ema-decay", dest="model_ema_decay", type=float, default=0.99996)
     _flag(g, "--model-ema-force-cpu", dest="model_ema_force_cpu", action="store_true")
 
+
+def _optimizer_flags(parser, dd):
     g = parser.add_argument_group("optimizer and schedule")
     _flag(g, "--batch-size", dest="batch_size", type=_positive_int, default=None,
           help="batch size per process " + dd("batch_size"))
@@ -157,6 +172,8 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     _bool_pair(g, "sched-per-step", "sched_per_step", None, "update the lr every step " + dd("sched_per_step"),
                "update the lr once per epoch (DeiT)")
 
+
+def _augmentation_flags(parser, dd):
     g = parser.add_argument_group("augmentation")
     _flag(g, "--color-jitter", dest="color_jitter", type=_nonneg_float, default=None, help=dd("color_jitter"))
     _flag(g, "--aa", dest="aa", default=None, help="RandAugment policy, 'none' to disable " + dd("aa"))
@@ -176,6 +193,8 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     _flag(g, "--mixup-switch-prob", dest="mixup_switch_prob", type=float, default=0.5)
     _flag(g, "--mixup-mode", dest="mixup_mode", default="batch", choices=["batch", "pair", "elem"])
 
+
+def _distillation_flags(parser, dd):
     g = parser.add_argument_group("distillation and fine-tuning")
     _flag(g, "--teacher-model", dest="teacher_model", default="regnety_160", help="timm teacher model")
     _flag(g, "--teacher-path", dest="teacher_path", default="",
@@ -186,6 +205,8 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     _flag(g, "--finetune", dest="finetune", default="",
           help="start from these weights, a file or an http(s) URL (a mismatched classifier head is re-initialised)")
 
+
+def _run_flags(parser, dd):
     g = parser.add_argument_group("run")
     _flag(g, "--output_dir", dest="output_dir", default=None,
           help="where checkpoint.pth, best.pth and log.txt go (default: output/<model>-<dataset>; '' saves nothing)"
@@ -207,6 +228,8 @@ def add_train_arguments(parser: argparse.ArgumentParser):
           help="also write each epoch's stats as TensorBoard scalars to <output_dir>/tensorboard "
                "(pip install 'spach[tensorboard]')")
 
+
+def _device_flags(parser, dd):
     g = parser.add_argument_group("device")
     _flag(g, "--device", dest="device", default=None, help="cuda | npu | cpu | mps (default: the best available)%(default).0s")
     _flag(g, "--npu", dest="npu", action="store_true", help="alias of --device npu")
@@ -223,4 +246,3 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     _flag(g, "--world_size", dest="world_size", type=int, default=1, help="set by torchrun (WORLD_SIZE)")
     _flag(g, "--dist_url", dest="dist_url", default="env://", help="kept for compatibility; torchrun's env:// is used")
     _flag(g, "--local_rank", "--local-rank", dest="local_rank", type=int, default=0, help=argparse.SUPPRESS)
-    return parser

@@ -255,9 +255,13 @@ def train_one_epoch(step: TrainStep, data_loader, epoch: int, schedule, *, batch
     t1 = time.perf_counter()
     if bar is not None:
         bar.close()
-    elapsed = t1 - t_epoch
     # the same steps are counted and timed: warm-up steps are out of both
     fps_local = n_timed / (t1 - t0) if t1 > t0 and n_timed else 0.0
+    return _epoch_stats(epoch, steps, lrs, loss_sum, fps_local, n_bad_images, t1 - t_epoch, acc, device, is_main)
+
+
+def _epoch_stats(epoch, steps, lrs, loss_sum, fps_local, n_bad_images, elapsed, acc, device, is_main) -> dict:
+    """The epoch's stats summed over ranks (FPS) or averaged (loss), logged on the main rank."""
     totals = all_reduce_sum(torch.tensor([loss_sum.item(), float(steps), fps_local, float(n_bad_images)],
                                          dtype=acc, device=device))
     world = world_size()
