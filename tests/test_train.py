@@ -329,7 +329,7 @@ def test_ema_averages_shared_mixer_tensors_once_per_step():
 def test_resumed_optimizer_keeps_this_runs_kernels():
     """A checkpoint written with foreach AdamW (e.g. on a CPU) resumes into fused AdamW (e.g. on a GPU) as fused,
     with its moments and step count, and the reverse; a state of another group layout is refused."""
-    from spach.train.setup import with_current_kernels as _with_current_kernels
+    from spach.train.setup import with_current_kernels
     w = torch.nn.Parameter(torch.ones(4))
     writer = torch.optim.AdamW([w], lr=0.1, foreach=True)
     w.grad = torch.ones(4)
@@ -337,7 +337,7 @@ def test_resumed_optimizer_keeps_this_runs_kernels():
     saved = writer.state_dict()
     w2 = torch.nn.Parameter(w.detach().clone())
     reader = torch.optim.AdamW([w2], lr=0.1, fused=True)
-    reader.load_state_dict(_with_current_kernels(saved, reader))
+    reader.load_state_dict(with_current_kernels(saved, reader))
     group = reader.param_groups[0]
     assert group["fused"] and not group["foreach"]
     torch.testing.assert_close(reader.state[w2]["exp_avg"], writer.state[w]["exp_avg"])
@@ -352,12 +352,12 @@ def test_resumed_optimizer_keeps_this_runs_kernels():
     assert not plain.param_groups[0]["fused"]  # what torch's load_state_dict alone would have done
     assert saved["param_groups"][0]["foreach"]  # and the saved state itself is left as it was
     back = torch.optim.AdamW([torch.nn.Parameter(torch.ones(4))], lr=0.1, foreach=True)
-    back.load_state_dict(_with_current_kernels(reader.state_dict(), back))
+    back.load_state_dict(with_current_kernels(reader.state_dict(), back))
     assert back.param_groups[0]["foreach"] and not back.param_groups[0]["fused"]
     two = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.ones(1))]},
                              {"params": [torch.nn.Parameter(torch.ones(1))]}], lr=0.1)
     with pytest.raises(CheckpointError, match="has 1 parameter groups, this run.s optimizer 2"):
-        _with_current_kernels(saved, two)
+        with_current_kernels(saved, two)
 
 
 def test_device_index_is_parsed():

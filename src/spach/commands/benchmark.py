@@ -17,14 +17,6 @@ from ..errors import SpachError
 __all__ = ["add_arguments", "run", "configs_from_args"]
 
 
-def _positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise SpachError(f"expected a whole number, got {s!r}") from None
-    return v
-
-
 def add_arguments(parser):
     parser.add_argument("--model", required=True,
                         help="model name, or several separated by commas (see `spach models`)")
@@ -72,7 +64,7 @@ def _default_device():
 
 
 def configs_from_args(args):
-    from ..runtime.cpu_tuning import default_cpu_amp
+    from ..runtime.device import default_amp
     from ..bench.runner import BenchConfig
     from ..models import MODEL_CONFIGS, UnknownModelError
     from ..models.variants import unknown_model_message
@@ -93,13 +85,7 @@ def configs_from_args(args):
     batch = args.batch_size if args.batch_size is not None else (128 if kind == "cuda" else 16)
     if batch < 1:
         raise SpachError(f"--batch-size must be at least 1 (got {batch})")
-    if args.amp:
-        amp = args.amp
-    elif kind == "cuda":
-        from ..runtime.device import cuda_native_bf16
-        amp = "bf16" if cuda_native_bf16() else "fp16"
-    else:
-        amp = default_cpu_amp() if kind == "cpu" else "off"
+    amp = args.amp or default_amp(kind)
     if args.data != "synthetic" and not os.path.isdir(args.data):
         raise SpachError(f"--data {args.data!r} is neither 'synthetic' nor an existing folder of images")
     workers = args.workers

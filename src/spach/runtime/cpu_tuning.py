@@ -25,7 +25,7 @@ import os
 import sys
 from typing import Dict, Optional
 
-from .device import cpu_has_native_bf16
+from .device import cpu_has_native_bf16, default_amp
 
 __all__ = ["apply_cpu_tuning", "tune_glibc_malloc", "set_threads", "cpu_has_native_bf16", "default_cpu_amp",
            "cpu_model_name"]
@@ -90,7 +90,7 @@ def set_threads(threads: Optional[int]) -> int:
 
 def default_cpu_amp() -> str:
     """The training/benchmark default ``--amp`` on CPU: ``bf16`` on CPUs with native bf16, else ``off``."""
-    return "bf16" if cpu_has_native_bf16() else "off"
+    return default_amp("cpu")
 
 
 def apply_cpu_tuning(threads: Optional[int] = None, malloc: bool = True) -> Dict[str, object]:

@@ -20,7 +20,7 @@ from ..errors import SpachError
 __all__ = ["DistInfo", "available_devices", "resolve_device", "requested_index", "cuda_native_bf16", "init_distributed",
            "destroy_distributed",
            "synchronize", "resolve_amp", "autocast", "all_reduce_sum", "barrier", "broadcast_object",
-           "world_size", "cpu_has_native_bf16", "device_count"]
+           "world_size", "cpu_has_native_bf16", "device_count", "default_amp"]
 
 DEVICE_TYPES = ("cuda", "npu", "mps", "cpu")
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo", "mps": "gloo"}
@@ -204,6 +204,18 @@ def cuda_native_bf16() -> bool:
         return torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability()[0] >= 8
 
 
+def default_amp(device_kind: str) -> str:
+    """The default ``--amp`` of ``spach train`` and ``spach benchmark`` on ``device_kind`` (see resolve_amp)."""
+    if device_kind == "cuda":
+        return "bf16" if cuda_native_bf16() else "fp16"
+    if device_kind == "npu":
+        supported = getattr(torch.npu, "is_bf16_supported", lambda: False)
+        return "bf16" if supported() else "fp16"
+    if device_kind == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "off"
+    return "off"
+
+
 def resolve_amp(amp: Optional[str], device_kind: str) -> Optional[torch.dtype]:
     """``--amp bf16|fp16|off`` to an autocast dtype (None = fp32).
 
@@ -211,17 +223,7 @@ def resolve_amp(amp: Optional[str], device_kind: str) -> Optional[torch.dtype]:
     AMX) — else fp16 with a grad scaler on cuda / npu, and off (fp32) on other CPUs and on mps. Seeded CPU
     runs stay bit-reproducible under bf16 autocast too (same kernels, same order).
     """
-    if amp is None:
-        if device_kind == "cuda":
-            amp = "bf16" if cuda_native_bf16() else "fp16"
-        elif device_kind == "npu":
-            supported = getattr(torch.npu, "is_bf16_supported", lambda: False)
-            amp = "bf16" if supported() else "fp16"
-        elif device_kind == "cpu":
-            amp = "bf16" if cpu_has_native_bf16() else "off"
-        else:
-            amp = "off"
-    amp = amp.lower()
+    amp = (amp or default_amp(device_kind)).lower()
     if amp in ("off", "none", "fp32", "no"):
         return None
     if amp == "bf16":
