@@ -23,7 +23,7 @@ import torch
 
 from ..errors import SpachError
 from ..inference import ModelInfo, build_model
-from ..models.pretrained import is_url, local_weights
+from ..weights import is_url, local_weights
 from ._help import use_help_formatter
 
 FORMATS = {"onnx": ".onnx", "safetensors": ".safetensors", "torchscript": ".pt"}

@@ -21,8 +21,8 @@ from ..data.demo import DEMO_NAME
 from . import device as devices
 from . import faults
 from .args import DEIT_DEFAULTS, DEMO_DEFAULTS
-from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, atomic_save, get_rng_state, load_checkpoint, read_checkpoint_file,
-                         set_rng_state)
+from ..weights import read_checkpoint_file
+from .checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_save, get_rng_state, load_checkpoint, set_rng_state
 from .ema import ModelEma
 from .engine import DistillationLoss, evaluate, throughput, train_one_epoch
 from .optim import CosineSchedule, build_optimizer
@@ -144,8 +144,8 @@ def _build_model(args, num_classes: int):
 
 
 def _finetune(model, path: str):
-    from ..models import read_state_dict
     from ..models.pretrained import checkpoint_filter_fn
+    from ..weights import read_state_dict
     sd = checkpoint_filter_fn(read_state_dict(path), model)
     own = model.state_dict()
     for k in [k for k in sd if k.startswith("head.")]:
@@ -180,7 +180,7 @@ def _gather_rng(dist_info):
 
 
 def run(args) -> int:
-    from ..models.pretrained import local_weights
+    from ..weights import local_weights
     for flag in ("resume", "finetune", "teacher_path"):  # URLs, as the original accepts: downloaded once, cached
         if getattr(args, flag, None):
             setattr(args, flag, local_weights(getattr(args, flag)))
@@ -525,7 +525,7 @@ def _build_teacher(args, num_classes, device):
     if not args.teacher_path:
         raise SpachError("--distillation-type soft/hard needs --teacher-path (weights of --teacher-model)")
     import timm
-    from ..models import read_state_dict
+    from ..weights import read_state_dict
     try:
         teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=num_classes)
     except RuntimeError as e:
