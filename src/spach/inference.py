@@ -6,7 +6,6 @@ files written by ``spach export`` (string metadata) and official releases (``{'m
 classes). :func:`build_model` turns that into a ready, ``eval()``-mode model plus a :class:`ModelInfo`;
 the ``export`` and ``predict`` commands share it.
 """
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -195,25 +194,12 @@ def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img
 
 
 def eval_transform(info: ModelInfo):
-    """The evaluation transform of the model's pretrained config at its input size: resize the short side
-    to ``size / crop_pct`` (bicubic), center-crop ``size``, to tensor, normalise by mean / std."""
-    from torchvision import transforms
+    """The evaluation preset (:func:`spach.data.transforms.build_eval_transform`) with the crop, interpolation
+    and mean / std of the model's pretrained config, at its input size."""
+    from .data.transforms import build_eval_transform
     cfg = info.pretrained_cfg
-    crop_pct = cfg.get("crop_pct") or 0.875
-    h, w = info.img_size
-    if h == w:
-        resize = int(math.floor(h / crop_pct))
-    else:
-        resize = tuple(int(math.floor(s / crop_pct)) for s in (h, w))
-    interpolation = {"bilinear": transforms.InterpolationMode.BILINEAR,
-                     "nearest": transforms.InterpolationMode.NEAREST}.get(cfg.get("interpolation"),
-                                                                           transforms.InterpolationMode.BICUBIC)
-    return transforms.Compose([
-        transforms.Resize(resize, interpolation=interpolation),
-        transforms.CenterCrop((h, w)),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=cfg.get("mean", (0.485, 0.456, 0.406)), std=cfg.get("std", (0.229, 0.224, 0.225))),
-    ])
+    return build_eval_transform(info.img_size, crop_pct=cfg.get("crop_pct"), interpolation=cfg.get("interpolation"),
+                                mean=cfg.get("mean"), std=cfg.get("std"))
 
 
 _IMAGENET_NAMES = None
