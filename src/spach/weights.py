@@ -23,7 +23,7 @@ import torch
 from .errors import CheckpointError
 
 __all__ = ["read_checkpoint_file", "unwrap_state_dict", "strip_prefixes", "read_state_dict", "safetensors_metadata",
-           "safetensors_shape", "is_url", "local_weights", "release_file"]
+           "safetensors_shape", "is_url", "url_file_name", "local_weights", "release_file"]
 
 # where training scripts put the weights inside a checkpoint (SPACH / DeiT ``main.py``: ``model``, ``model_ema``)
 EMA_KEYS = ("model_ema", "state_dict_ema")
@@ -167,6 +167,11 @@ def is_url(path) -> bool:
     return isinstance(path, str) and path.lower().startswith(URL_SCHEMES)
 
 
+def url_file_name(url: str) -> str:
+    """The file name a URL ends in (``''`` if it names none): what the downloaded copy is called."""
+    return os.path.basename(urllib.parse.urlparse(url).path)
+
+
 def _download(url: str, cached: str, hint: str, what: str = "") -> str:
     """``cached``, downloaded from ``url`` unless it is there (to a temporary name, then renamed: an interrupted
     download never leaves a partial file under the cached name)."""
@@ -190,7 +195,7 @@ def local_weights(path: str) -> str:
     parsed = urllib.parse.urlparse(path)
     if parsed.scheme.lower() == "file":
         return urllib.request.url2pathname(parsed.path)
-    file_name = os.path.basename(parsed.path)
+    file_name = url_file_name(path)
     if not file_name:
         raise CheckpointError(f"{path} does not name a weights file: pass the URL of a .pth / .safetensors file")
     key = hashlib.sha256(path.encode()).hexdigest()[:16]
@@ -201,5 +206,4 @@ def local_weights(path: str) -> str:
 def release_file(url: str, hint: str, what: str = "") -> str:
     """The official release file at ``url``, from torch hub's own place for it (``<hub>/checkpoints/<name>``),
     downloaded there if missing. A failed download names ``url``, ``what`` it is and the ``hint``."""
-    file_name = os.path.basename(urllib.parse.urlparse(url).path)
-    return _download(url, os.path.join(torch.hub.get_dir(), "checkpoints", file_name), hint, what)
+    return _download(url, os.path.join(torch.hub.get_dir(), "checkpoints", url_file_name(url)), hint, what)

@@ -2,15 +2,13 @@
 safetensors (all read by :mod:`spach.weights`). Anything that does not fit the model is refused with the missing /
 unexpected / mis-shaped keys listed.
 """
-import os
-import urllib.parse
 from typing import Dict
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..weights import read_state_dict, release_file, safetensors_metadata, strip_prefixes
+from ..weights import read_state_dict, release_file, safetensors_metadata, strip_prefixes, url_file_name
 
 __all__ = ["load_pretrained", "load_pretrained_release", "checkpoint_filter_fn", "safetensors_model_kwargs"]
 
@@ -97,7 +95,7 @@ def load_pretrained_release(model: nn.Module, variant: str) -> nn.Module:
         raise CheckpointError(
             f"no official weights were released for {variant}: train it with `spach train --model {variant}` "
             f"or pass your own file with checkpoint_path=...")
-    file_name = os.path.basename(urllib.parse.urlparse(url).path)
+    file_name = url_file_name(url)
     hint = (f"pass it: spach.create_model('{variant}', checkpoint_path='{file_name}') (CLI: --resume/--checkpoint "
             f"{file_name})")
     return load_pretrained(model, release_file(url, hint, what=f"the pretrained weights of {variant} from "))
