@@ -102,7 +102,7 @@ def strip_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
     out = {}
     for k, v in state_dict.items():
         for prefix in WRAPPER_PREFIXES:
-            if k.startswith(prefix):
+            if isinstance(k, str) and k.startswith(prefix):
                 k = k[len(prefix):]
         out[k] = v
     return out

@@ -18,10 +18,10 @@ from ..errors import CheckpointError, DataError, SpachError
 from ..data import (EvalShardSampler, RASampler, ShuffleSampler, TolerantImageFolder, build_transform, check_dataset,
                     prepare_demo_dataset)
 from ..data.demo import DEMO_NAME
+from ..weights import read_checkpoint_file
 from . import device as devices
 from . import faults
 from .args import DEIT_DEFAULTS, DEMO_DEFAULTS
-from ..weights import read_checkpoint_file
 from .checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_save, get_rng_state, load_checkpoint, set_rng_state
 from .ema import ModelEma
 from .engine import DistillationLoss, evaluate, throughput, train_one_epoch
