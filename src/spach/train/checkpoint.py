@@ -79,6 +79,8 @@ def atomic_save(obj, path: str):
 
 def load_checkpoint(path: str) -> dict:
     """Read a training checkpoint (``weights_only``: tensors and plain containers only)."""
+    if not os.path.isfile(path):  # the weights reader's hint would offer .safetensors, which cannot resume
+        raise CheckpointError(f"checkpoint {path} does not exist: pass the path of a checkpoint.pth / best.pth")
     ckpt = read_checkpoint_file(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint (no 'model' entry): use --finetune or "
