@@ -33,7 +33,7 @@ except Exception:  # ImportError, or a broken OpenCV install (missing system lib
     cv2 = None
 
 __all__ = ["available", "jpeg_header", "decode_jpeg", "use_array_ops", "warp", "affine", "shift", "sharpen",
-           "to_hwc", "to_chw", "hflip"]
+           "to_hwc", "to_chw", "hflip", "ARRAY_OPS"]
 
 _threads_set = False
 
@@ -400,7 +400,8 @@ def _via_pil(pil_fn):
     return fn
 
 
-_ARRAY_OPS = {
+# the array kernel of each timm RandAugment op (timm's ``NAME_TO_OP`` names); ops not listed go through PIL
+ARRAY_OPS = {
     "AutoContrast": a_auto_contrast,
     "Equalize": a_equalize,
     "Invert": a_invert,
@@ -436,7 +437,7 @@ def use_array_ops(transform) -> int:
     from .transforms import augment_ops
     native = 0
     for op in augment_ops(transform):
-        fn = _ARRAY_OPS.get(getattr(op, "name", ""))
+        fn = ARRAY_OPS.get(getattr(op, "name", ""))
         if fn is not None:
             op.aug_fn = fn
             native += 1
