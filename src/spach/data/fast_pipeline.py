@@ -266,8 +266,8 @@ class FastEvalTransform:
 
 
 def build_fast_train_transform(input_size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
-                               auto_augment="rand-m9-mstd0.5-inc1", mean=IMAGENET_DEFAULT_MEAN, draft=True, color_jitter=None,
-                               interpolation="bicubic", use_cv2=True):
+                               auto_augment="rand-m9-mstd0.5-inc1", mean=IMAGENET_DEFAULT_MEAN, draft=True,
+                               color_jitter=None, interpolation="bicubic", use_cv2=True):
     """The worker-side half of the fast DeiT training transform (see :class:`FastTrainTransform`).
 
     ``color_jitter`` is accepted for signature parity with the timm transform, which ignores it when RandAugment

@@ -86,9 +86,9 @@ def build_eval_transform(input_size, crop_pct=None, interpolation=None, mean=Non
     ])
 
 
-def build_transform(is_train: bool, input_size: int, *, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, aa="rand-m9-mstd0.5-inc1",
-                    color_jitter=0.4, train_interpolation="bicubic", reprob=0.25, remode="pixel", recount=1,
-                    hflip=0.5, scale=(0.08, 1.0), crop_pct=None):
+def build_transform(is_train: bool, input_size: int, *, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                    aa="rand-m9-mstd0.5-inc1", color_jitter=0.4, train_interpolation="bicubic", reprob=0.25,
+                    remode="pixel", recount=1, hflip=0.5, scale=(0.08, 1.0), crop_pct=None):
     """The DeiT transforms: RandAugment + random-resized-crop + flip + random erasing for training; the
     evaluation preset (:func:`build_eval_transform`) otherwise."""
     if is_train:
