@@ -211,14 +211,14 @@ def test_fast_pipeline_statistics_match_timm_transform(tmp_path):
 
 def test_nvjpeg_path_pieces_run_on_the_cpu(jpeg_dir):
     """The GPU loader (file bytes + header crop boxes in the workers, batched decode_jpeg + crop/resize/flip on the
-    device) run end to end with device='cpu': same shapes as the CPU fast path, and a given box gives the CPU fast
-    path's crop to within JPEG-decoder and rounding differences."""
-    from spach.data.fast_pipeline import (GpuJpegDecoder, _collate_bytes, _JpegBytesDataset, _list_images,
-                                          _NvjpegLoader, _decode_crop)
-    samples, _ = _list_images(str(jpeg_dir))
-    ds = _JpegBytesDataset(samples, (64, 64), (0.08, 1.0), (3 / 4, 4 / 3), 0.5)
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=_collate_bytes)
-    batches = list(_NvjpegLoader(loader, GpuJpegDecoder(64, "cpu"), torch.device("cpu")))
+    device) run end to end with device='cpu': same shapes as the CPU fast path, and a given box gives PIL's crop and
+    bicubic resize (which the CPU fast path matches) to within JPEG-decoder and rounding differences."""
+    from spach.bench.loaders import GpuJpegDecoder, JpegBytesDataset, NvjpegLoader, collate_jpeg_bytes
+    from spach.data.folder import scan_images
+    samples, _ = scan_images(str(jpeg_dir))
+    ds = JpegBytesDataset(samples, (64, 64), (0.08, 1.0), (3 / 4, 4 / 3), 0.5)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_jpeg_bytes)
+    batches = list(NvjpegLoader(loader, GpuJpegDecoder(64, "cpu"), torch.device("cpu")))
     assert len(batches) == 2
     x, y = batches[0]
     assert x.shape == (4, 3, 64, 64) and x.dtype == torch.uint8 and y.tolist() == [0, 0, 0, 0]
@@ -226,12 +226,14 @@ def test_nvjpeg_path_pieces_run_on_the_cpu(jpeg_dir):
     i, j, h, w, _flip = box.tolist()
     box[4] = 0
     gpu = GpuJpegDecoder(64, "cpu")([data], box[None])[0].float()
-    cpu = _decode_crop(samples[0][0], (64, 64), lambda W, H: (i, j, h, w), draft=False)[0].float()
+    # PIL's crop + bicubic resize of that box (the reference the CPU fast path matches to within 1 grey level)
+    ref = Image.open(samples[0][0]).convert("RGB").crop((j, i, j + w, i + h)).resize((64, 64), Image.BICUBIC)
+    cpu = torch.from_numpy(np.array(ref)).permute(2, 0, 1).float()
     assert (gpu - cpu).abs().mean() < 1.0, (gpu - cpu).abs().mean()
 
 
 def test_nvjpeg_path_refuses_non_jpeg_files(tmp_path):
-    from spach.data.fast_pipeline import build_benchmark_loader
+    from spach.bench.loaders import build_benchmark_loader
     from spach.errors import DataError
     d = tmp_path / "train" / "a"
     d.mkdir(parents=True)

@@ -80,7 +80,7 @@ def test_array_colour_ops_are_bit_exact(name):
     from timm.data import auto_augment as aa
     pil_fn = posterize_safe if "Posterize" in name else aa.NAME_TO_OP[name]
     level_fn = aa.LEVEL_TO_ARG[name]
-    arr_fn = cva._ARRAY_OPS[name]
+    arr_fn = cva.ARRAY_OPS[name]
     hparams = dict(translate_const=100, img_mean=(124, 116, 104))
     for magnitude in np.linspace(0, 10, 11):
         for img in _images():
@@ -101,7 +101,7 @@ def test_affine_ops_match_pil_geometry():
     for img in _images()[:3]:
         for name, level in (("ShearX", 0.23), ("ShearY", -0.17), ("TranslateXRel", 0.31), ("TranslateYRel", -0.2),
                             ("Rotate", 17.3), ("Rotate", -29.0)):
-            pil_fn, cv_fn = aa.NAME_TO_OP[name], cva._ARRAY_OPS[name]
+            pil_fn, cv_fn = aa.NAME_TO_OP[name], cva.ARRAY_OPS[name]
             for resample, mean_tol, exact in ((nearest, 0, True), (bilinear, 0.8, False), (bicubic, 1.0, False)):
                 ref = np.asarray(pil_fn(img, level, resample=resample, fillcolor=fill)).astype(int)
                 out = cv_fn(np.asarray(img).copy(), level, resample=resample, fillcolor=fill).astype(int)

@@ -89,7 +89,8 @@ def test_safetensors_round_trips_to_identical_logits(trained, tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(x), model(x))
 
-    from spach.inference import build_model, safetensors_metadata
+    from spach.inference import build_model
+    from spach.weights import safetensors_metadata
     meta = safetensors_metadata(str(out))
     assert meta["model"] == NAME and meta["num_classes"] == 3 and meta["img_size"] == [32, 32]
     assert meta["class_names"] == CLASSES and meta["spach_version"] == spach.__version__

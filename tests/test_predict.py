@@ -102,7 +102,7 @@ def test_weights_given_as_urls(checkpoint, images, tmp_path, capsys, monkeypatch
     """--checkpoint takes an http(s) URL (downloaded once into torch hub's cache, one folder per URL, so two
     different best.pth files never stand in for each other) or a file:// URL (its path, nothing copied)."""
     from train_helpers import serve_folder
-    from spach.models.pretrained import local_weights
+    from spach.weights import local_weights
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     other = tmp_path / "other"
     other.mkdir()

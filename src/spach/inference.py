@@ -6,10 +6,7 @@ files written by ``spach export`` (string metadata) and official releases (``{'m
 classes). :func:`build_model` turns that into a ready, ``eval()``-mode model plus a :class:`ModelInfo`;
 the ``export`` and ``predict`` commands share it.
 """
-import json
-import math
 import os
-import pickle
 import sys
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -17,10 +14,12 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from .errors import CheckpointError, SpachError
+from .errors import SpachError
+from .weights import local_weights, read_checkpoint_file, safetensors_metadata, safetensors_shape, strip_prefixes, \
+    unwrap_state_dict
 
 __all__ = ["ModelInfo", "read_checkpoint_metadata", "build_model", "eval_transform", "class_label",
-           "imagenet_class_names", "safetensors_metadata", "warn"]
+           "imagenet_class_names", "warn"]
 
 # safetensors metadata keys written by ``spach export --format safetensors`` (values are JSON strings)
 METADATA_KEYS = ("model", "num_classes", "img_size", "class_names", "mean", "std", "crop_pct", "interpolation",
@@ -79,49 +78,21 @@ def _as_crop_pct(value) -> Optional[float]:
     return None
 
 
-def safetensors_metadata(path: str) -> dict:
-    """The string metadata of a ``.safetensors`` file, JSON values decoded where they decode."""
-    try:
-        from safetensors import safe_open
-        with safe_open(path, framework="pt") as f:
-            raw = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
-    out = {}
-    for k, v in raw.items():
-        try:
-            out[k] = json.loads(v)
-        except (TypeError, ValueError):
-            out[k] = v
-    return out
-
-
 def _head_classes(state_dict: dict) -> Optional[int]:
-    for prefix in ("", "module.", "_orig_mod."):
-        w = state_dict.get(prefix + "head.weight")
-        if isinstance(w, torch.Tensor) and w.dim() == 2:
-            return int(w.shape[0])
-    return None
+    w = strip_prefixes(state_dict).get("head.weight")
+    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
 
 
 def read_checkpoint_metadata(path: str, use_ema: bool = False) -> dict:
     """What a checkpoint says about itself: any of ``model``, ``num_classes``, ``img_size`` (a pair),
     ``class_names``, ``crop_pct`` (the eval crop it was trained with), ``epoch``. Missing facts are simply
     absent. Reading is as safe as loading the weights (``weights_only``); an unreadable file raises
-    :class:`CheckpointError`."""
+    :class:`~spach.errors.CheckpointError`."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file): pass the path of a "
-                              f".pth or .safetensors weights file")
     meta = {}
     if path.endswith(".safetensors"):
         raw = safetensors_metadata(path)
-        try:
-            from safetensors import safe_open
-            with safe_open(path, framework="pt") as f:
-                head = f.get_slice("head.weight").get_shape() if "head.weight" in f.keys() else None
-        except Exception:
-            head = None
+        head = safetensors_shape(path, "head.weight")
         if head and len(head) == 2:
             meta["num_classes"] = int(head[0])
         elif isinstance(raw.get("num_classes"), int):
@@ -137,23 +108,10 @@ def read_checkpoint_metadata(path: str, use_ema: bool = False) -> dict:
             meta["crop_pct"] = _as_crop_pct(raw.get("crop_pct"))
         return meta
 
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refusing to load {path}: it holds pickled objects other than tensors and plain containers "
-            f"(loading it could run code). Re-save its state_dict with torch.save, or convert it to .safetensors "
-            f"({str(e).splitlines()[0][:200]})") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint "
-                              f"({type(e).__name__}); use a complete .pth / .safetensors file") from None
+    ckpt = read_checkpoint_file(path)
     if not isinstance(ckpt, dict):
         return meta
-    sd = ckpt
-    for key in (("model_ema", "model", "state_dict") if use_ema else ("model", "state_dict", "model_ema")):
-        if isinstance(ckpt.get(key), dict):
-            sd = ckpt[key]
-            break
+    sd = unwrap_state_dict(ckpt, use_ema, path)
     n = _head_classes(sd)
     args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     if n is None:
@@ -192,7 +150,6 @@ def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img
     if crop_pct is not None and not _as_crop_pct(crop_pct):
         raise SpachError(f"--crop-pct must be in (0, 1] (got {crop_pct})")
     if checkpoint:
-        from .models.pretrained import local_weights
         checkpoint = local_weights(checkpoint)  # an http(s) URL: downloaded once into torch hub's cache
     meta = read_checkpoint_metadata(checkpoint, use_ema=use_ema) if checkpoint else {}
     if model_name is None:
@@ -237,25 +194,12 @@ def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img
 
 
 def eval_transform(info: ModelInfo):
-    """The evaluation transform of the model's pretrained config at its input size: resize the short side
-    to ``size / crop_pct`` (bicubic), center-crop ``size``, to tensor, normalise by mean / std."""
-    from torchvision import transforms
+    """The evaluation preset (:func:`spach.data.transforms.build_eval_transform`) with the crop, interpolation
+    and mean / std of the model's pretrained config, at its input size."""
+    from .data.transforms import build_eval_transform
     cfg = info.pretrained_cfg
-    crop_pct = cfg.get("crop_pct") or 0.875
-    h, w = info.img_size
-    if h == w:
-        resize = int(math.floor(h / crop_pct))
-    else:
-        resize = tuple(int(math.floor(s / crop_pct)) for s in (h, w))
-    interpolation = {"bilinear": transforms.InterpolationMode.BILINEAR,
-                     "nearest": transforms.InterpolationMode.NEAREST}.get(cfg.get("interpolation"),
-                                                                           transforms.InterpolationMode.BICUBIC)
-    return transforms.Compose([
-        transforms.Resize(resize, interpolation=interpolation),
-        transforms.CenterCrop((h, w)),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=cfg.get("mean", (0.485, 0.456, 0.406)), std=cfg.get("std", (0.229, 0.224, 0.225))),
-    ])
+    return build_eval_transform(info.img_size, crop_pct=cfg.get("crop_pct"), interpolation=cfg.get("interpolation"),
+                                mean=cfg.get("mean"), std=cfg.get("std"))
 
 
 _IMAGENET_NAMES = None

@@ -228,7 +228,7 @@ class Workload:
                 x = x.contiguous(memory_format=torch.channels_last)
             self._synthetic = (x, y.to(self.device))
             return
-        from ..data.fast_pipeline import build_benchmark_loader
+        from .loaders import build_benchmark_loader
         self.loader, self.finalize = build_benchmark_loader(
             cfg.data, cfg.batch_size, cfg.img_size, cfg.data_pipeline, cfg.workers, self.device,
             train=cfg.mode == "train", seed=cfg.seed)

@@ -16,14 +16,13 @@ import json
 import logging
 import os
 import re
-import urllib.parse
 import warnings
 
 import torch
 
 from ..errors import SpachError
 from ..inference import ModelInfo, build_model
-from ..models.pretrained import is_url, local_weights
+from ..weights import is_url, local_weights, url_file_name
 from ._help import use_help_formatter
 
 FORMATS = {"onnx": ".onnx", "safetensors": ".safetensors", "torchscript": ".pt"}
@@ -61,7 +60,7 @@ def default_output(args, info: ModelInfo) -> str:
     if args.checkpoint:
         if is_url(args.checkpoint) and not args.checkpoint.lower().startswith("file:"):
             # in the current folder, named after the downloaded file
-            return os.path.splitext(os.path.basename(urllib.parse.urlparse(args.checkpoint).path))[0] + ext
+            return os.path.splitext(url_file_name(args.checkpoint))[0] + ext
         stem = os.path.splitext(local_weights(args.checkpoint))[0]
         return stem + ext
     return info.model_name + ext

@@ -12,14 +12,14 @@ install), the fast pipeline keeps PIL for these steps (:func:`available` says wh
   - colour and histogram ops (AutoContrast, Equalize, Invert, Posterize, Solarize, SolarizeAdd, Brightness,
     Contrast): PIL's look-up tables, applied with ``cv2.LUT``; bit-exact. Color goes through PIL (as fast there).
   - Sharpness: PIL's SMOOTH filter (3x3, centre 5, /13, borders kept) and PIL's float32 blend with truncation;
-    bit-exact, 3-4x faster.
+    bit-exact, and faster (per-op timings: ``benchmarks/RESULTS.md``).
   - translations: a separable 4-tap filter with PIL's own bicubic (a=-1) or bilinear weights, clamped taps,
     truncation and fill (:func:`shift`): within one grey level of PIL (off by one on 0.1-2% of the pixels).
   - shear and rotation: ``cv2.warpAffine`` with PIL's matrix (PIL samples at pixel centres, hence the half-pixel
     shifts) and PIL's fill colour. Nearest-neighbour results equal PIL's; bilinear and bicubic differ by rounding
     (PIL truncates) and, for bicubic, by the kernel (OpenCV's Keys a=-0.75 against PIL's a=-1): on average
-    0.5-0.7 grey levels, more only along the one-pixel seam where the image meets the fill. 3x faster than PIL's
-    generic transform at 224x224.
+    0.5-0.7 grey levels, more only along the one-pixel seam where the image meets the fill. Faster than PIL's
+    generic transform (``benchmarks/RESULTS.md``).
 """
 import math
 import random
@@ -33,7 +33,7 @@ except Exception:  # ImportError, or a broken OpenCV install (missing system lib
     cv2 = None
 
 __all__ = ["available", "jpeg_header", "decode_jpeg", "use_array_ops", "warp", "affine", "shift", "sharpen",
-           "to_hwc", "to_chw", "hflip"]
+           "to_hwc", "to_chw", "hflip", "ARRAY_OPS"]
 
 _threads_set = False
 
@@ -296,17 +296,13 @@ def hflip(a):
 # runs without PIL images in between. Colour and histogram ops are PIL's look-up tables (bit-exact), applied with
 # cv2.LUT; ops without an array kernel here go through PIL (exact by construction).
 
-def _is_rgb(a) -> bool:
-    return isinstance(a, np.ndarray) and a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3
-
-
 def _lut3(a, lut):
     """Apply a (256,) or per-channel (3, 256) uint8 table."""
     lut = np.asarray(lut, dtype=np.uint8)
     if lut.ndim == 2:
         if (lut == lut[0]).all():
             return cv2.LUT(a, np.ascontiguousarray(lut[0]))
-        # per plane: OpenCV's 3-channel table lookup is 2x slower than split + three 1-channel lookups + merge
+        # per plane: OpenCV's 3-channel table lookup is slower than split + three 1-channel lookups + merge
         return cv2.merge([cv2.LUT(p, np.ascontiguousarray(t)) for p, t in zip(cv2.split(a), lut)])
     return cv2.LUT(a, lut)
 
@@ -329,7 +325,7 @@ def a_auto_contrast(a, **_kwargs):
     """``ImageOps.autocontrast`` (no cutoff)."""
     lut = np.empty((3, 256), np.uint8)
     ix = np.arange(256, dtype=np.float64)
-    for c, plane in enumerate(cv2.split(a)):  # (numpy's per-column min / max is 50x slower here)
+    for c, plane in enumerate(cv2.split(a)):  # (cv2.minMaxLoc per plane: numpy's per-column min / max is slower)
         lo, hi = (int(v) for v in cv2.minMaxLoc(plane)[:2])
         if hi <= lo:
             lut[c] = np.arange(256)
@@ -404,7 +400,8 @@ def _via_pil(pil_fn):
     return fn
 
 
-_ARRAY_OPS = {
+# the array kernel of each timm RandAugment op (timm's ``NAME_TO_OP`` names); ops not listed go through PIL
+ARRAY_OPS = {
     "AutoContrast": a_auto_contrast,
     "Equalize": a_equalize,
     "Invert": a_invert,
@@ -440,7 +437,7 @@ def use_array_ops(transform) -> int:
     from .transforms import augment_ops
     native = 0
     for op in augment_ops(transform):
-        fn = _ARRAY_OPS.get(getattr(op, "name", ""))
+        fn = ARRAY_OPS.get(getattr(op, "name", ""))
         if fn is not None:
             op.aug_fn = fn
             native += 1

@@ -21,8 +21,7 @@ same operations, but:
 * workers return uint8 tensors (4x less inter-process traffic than float); normalisation and random erasing
   run batched on the training device (:class:`DeviceNormalize`), as does mixup/cutmix in the trainer.
 
-On a GPU, :class:`GpuJpegDecoder` decodes the JPEG bytes with nvJPEG (``torchvision.io.decode_jpeg(...,
-device='cuda')``) and does crop, resize and flip on the device; the workers only read files and draw crop boxes.
+``spach benchmark`` also runs a GPU (nvJPEG) decoding path of its own: :mod:`spach.bench.loaders`.
 
 Selecting it in a trainer (the plain path stays available)::
 
@@ -36,24 +35,21 @@ Selecting it in a trainer (the plain path stays available)::
 """
 import io
 import math
-import os
 import random
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from . import cv_augment as _cv
+from .folder import TolerantImageFolder, to_rgb
+from .transforms import eval_resize_size, patch_posterize
 
 __all__ = ["FastTrainTransform", "FastEvalTransform", "build_fast_train_transform", "build_fast_eval_transform",
-           "DeviceNormalize", "FastImageFolder", "GpuJpegDecoder", "sample_crop", "build_benchmark_loader",
-           "build_fast_train_dataset",
-           "DEFAULT_MEAN", "DEFAULT_STD"]
-
-DEFAULT_MEAN = (0.485, 0.456, 0.406)
-DEFAULT_STD = (0.229, 0.224, 0.225)
+           "DeviceNormalize", "FastImageFolder", "sample_crop", "build_fast_train_dataset"]
 
 
 def sample_crop(width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Tuple[int, int, int, int]:
@@ -98,16 +94,6 @@ def _draft_factor(crop_w: int, crop_h: int, out_w: int, out_h: int) -> int:
         if crop_w >= f * out_w and crop_h >= f * out_h:
             factor = f
     return factor
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)  # transparent pixels become white, as the plain loader
-    return img.convert("RGB")
 
 
 def _hwc_tensor(img: Image.Image) -> torch.Tensor:
@@ -160,7 +146,7 @@ def _decode(src, scale_for, use_cv2: bool):
     if arr is None:
         if factor > 1:
             img.draft("RGB", (width // factor, height // factor))
-        arr = np.asarray(_to_rgb(img))
+        arr = np.asarray(to_rgb(img))
     if not arr.flags.writeable:
         arr = arr.copy()
     return arr, width, height
@@ -197,7 +183,7 @@ class FastTrainTransform:
     timm's RandAugment. Normalisation and random erasing follow on the device (:class:`DeviceNormalize`)."""
 
     def __init__(self, input_size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
-                 auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1", mean=DEFAULT_MEAN, draft=True,
+                 auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1", mean=IMAGENET_DEFAULT_MEAN, draft=True,
                  interpolation="bicubic", use_cv2=True):
         self.size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         self.scale = tuple(scale)
@@ -220,11 +206,7 @@ class FastTrainTransform:
                 from timm.data.transforms import str_to_pil_interp
                 hparams["interpolation"] = str_to_pil_interp(interpolation)
             self.rand_augment = rand_augment_transform(auto_augment, hparams)
-            try:  # Pillow >= 12 refuses posterize(bits=0), which timm's top magnitude asks for
-                from .transforms import patch_posterize
-                patch_posterize(self.rand_augment)
-            except ImportError:
-                pass
+            patch_posterize(self.rand_augment)  # Pillow >= 12 refuses posterize(bits=0), timm's top magnitude
             if self.use_cv2:
                 _cv.use_array_ops(self.rand_augment)  # the same ops on HWC arrays (OpenCV / PIL's tables)
 
@@ -262,9 +244,9 @@ class FastEvalTransform:
     """Path / bytes / PIL image -> ``(3, H, W)`` uint8: resize the short side to ``input_size / crop_pct``
     (bicubic) and centre crop, decoding DCT-scaled where the resize allows."""
 
-    def __init__(self, input_size=224, crop_pct=224 / 256, draft=True, use_cv2=True):
+    def __init__(self, input_size=224, crop_pct=None, draft=True, use_cv2=True):
         self.size = int(input_size)
-        self.resize = int(math.floor(self.size / crop_pct))
+        self.resize = eval_resize_size(self.size, crop_pct)  # the evaluation preset's
         self.draft = draft
         self.use_cv2 = bool(use_cv2) and _cv.available()
 
@@ -284,8 +266,8 @@ class FastEvalTransform:
 
 
 def build_fast_train_transform(input_size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
-                               auto_augment="rand-m9-mstd0.5-inc1", mean=DEFAULT_MEAN, draft=True, color_jitter=None,
-                               interpolation="bicubic", use_cv2=True):
+                               auto_augment="rand-m9-mstd0.5-inc1", mean=IMAGENET_DEFAULT_MEAN, draft=True,
+                               color_jitter=None, interpolation="bicubic", use_cv2=True):
     """The worker-side half of the fast DeiT training transform (see :class:`FastTrainTransform`).
 
     ``color_jitter`` is accepted for signature parity with the timm transform, which ignores it when RandAugment
@@ -304,14 +286,16 @@ def build_fast_train_transform(input_size=224, scale=(0.08, 1.0), ratio=(3 / 4, 
 
 
 def build_fast_eval_transform(input_size=224, crop_pct=None, draft=True):
-    return FastEvalTransform(input_size, crop_pct=crop_pct or 224 / 256, draft=draft)
+    """The worker-side half of the evaluation preset (see :class:`FastEvalTransform`); ``crop_pct`` None: timm's
+    default."""
+    return FastEvalTransform(input_size, crop_pct=crop_pct, draft=draft)
 
 
 class DeviceNormalize(torch.nn.Module):
     """The device-side half: uint8 ``(B, 3, H, W)`` -> normalised float, then timm's RandomErasing per image
     (probability ``re_prob``, per-pixel normal noise in ``pixel`` mode), on whatever device the batch is on."""
 
-    def __init__(self, mean=DEFAULT_MEAN, std=DEFAULT_STD, re_prob=0.25, re_mode="pixel", re_count=1,
+    def __init__(self, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, re_prob=0.25, re_mode="pixel", re_count=1,
                  dtype=torch.float32):
         super().__init__()
         m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
@@ -342,180 +326,24 @@ class DeviceNormalize(torch.nn.Module):
         return self._erasers[key]
 
 
-try:
-    from .folder import TolerantImageFolder as _FolderBase
-except ImportError:  # the plain data module is not part of this build
-    _FolderBase = None
+class FastImageFolder(TolerantImageFolder):
+    """:class:`~spach.data.folder.TolerantImageFolder` whose transform receives the file *path* (so it can draw
+    the crop from the header and decode DCT-scaled) instead of a decoded image. Items are ``(uint8 tensor, target,
+    replaced)``; unreadable files are skipped (or raise with ``strict``) alike."""
 
-
-if _FolderBase is not None:
-    class FastImageFolder(_FolderBase):
-        """:class:`~spach.data.folder.TolerantImageFolder` whose transform receives the file *path* (so it can
-        draw the crop from the header and decode DCT-scaled) instead of a decoded image. Items are
-        ``(uint8 tensor, target, replaced)``; unreadable files are skipped (or raise with ``strict``) alike."""
-
-        def _read(self, path: str):
-            if self.transform is not None:
-                return self.transform(path)
-            return _hwc_tensor(_to_rgb(_open(path)))[0]
-
-
-else:  # pragma: no cover
-    FastImageFolder = None
+    def _read(self, path: str):
+        if self.transform is not None:
+            return self.transform(path)
+        return _hwc_tensor(to_rgb(_open(path)))[0]
 
 
 def build_fast_train_dataset(samples, classes, input_size=224, *, aa="rand-m9-mstd0.5-inc1", hflip=0.5,
-                             scale=(0.08, 1.0), reprob=0.25, remode="pixel", recount=1, mean=DEFAULT_MEAN,
-                             std=DEFAULT_STD, color_jitter=None, strict=False, interpolation="bicubic"):
+                             scale=(0.08, 1.0), reprob=0.25, remode="pixel", recount=1, mean=IMAGENET_DEFAULT_MEAN,
+                             std=IMAGENET_DEFAULT_STD, color_jitter=None, strict=False, interpolation="bicubic"):
     """Both halves of the fast training pipeline from the trainer's flags: ``(dataset, finalize)``. The dataset
     yields ``(uint8 CHW, target, n_replaced)`` like :class:`~spach.data.folder.TolerantImageFolder`; apply
     ``finalize`` (a module; ``.to(device)`` it) to each batch after moving it to the device, before mixup."""
-    if FastImageFolder is None:
-        raise ImportError("spach.data.folder is not available in this build")
     tf = build_fast_train_transform(input_size, scale=tuple(scale), hflip=hflip, auto_augment=aa, mean=mean,
                                     color_jitter=color_jitter, interpolation=interpolation)
     finalize = DeviceNormalize(mean, std, re_prob=reprob, re_mode=remode, re_count=recount)
     return FastImageFolder(samples, classes, tf, strict=strict), finalize
-
-
-class _JpegBytesDataset(torch.utils.data.Dataset):
-    """Worker side of the nvJPEG path: file bytes + a crop box drawn from the header + a flip flag."""
-
-    def __init__(self, samples, size, scale, ratio, hflip):
-        self.samples = list(samples)
-        self.size, self.scale, self.ratio, self.hflip = size, scale, ratio, hflip
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        path, target = self.samples[index]
-        with open(path, "rb") as f:
-            data = f.read()
-        header = _cv.jpeg_header(data)  # pure Python, no OpenCV needed; PIL for anything it does not parse
-        width, height = header[:2] if header is not None else Image.open(io.BytesIO(data)).size
-        box = sample_crop(width, height, self.scale, self.ratio)
-        flip = self.hflip > 0 and random.random() < self.hflip
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor(box + (int(flip),)), target
-
-
-def _collate_bytes(batch):
-    return [b[0] for b in batch], torch.stack([b[1] for b in batch]), torch.tensor([b[2] for b in batch])
-
-
-class GpuJpegDecoder:
-    """Device side of the nvJPEG path: batched ``decode_jpeg(device='cuda')``, then per image the crop,
-    bicubic antialiased resize and flip on the GPU; returns a uint8 ``(B, 3, H, W)`` batch. RandAugment is a
-    per-image PIL op set and is not applied here: use this path for throughput measurement and for recipes
-    without RandAugment (``--aa none``); the CPU fast path keeps the full DeiT augmentation."""
-
-    def __init__(self, size=224, device="cuda"):
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
-        self.device = torch.device(device)
-
-    def __call__(self, datas: Sequence[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
-        from torchvision.io import ImageReadMode, decode_jpeg
-        images = decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=self.device)
-        out = torch.empty((len(images), 3) + self.size, dtype=torch.uint8, device=self.device)
-        for k, (img, box) in enumerate(zip(images, boxes.tolist())):
-            i, j, h, w, flip = box
-            crop = img[:, i:i + h, j:j + w].unsqueeze(0).float()
-            y = F.interpolate(crop, size=self.size, mode="bicubic", antialias=True, align_corners=False)
-            y = y.round_().clamp_(0, 255)
-            if flip:
-                y = y.flip(-1)
-            out[k] = y[0].to(torch.uint8)
-        return out
-
-
-def _list_images(root: str):
-    """``(samples, classes)`` of an ImageFolder-style tree (``root/train`` if it exists), JPEG/PNG files."""
-    from ..errors import DataError
-    base = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
-    exts = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG")
-    classes = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
-    samples = []
-    if classes:
-        for ci, c in enumerate(classes):
-            for dirpath, _, files in os.walk(os.path.join(base, c)):
-                samples += [(os.path.join(dirpath, f), ci) for f in sorted(files) if f.endswith(exts)]
-    else:
-        samples = [(os.path.join(base, f), 0) for f in sorted(os.listdir(base)) if f.endswith(exts)]
-        classes = ["images"]
-    if not samples:
-        raise DataError(f"no .jpg/.jpeg/.png images under {base}: point --data at an ImageFolder tree "
-                        f"(class sub-folders of images) or a folder of JPEGs")
-    return samples, classes
-
-
-class _PlainFolder(torch.utils.data.Dataset):
-    def __init__(self, samples, transform, pass_path):
-        self.samples, self.transform, self.pass_path = samples, transform, pass_path
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        path, target = self.samples[index]
-        if self.pass_path:
-            return self.transform(path), target
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            img = _to_rgb(img)
-            img.load()
-        return self.transform(img), target
-
-
-def build_benchmark_loader(root: str, batch_size: int, img_size: int, pipeline: str, workers: int,
-                           device: torch.device, train: bool = True, seed: int = 0):
-    """A DataLoader over the images under ``root`` and the device-side finishing step (or None), for
-    ``spach benchmark --data DIR``. ``pipeline`` 'timm' is the plain per-image PIL transform (float batches);
-    'fast' is this module's worker transform, as ``spach train --data-pipeline fast`` runs it (uint8 batches,
-    normalised and erased on the device); 'nvjpeg' decodes on the GPU (training only, no RandAugment)."""
-    samples, _ = _list_images(root)
-    g = torch.Generator().manual_seed(seed)
-    common = dict(batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers, generator=g,
-                  persistent_workers=workers > 0, pin_memory=device.type == "cuda")
-    if workers > 0:
-        common["prefetch_factor"] = 4
-    if len(samples) < batch_size:
-        samples = (samples * (batch_size // len(samples) + 1))[:max(batch_size, len(samples))]
-    if pipeline == "timm":
-        from .transforms import build_transform  # the trainer's own timm/PIL path
-        tf = build_transform(train, img_size)
-        loader = torch.utils.data.DataLoader(_PlainFolder(samples, tf, pass_path=False), **common)
-        return loader, None
-    if pipeline == "nvjpeg":
-        from ..errors import DataError
-        if device.type != "cuda" or not train:
-            raise DataError("--data-pipeline nvjpeg decodes on a CUDA GPU in training: use --device cuda --mode "
-                            "train, or --data-pipeline fast")
-        not_jpeg = [p for p, _ in samples if not p.lower().endswith((".jpg", ".jpeg"))]
-        if not_jpeg:
-            raise DataError(f"the GPU (nvJPEG) pipeline decodes JPEG files only, and {len(not_jpeg)} files under "
-                            f"{root} are not JPEGs (e.g. {not_jpeg[0]}): use --data-pipeline timm, or a folder of "
-                            f"JPEGs")
-        decoder = GpuJpegDecoder(img_size, device)
-        finalize = DeviceNormalize().to(device)
-        loader = torch.utils.data.DataLoader(
-            _JpegBytesDataset(samples, (img_size, img_size), (0.08, 1.0), (3 / 4, 4 / 3), 0.5),
-            collate_fn=_collate_bytes, **common)
-        return _NvjpegLoader(loader, decoder, device), finalize
-    tf = build_fast_train_transform(img_size) if train else build_fast_eval_transform(img_size)
-    finalize = DeviceNormalize(re_prob=0.25 if train else 0.0).to(device)
-    loader = torch.utils.data.DataLoader(_PlainFolder(samples, tf, pass_path=True), **common)
-    return loader, finalize
-
-
-class _NvjpegLoader:
-    """Iterates a bytes loader and yields ``(uint8 batch on the GPU, labels)``."""
-
-    def __init__(self, loader, decoder, device):
-        self.loader, self.decoder, self.device = loader, decoder, device
-
-    def __iter__(self):
-        for datas, boxes, targets in self.loader:
-            yield self.decoder(datas, boxes), targets.to(self.device, non_blocking=True)
-
-    def __len__(self):
-        return len(self.loader)

@@ -17,8 +17,8 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 
-__all__ = ["IMG_EXTENSIONS", "find_classes", "scan_split", "check_dataset", "TolerantImageFolder",
-           "load_rgb", "BAD_IMAGE_ERRORS"]
+__all__ = ["IMG_EXTENSIONS", "find_classes", "scan_split", "scan_images", "check_dataset", "TolerantImageFolder",
+           "load_rgb", "to_rgb", "BAD_IMAGE_ERRORS"]
 
 logger = logging.getLogger("spach.data")
 
@@ -50,6 +50,18 @@ def scan_split(split_dir: str, classes: Sequence[str]) -> Tuple[List[Tuple[str, 
         counts[name] = len(files)
         samples.extend(files)
     return samples, counts
+
+
+def scan_images(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """``(samples, classes)`` of the images under ``root`` (``root/train`` if it exists): its class sub-folders
+    as :func:`scan_split` reads them, or, without sub-folders, the images directly in it as one class ``images``.
+    May be empty; the caller says which flag to fix."""
+    base = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+    classes = find_classes(base)
+    if classes:
+        return scan_split(base, classes)[0], classes
+    files = sorted(e.name for e in os.scandir(base) if e.is_file() and not e.name.startswith("."))
+    return [(os.path.join(base, f), 0) for f in files if f.lower().endswith(IMG_EXTENSIONS)], ["images"]
 
 
 def _raise_walk_error(err: OSError):
@@ -102,11 +114,18 @@ def load_rgb(path: str) -> Image.Image:
     with open(path, "rb") as f:
         img = Image.open(f)
         img.load()  # decode now: a truncated file fails here, not later inside a transform
-        if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img)  # transparent pixels become white, not black
-        return img.convert("RGB")
+        return to_rgb(img) if img.mode != "RGB" else img.convert("RGB")  # a copy, detached from the file
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as RGB; transparent pixels (RGBA, palette with transparency) become white, not black."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
 
 
 class TolerantImageFolder:

@@ -1,4 +1,8 @@
-"""DeiT recipe transforms (timm ``create_transform``), safe on current Pillow.
+"""DeiT recipe transforms (timm ``create_transform``), safe on current Pillow, and the one evaluation preset.
+
+Evaluation everywhere (``spach train``'s validation, ``spach eval``, ``spach predict``, the fast pipeline) resizes
+the short side to ``size / crop_pct`` (bicubic), centre-crops ``size`` and normalises by timm's ImageNet mean /
+std, or by what the model's ``pretrained_cfg`` says: :func:`eval_resize_size` and :func:`build_eval_transform`.
 
 timm 1.0.x's RandAugment maps the top posterize magnitude of ``rand-m9-mstd0.5-inc1`` to ``bits=0`` and
 Pillow >= 12 refuses ``ImageOps.posterize(img, 0)`` ('bits must be between or equal to 1 and 8'). Older Pillow
@@ -8,12 +12,14 @@ posterize ops of the RandAugment instances this module builds, never on timm's g
 import math
 
 from PIL import Image, ImageOps
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
-__all__ = ["build_transform", "posterize_safe", "patch_posterize", "augment_ops", "DEFAULT_MEAN", "DEFAULT_STD"]
+__all__ = ["build_transform", "build_eval_transform", "eval_resize_size", "posterize_safe", "patch_posterize",
+           "augment_ops"]
 
-DEFAULT_MEAN = (0.485, 0.456, 0.406)
-DEFAULT_STD = (0.229, 0.224, 0.225)
+_INTERPOLATION = {"bilinear": transforms.InterpolationMode.BILINEAR, "nearest": transforms.InterpolationMode.NEAREST,
+                  "bicubic": transforms.InterpolationMode.BICUBIC}
 
 
 def _zero(_value):
@@ -54,11 +60,37 @@ def patch_posterize(transform) -> int:
     return patched
 
 
-def build_transform(is_train: bool, input_size: int, *, mean=DEFAULT_MEAN, std=DEFAULT_STD, aa="rand-m9-mstd0.5-inc1",
-                    color_jitter=0.4, train_interpolation="bicubic", reprob=0.25, remode="pixel", recount=1,
-                    hflip=0.5, scale=(0.08, 1.0), crop_pct=None):
-    """The DeiT transforms: RandAugment + random-resized-crop + flip + random erasing for training; resize to
-    ``input_size / crop_pct`` (256 for 224) and centre crop for evaluation."""
+def eval_resize_size(input_size, crop_pct=None):
+    """What the evaluation preset resizes to before the centre crop: ``floor(size / crop_pct)`` (256 for 224 at
+    timm's default ``crop_pct`` 0.875); an int for a square ``input_size`` (the short side), else ``(h, w)``."""
+    crop_pct = crop_pct or DEFAULT_CROP_PCT
+    h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if h == w:
+        return int(math.floor(h / crop_pct))
+    return int(math.floor(h / crop_pct)), int(math.floor(w / crop_pct))
+
+
+def build_eval_transform(input_size, crop_pct=None, interpolation=None, mean=None, std=None):
+    """The evaluation preset: resize to :func:`eval_resize_size` (``interpolation``, bicubic by default),
+    centre-crop ``input_size`` (an int or ``(h, w)``), to tensor, normalise by ``mean`` / ``std`` (timm's ImageNet
+    defaults). ``None`` takes the default, so a model's ``pretrained_cfg.get(...)`` values can be passed as they
+    are."""
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    return transforms.Compose([
+        transforms.Resize(eval_resize_size(size, crop_pct),
+                          interpolation=_INTERPOLATION.get(interpolation, transforms.InterpolationMode.BICUBIC)),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN if mean is None else mean,
+                             IMAGENET_DEFAULT_STD if std is None else std),
+    ])
+
+
+def build_transform(is_train: bool, input_size: int, *, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                    aa="rand-m9-mstd0.5-inc1", color_jitter=0.4, train_interpolation="bicubic", reprob=0.25,
+                    remode="pixel", recount=1, hflip=0.5, scale=(0.08, 1.0), crop_pct=None):
+    """The DeiT transforms: RandAugment + random-resized-crop + flip + random erasing for training; the
+    evaluation preset (:func:`build_eval_transform`) otherwise."""
     if is_train:
         from timm.data import create_transform
         tf = create_transform(
@@ -70,11 +102,4 @@ def build_transform(is_train: bool, input_size: int, *, mean=DEFAULT_MEAN, std=D
             tf.transforms[0] = transforms.RandomCrop(input_size, padding=4)
         patch_posterize(tf)
         return tf
-    crop_pct = crop_pct or 224 / 256
-    size = int(math.floor(input_size / crop_pct))
-    return transforms.Compose([
-        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+    return build_eval_transform(input_size, crop_pct=crop_pct, mean=mean, std=std)

@@ -5,8 +5,9 @@ Importing this package registers every SPACH variant with timm.
 import timm as _timm
 
 from ..errors import SpachError
+from ..weights import read_state_dict
 from .flops import count_flops, count_params
-from .pretrained import checkpoint_filter_fn, load_pretrained, read_state_dict, safetensors_model_kwargs
+from .pretrained import checkpoint_filter_fn, load_pretrained, safetensors_model_kwargs
 from .spach import MixingBlock, Spach, SpachMS
 from .variants import MODEL_CONFIGS, list_models, model_config, suggest_model_names, unknown_model_message
 

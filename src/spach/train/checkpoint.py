@@ -13,16 +13,15 @@ import io
 import os
 import random
 import tempfile
-import warnings
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..weights import read_checkpoint_file
 from . import faults
-from ..models.pretrained import _torch_load
 
-__all__ = ["atomic_save", "load_checkpoint", "read_checkpoint_file", "get_rng_state", "set_rng_state", "CHECKPOINT_NAME", "BEST_NAME"]
+__all__ = ["atomic_save", "load_checkpoint", "get_rng_state", "set_rng_state", "CHECKPOINT_NAME", "BEST_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pth"
 BEST_NAME = "best.pth"
@@ -78,24 +77,10 @@ def atomic_save(obj, path: str):
                 pass
 
 
-def read_checkpoint_file(path: str):
-    """``torch.load(weights_only=True)`` of ``path``; any failure, whatever the bytes, is one CheckpointError."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist: pass the path of a checkpoint.pth / best.pth")
-    with warnings.catch_warnings():  # a raw pickle's protocol warning would add lines to the one-line error
-        warnings.filterwarnings("ignore", message="Detected pickle protocol")
-        try:
-            return _torch_load(path)
-        except CheckpointError:
-            raise
-        except Exception as e:  # random bytes trip the weights-only unpickler in many ways (IndexError, KeyError)
-            raise CheckpointError(f"cannot read checkpoint {path}: the file is corrupted or not a PyTorch checkpoint "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else 'no detail'}); "
-                                  f"use a complete .pth / .safetensors file") from None
-
-
 def load_checkpoint(path: str) -> dict:
     """Read a training checkpoint (``weights_only``: tensors and plain containers only)."""
+    if not os.path.isfile(path):  # the weights reader's hint would offer .safetensors, which cannot resume
+        raise CheckpointError(f"checkpoint {path} does not exist: pass the path of a checkpoint.pth / best.pth")
     ckpt = read_checkpoint_file(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint (no 'model' entry): use --finetune or "

@@ -13,9 +13,10 @@ import torch
 
 from ..errors import CheckpointError, SpachError
 from ..runtime import device as devices
+from ..weights import read_checkpoint_file
 from . import faults
 from .args import DEIT_DEFAULTS, DEMO_DEFAULTS
-from .checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_save, get_rng_state, read_checkpoint_file
+from .checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_save, get_rng_state
 from .engine import evaluate, throughput, train_one_epoch
 from .setup import Run, build_run
 
@@ -71,7 +72,7 @@ def _gather_rng(dist_info):
 
 
 def run(args) -> int:
-    from ..models.pretrained import local_weights
+    from ..weights import local_weights
     for flag in ("resume", "finetune", "teacher_path"):  # URLs, as the original accepts: downloaded once, cached
         if getattr(args, flag, None):
             setattr(args, flag, local_weights(getattr(args, flag)))

@@ -310,7 +310,7 @@ def build_model(args, num_classes: int):
 
 
 def finetune(model, path: str):
-    from ..models import read_state_dict
+    from ..weights import read_state_dict
     from ..models.pretrained import checkpoint_filter_fn
     sd = checkpoint_filter_fn(read_state_dict(path), model)
     own = model.state_dict()
@@ -333,7 +333,7 @@ def build_teacher(args, num_classes, device):
     if not args.teacher_path:
         raise SpachError("--distillation-type soft/hard needs --teacher-path (weights of --teacher-model)")
     import timm
-    from ..models import read_state_dict
+    from ..weights import read_state_dict
     try:
         teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=num_classes)
     except RuntimeError as e:

@@ -1,0 +1,209 @@
+"""The one reader of weights files: training checkpoints, official release files, bare state_dicts, safetensors.
+
+A checkpoint is untrusted input: ``.pth`` files are read with ``torch.load(weights_only=True)`` (no code in a
+pickle can run) and ``.safetensors`` with :mod:`safetensors`. Every way a file can fail to read (missing,
+truncated, random bytes, a pickle holding code) is one :class:`~spach.errors.CheckpointError` line naming the
+file and the fix, whichever command reads it.
+
+Weights may also be given as URLs, as the original's ``--resume https://...``: :func:`local_weights` turns an
+http(s) URL into a file downloaded once into torch hub's cache, and a file:// URL into its path.
+"""
+import hashlib
+import json
+import os
+import pickle
+import re
+import urllib.parse
+import urllib.request
+import warnings
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .errors import CheckpointError
+
+__all__ = ["read_checkpoint_file", "unwrap_state_dict", "strip_prefixes", "read_state_dict", "safetensors_metadata",
+           "safetensors_shape", "is_url", "url_file_name", "local_weights", "release_file"]
+
+# where training scripts put the weights inside a checkpoint (SPACH / DeiT ``main.py``: ``model``, ``model_ema``)
+EMA_KEYS = ("model_ema", "state_dict_ema")
+WRAPPER_KEYS = ("model", "state_dict", "module")
+# what DDP (``module.``) and torch.compile (``_orig_mod.``) put in front of every key
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+URL_SCHEMES = ("http://", "https://", "file://")
+
+
+def _exists(path: str) -> None:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file): pass the path of a "
+                              f".pth or .safetensors weights file")
+
+
+def _last_line(text: str) -> str:
+    """The informative line of torch's long weights_only error."""
+    match = re.search(r"([^\n]*unsupported GLOBAL[^\n]*|Unsupported [^\n]*|invalid load key[^\n]*)", text)
+    if match:
+        return match.group(1).strip()[:200]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if lines else "no detail")[:200]
+
+
+def read_checkpoint_file(path) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU. A pickle holding anything but tensors and plain
+    containers is refused (loading it could run code); any other failure, whatever the bytes, is one
+    :class:`CheckpointError` too."""
+    path = os.fspath(path)
+    _exists(path)
+    with warnings.catch_warnings():  # a raw pickle's protocol warning would add lines to the one-line error
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            detail = str(e)
+            if "Unsupported global" not in detail and "GLOBAL" not in detail:
+                raise CheckpointError(
+                    f"cannot read checkpoint {path}: it is not a weights-only PyTorch checkpoint (truncated, "
+                    f"corrupted, or a raw pickle, which is refused because it could run code: {_last_line(detail)}); "
+                    f"use a complete .pth / .safetensors file") from None
+            raise CheckpointError(
+                f"refusing to load {path}: it holds pickled objects other than tensors and plain containers "
+                f"(loading it could run code). Re-save its state_dict with torch.save, or convert it to "
+                f".safetensors ({_last_line(detail)})") from None
+        except (RuntimeError, EOFError, ValueError, OSError) as e:
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}); "
+                f"use a complete .pth / .safetensors file") from None
+        except Exception as e:  # random bytes trip the weights-only unpickler in many ways (IndexError, KeyError)
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: the file is corrupted or not a PyTorch checkpoint "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else 'no detail'}); "
+                f"use a complete .pth / .safetensors file") from None
+
+
+def unwrap_state_dict(ckpt: dict, use_ema: bool = False, path: str = "checkpoint") -> dict:
+    """The state_dict inside a loaded checkpoint: ``ckpt['model']`` (official releases, our training
+    checkpoints), ``['state_dict']`` or ``['module']``, else ``['model_ema']`` / ``['state_dict_ema']``, else
+    ``ckpt`` itself (a bare state_dict). With ``use_ema`` the EMA entries come first, and a checkpoint that
+    wraps its weights without EMA ones is refused."""
+    keys = EMA_KEYS + WRAPPER_KEYS if use_ema else WRAPPER_KEYS + EMA_KEYS
+    for key in keys:
+        if key in ckpt and isinstance(ckpt[key], dict):
+            if use_ema and key in WRAPPER_KEYS and any(k in ckpt for k in EMA_KEYS):
+                continue
+            if use_ema and key not in EMA_KEYS:
+                raise CheckpointError(f"checkpoint {path} has no EMA weights ('model_ema'): load it without use_ema")
+            return ckpt[key]
+    return ckpt
+
+
+def strip_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``state_dict`` with the DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes removed."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in WRAPPER_PREFIXES:
+            if isinstance(k, str) and k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def read_state_dict(path, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The tensors of the weights file at ``path``: ``.safetensors``, or a ``.pth`` holding ``{'model': sd}``,
+    ``{'model_ema': sd}``, ``{'state_dict': sd}`` or a bare state_dict (see :func:`unwrap_state_dict`).
+    Keys are as stored (prefixes included)."""
+    path = os.fspath(path)
+    _exists(path)
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+            return load_file(path, device="cpu")
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+    ckpt = read_checkpoint_file(path)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state_dict: save "
+                              f"model.state_dict() (or {{'model': model.state_dict()}})")
+    ckpt = unwrap_state_dict(ckpt, use_ema, path)
+    tensors = {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"checkpoint {path} contains no tensors (keys: {sorted(ckpt)[:8]}): "
+                              f"it is not a weights file")
+    return tensors
+
+
+def safetensors_metadata(path) -> dict:
+    """The string metadata of a ``.safetensors`` file (``spach export`` writes the model's config there as JSON
+    strings), JSON values decoded where they decode."""
+    path = os.fspath(path)
+    _exists(path)
+    try:
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except (TypeError, ValueError):
+            out[k] = v
+    return out
+
+
+def safetensors_shape(path, key: str) -> Optional[Tuple[int, ...]]:
+    """The shape of tensor ``key`` in a ``.safetensors`` file, read from its header (None if it has no such
+    tensor or cannot be read; reading its weights reports why)."""
+    try:
+        from safetensors import safe_open
+        with safe_open(os.fspath(path), framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape()) if key in f.keys() else None
+    except Exception:  # safetensors raises its own error types
+        return None
+
+
+def is_url(path) -> bool:
+    return isinstance(path, str) and path.lower().startswith(URL_SCHEMES)
+
+
+def url_file_name(url: str) -> str:
+    """The file name a URL ends in (``''`` if it names none): what the downloaded copy is called."""
+    return os.path.basename(urllib.parse.urlparse(url).path)
+
+
+def _download(url: str, cached: str, hint: str, what: str = "") -> str:
+    """``cached``, downloaded from ``url`` unless it is there (to a temporary name, then renamed: an interrupted
+    download never leaves a partial file under the cached name)."""
+    if not os.path.isfile(cached):
+        try:
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            torch.hub.download_url_to_file(url, cached, progress=False)
+        except Exception as e:  # no network, HTTP error, DNS failure, unwritable cache ...
+            raise CheckpointError(
+                f"could not download {what}{url} ({type(e).__name__}: {str(e)[:160]}). Download that file yourself "
+                f"and {hint}, or place it at {cached}") from None
+    return cached
+
+
+def local_weights(path: str) -> str:
+    """``path`` itself; for a file:// URL its path; for an http(s):// URL (as the original's ``--resume`` /
+    ``--finetune`` / ``--teacher-path`` accept) a copy downloaded once into torch hub's cache, in a folder of its
+    own per URL (two runs' ``best.pth`` never stand in for each other)."""
+    if not is_url(path):
+        return path
+    parsed = urllib.parse.urlparse(path)
+    if parsed.scheme.lower() == "file":
+        return urllib.request.url2pathname(parsed.path)
+    file_name = url_file_name(path)
+    if not file_name:
+        raise CheckpointError(f"{path} does not name a weights file: pass the URL of a .pth / .safetensors file")
+    key = hashlib.sha256(path.encode()).hexdigest()[:16]
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", f"url-{key}", file_name)
+    return _download(path, cached, "pass its local path instead of the URL")
+
+
+def release_file(url: str, hint: str, what: str = "") -> str:
+    """The official release file at ``url``, from torch hub's own place for it (``<hub>/checkpoints/<name>``),
+    downloaded there if missing. A failed download names ``url``, ``what`` it is and the ``hint``."""
+    return _download(url, os.path.join(torch.hub.get_dir(), "checkpoints", url_file_name(url)), hint, what)
