@@ -206,14 +206,15 @@ def local_weights(path: str) -> str:
     return _download(path, cached, "pass its local path instead of the URL")
 
 
-def load_pretrained_release(model: nn.Module, variant: str) -> nn.Module:
+def load_pretrained_release(model: nn.Module, variant: str, strict: bool = True) -> nn.Module:
     """``pretrained=True``: the official release file, from ``pretrained_cfg['file']`` if set (a local
-    file), else torch hub's cache, else downloaded. Without network this fails with the URL to fetch."""
+    file), else torch hub's cache, else downloaded. Without network this fails with the URL to fetch.
+    ``strict=False`` for a pruned (``features_only``) model, as :func:`load_pretrained`."""
     target = _unwrap(model)
     cfg = dict(getattr(target, "pretrained_cfg", {}) or {})
     local = cfg.get("file")
     if local:
-        return load_pretrained(model, local)
+        return load_pretrained(model, local, strict=strict)
     url = cfg.get("url")
     if not url:
         raise CheckpointError(
@@ -223,4 +224,5 @@ def load_pretrained_release(model: nn.Module, variant: str) -> nn.Module:
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)  # torch hub's own place for it
     hint = (f"pass it: spach.create_model('{variant}', checkpoint_path='{file_name}') (CLI: --resume/--checkpoint "
             f"{file_name})")
-    return load_pretrained(model, _download(url, cached, hint, what=f"the pretrained weights of {variant} from "))
+    return load_pretrained(model, _download(url, cached, hint, what=f"the pretrained weights of {variant} from "),
+                           strict=strict)
