@@ -22,15 +22,15 @@ Anything in the forward pass that branches on a tensor (its shape, dtype, device
 with timm's ``register_notrace_function`` (see :func:`check_image_batch`), so that ``torch.fx`` (timm's
 ``feature_cls='fx'``, torchvision's ``create_feature_extractor``) traces the models.
 """
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_function
-from timm.models import build_model_with_cfg
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
+from timm.models import build_model_with_cfg, checkpoint_seq
+from timm.models._features import feature_take_indices  # timm's own models import it from here too
 
 __all__ = ["BaseNet", "check_image_batch", "MODEL_CONFIGS", "register_configs", "model_cfg", "build_model",
            "META_KEYS"]
