@@ -10,7 +10,7 @@ take non-square and non-224 inputs.
 Module and parameter names mirror the original implementation so that official checkpoints load unchanged.
 """
 from functools import partial
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
