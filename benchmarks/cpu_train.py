@@ -74,8 +74,9 @@ def lscpu_model() -> str:
 
 
 def has_attention(model: str) -> bool:
-    from spach.models.variants import MODEL_CONFIGS, _stages
-    return any(kind == "attn" for stage in _stages(MODEL_CONFIGS[model]["net_arch"]) for kind, _ in stage)
+    from spach.models import MODEL_CONFIGS
+    from spach.models.spach import stage_archs
+    return any(kind == "attn" for stage in stage_archs(MODEL_CONFIGS[model]["net_arch"]) for kind, _ in stage)
 
 
 def run_one(model, mode, batch, extra, steps, warmup, blocks, threads, env):

@@ -1,6 +1,8 @@
 """SPACH models (architecture only: torch + timm layers, nothing from the training system).
 
-Importing this package registers every SPACH variant with timm.
+Importing this package registers every variant of every family with timm. ``base`` holds what the families
+share (the timm model API, the config table, timm registration), ``flops`` the FLOPs count; each family module
+(``spach``) holds its blocks, its network and its table.
 """
 import timm as _timm
 
@@ -8,7 +10,7 @@ from ..errors import SpachError
 from ..weights import read_state_dict
 from .flops import count_flops, count_params
 from .pretrained import checkpoint_filter_fn, load_pretrained, safetensors_model_kwargs
-from .spach import MixingBlock, Spach, SpachMS
+from .spach import MixingBlock, Spach, SpachMS  # registers the SPACH family
 from .variants import MODEL_CONFIGS, list_models, model_config, suggest_model_names, unknown_model_message
 
 __all__ = ["create_model", "list_models", "load_pretrained", "read_state_dict", "checkpoint_filter_fn",

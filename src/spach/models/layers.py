@@ -10,15 +10,17 @@ take non-square and non-224 inputs.
 Module and parameter names mirror the original implementation so that official checkpoints load unchanged.
 """
 from functools import partial
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from timm.layers import register_notrace_function
 
 __all__ = [
     "ToChannelsFirst", "ToChannelsLast", "PatchEmbed", "Conv4PatchEmbed", "STEM_LAYERS", "SpatialAttention",
-    "SpatialMLP", "ChannelMLP", "DWConv", "DownsampleConv", "SPATIAL_MIXERS", "default_norm_layer",
+    "SpatialMLP", "ChannelMLP", "DWConv", "DownsampleConv", "SPATIAL_MIXERS", "default_norm_layer", "attention",
+    "check_token_count",
 ]
 
 default_norm_layer = partial(nn.LayerNorm, eps=1e-6)
@@ -55,6 +57,12 @@ class PatchEmbed(nn.Module):
     def forward(self, x):
         return self.proj(x)
 
+    def flops(self, H: int, W: int) -> Tuple[int, int, int]:
+        """Multiply-accumulates at an ``H x W`` input (bias included) and the output grid."""
+        ph, pw = self.patch_size
+        h, w = H // ph, W // pw
+        return h * w * self.embed_dim * (ph * pw * self.in_chans + 1), h, w
+
 
 class Conv4PatchEmbed(nn.Module):
     """Four-convolution stem (7x7/2, 3x3, 3x3 with BatchNorm + ReLU, then a patch_size/2 strided conv).
@@ -85,8 +93,35 @@ class Conv4PatchEmbed(nn.Module):
     def forward(self, x):
         return self.proj(x)
 
+    def flops(self, H: int, W: int) -> Tuple[int, int, int]:
+        """Multiply-accumulates (each BatchNorm one op per element) and the output grid."""
+        ph, pw = self.patch_size
+        h2, w2 = (H + 1) // 2, (W + 1) // 2  # 7x7 stride-2 conv, padding 3
+        c = self.hidden_chans
+        flops = h2 * w2 * c * (self.in_chans * 49 + 1)          # conv 7x7 + BN
+        flops += 2 * h2 * w2 * c * (c * 9 + 1)                  # two conv 3x3 + BN
+        sh, sw = ph // 2, pw // 2
+        h, w = h2 // sh, w2 // sw
+        flops += h * w * self.embed_dim * (sh * sw * c + 1)     # patch conv
+        return flops, h, w
+
 
 STEM_LAYERS = {"conv1": PatchEmbed, "conv4": Conv4PatchEmbed}
+
+
+@register_notrace_function  # its branches read the tensors (dtype, device, autograd): one leaf of an fx graph
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float, fused: bool,
+              cpu_bf16_explicit_max_tokens: int) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` over ``(B, heads, N, head_dim)``: SDPA when ``fused``, except for a bf16 CPU
+    training step with at most ``cpu_bf16_explicit_max_tokens`` tokens (see :class:`SpatialAttention`)."""
+    if (fused and q.requires_grad and q.dtype == torch.bfloat16 and q.device.type == "cpu"
+            and q.shape[2] <= cpu_bf16_explicit_max_tokens):
+        fused = False
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    attn = F.dropout(attn, p=dropout_p, training=dropout_p > 0.0)
+    return attn @ v
 
 
 class SpatialAttention(nn.Module):
@@ -96,9 +131,10 @@ class SpatialAttention(nn.Module):
     kernels on GPU); the explicit softmax form is kept for reference and equals it within fp32 tolerance.
 
     One exception to ``fused_attn``: a bf16 training step (autograd recording) on a CPU with at most
-    ``cpu_bf16_explicit_max_tokens`` tokens takes the explicit form, which PyTorch's CPU kernels run 1.15x faster
-    per training step than SDPA's bf16 CPU kernels (``benchmarks/RESULTS.md``; inference is no faster, so it keeps
-    SDPA). The token bound keeps the ``N x N`` score matrix that the backward pass stores small.
+    ``cpu_bf16_explicit_max_tokens`` tokens takes the explicit form, because PyTorch's CPU kernels run it faster
+    per training step than SDPA's bf16 CPU kernels (measured in ``benchmarks/RESULTS.md``; inference is not
+    faster, so it keeps SDPA). The token bound keeps the ``N x N`` score matrix that the backward pass stores small.
+    The choice depends on the tensors, so it is made in :func:`attention`, which fx graphs keep as one call.
     """
 
     def __init__(self, dim, num_heads, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0,
@@ -121,18 +157,8 @@ class SpatialAttention(nn.Module):
         N = H * W
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim) each
-        fused = self.fused_attn
-        if (fused and q.requires_grad and q.dtype == torch.bfloat16 and q.device.type == "cpu"
-                and N <= self.cpu_bf16_explicit_max_tokens):
-            fused = False
-        if fused:
-            out = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = attn.softmax(dim=-1)
-            attn = self.attn_drop(attn)
-            out = attn @ v
+        out = attention(q, k, v, self.scale, self.attn_drop.p if self.training else 0.0, self.fused_attn,
+                        self.cpu_bf16_explicit_max_tokens)
         out = out.transpose(1, 2).reshape(B, H, W, C)
         out = self.proj(out)
         out = self.proj_drop(out)
@@ -166,6 +192,19 @@ class ChannelMLP(nn.Module):
         return self.mlp(x)
 
 
+@register_notrace_function  # a leaf of fx graphs: the check runs when the graph runs, never while tracing
+@torch.jit.ignore
+def check_token_count(x: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``x`` itself, after checking that its ``(B, H, W, C)`` grid has the ``num_tokens`` a token MLP mixes."""
+    H, W = x.shape[1], x.shape[2]
+    if H * W != num_tokens:
+        raise ValueError(
+            f"spatial-MLP block mixes exactly {num_tokens} tokens, but this input gives a {H}x{W} grid "
+            f"({H * W} tokens): spatial-MLP models are tied to the input size they were built for; "
+            f"use that input size, or create the model with img_size=<your size>")
+    return x
+
+
 class SpatialMLP(ChannelMLP):
     """Token-mixing MLP: the same two-layer MLP applied across the ``in_features`` tokens of each channel.
 
@@ -179,12 +218,9 @@ class SpatialMLP(ChannelMLP):
         self.in_features = in_features
 
     def forward(self, x):
+        if not torch.jit.is_scripting():
+            x = check_token_count(x, self.in_features)
         B, H, W, C = x.shape
-        if H * W != self.in_features:
-            raise ValueError(
-                f"spatial-MLP block mixes exactly {self.in_features} tokens, but this input gives a {H}x{W} grid "
-                f"({H * W} tokens): spatial-MLP models are tied to the input size they were built for; "
-                f"use that input size, or create the model with img_size=<your size>")
         x = self.mlp(x.reshape(B, H * W, C).transpose(1, 2))
         return x.transpose(1, 2).reshape(B, H, W, C)
 
@@ -227,6 +263,12 @@ class DownsampleConv(nn.Module):
     def forward(self, x):
         return self.net(x)
 
+    def flops(self, H: int, W: int) -> Tuple[int, int, int]:
+        """Multiply-accumulates of the conv and the GroupNorm (one op per element) and the output grid."""
+        h, w = H // self.stride, W // self.stride
+        c = self.out_channels
+        return h * w * c * self.in_channels * self.kernel_size ** 2 + h * w * c, h, w
+
 
 # 'pass' (no spatial mixer: the CPE depth-wise conv is the only spatial operation) is the conv family.
-SPATIAL_MIXERS = {"attn": SpatialAttention, "mlp": SpatialMLP, "pass": None, "conv": None}
+SPATIAL_MIXERS = {"attn": SpatialAttention, "mlp": SpatialMLP, "pass": None}

@@ -82,14 +82,15 @@ def load_pretrained(model: nn.Module, path: str, use_ema: bool = False, strict: 
     return model
 
 
-def load_pretrained_release(model: nn.Module, variant: str) -> nn.Module:
+def load_pretrained_release(model: nn.Module, variant: str, strict: bool = True) -> nn.Module:
     """``pretrained=True``: the official release file, from ``pretrained_cfg['file']`` if set (a local
-    file), else torch hub's cache, else downloaded. Without network this fails with the URL to fetch."""
+    file), else torch hub's cache, else downloaded. Without network this fails with the URL to fetch.
+    ``strict=False`` for a pruned (``features_only``) model, as :func:`load_pretrained`."""
     target = _unwrap(model)
     cfg = dict(getattr(target, "pretrained_cfg", {}) or {})
     local = cfg.get("file")
     if local:
-        return load_pretrained(model, local)
+        return load_pretrained(model, local, strict=strict)
     url = cfg.get("url")
     if not url:
         raise CheckpointError(
@@ -98,4 +99,5 @@ def load_pretrained_release(model: nn.Module, variant: str) -> nn.Module:
     file_name = url_file_name(url)
     hint = (f"pass it: spach.create_model('{variant}', checkpoint_path='{file_name}') (CLI: --resume/--checkpoint "
             f"{file_name})")
-    return load_pretrained(model, release_file(url, hint, what=f"the pretrained weights of {variant} from "))
+    return load_pretrained(model, release_file(url, hint, what=f"the pretrained weights of {variant} from "),
+                           strict=strict)

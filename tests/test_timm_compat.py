@@ -1,0 +1,105 @@
+"""What timm's own model test-suite expects of a registered model, checked on small SPACH variants: fx tracing,
+pool_size in the pretrained cfg, the features_only wrapper's cfg, and at least three default feature levels."""
+import pytest
+import timm
+import torch
+from timm.models import get_notrace_functions, get_notrace_modules, get_pretrained_cfg
+from torchvision.models.feature_extraction import create_feature_extractor
+
+import spach
+from spach.models import MODEL_CONFIGS
+from spach.models.base import check_image_batch
+
+TRACER_KWARGS = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+
+
+def fx_model(model):
+    """The model as a torch.fx graph (torchvision's extractor with timm's leaf modules / functions)."""
+    return create_feature_extractor(model, return_nodes=["head"], tracer_kwargs=TRACER_KWARGS)
+
+
+@pytest.mark.parametrize("name,size", [("spach_ms_xxs_patch4_224_attn", 64), ("spach_ms_xxs_patch4_224_mlp", 64),
+                                       ("spach_xxs_patch16_224_conv", 64)])
+def test_fx_traced_graph_equals_eager_and_keeps_the_input_check(name, size):
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=size, num_classes=7).eval()
+    for p in model.head.parameters():
+        torch.nn.init.normal_(p)
+    graph = fx_model(model)
+    assert any(n.target is check_image_batch for n in graph.graph.nodes)  # a leaf call, run with the graph
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x)["head"], model(x), atol=0, rtol=0)
+        with pytest.raises(ValueError, match=f"not a multiple of this model's total stride {model.total_stride}"):
+            graph(torch.randn(1, 3, size + 8, size))
+
+
+def test_fx_graph_trains_attention_and_scripts():
+    torch.manual_seed(0)
+    model = timm.create_model("spach_ms_xxs_patch4_224_attn", img_size=64, num_classes=5).train()
+    graph = create_feature_extractor(model, train_return_nodes=["head"], eval_return_nodes=["head"],
+                                     tracer_kwargs=TRACER_KWARGS)
+    graph(torch.randn(2, 3, 64, 64))["head"].square().sum().backward()
+    assert all(p.grad is not None for p in graph.parameters())
+    scripted = torch.jit.script(graph.eval())
+    with torch.no_grad():
+        assert scripted(torch.randn(1, 3, 64, 64))["head"].shape == (1, 5)
+
+
+def test_eager_input_errors_stay_clear():
+    model = spach.create_model("spach_xxs_patch16_224_attn", img_size=64).eval()
+    with pytest.raises(ValueError, match="not a multiple of this model's total stride 16"):
+        model(torch.randn(1, 3, 72, 60))
+    with pytest.raises(ValueError, match=r"expected an image batch of shape \(B, 3, H, W\), got \(1, 4, 64, 64\)"):
+        model(torch.randn(1, 4, 64, 64))
+
+
+@pytest.mark.parametrize("name", list(MODEL_CONFIGS))
+def test_pool_size_is_the_unpooled_feature_size_at_the_default_input(name):
+    cfg = get_pretrained_cfg(name).to_dict()
+    with torch.device("meta"):
+        model = timm.create_model(name).eval()
+        feats = model.forward_features(torch.empty(1, *cfg["input_size"]))
+    assert model.output_fmt == "NHWC"
+    assert tuple(feats.shape[1:3]) == cfg["pool_size"]
+    assert cfg["pool_size"] == ((14, 14) if "_patch16_" in name else (7, 7))
+
+
+@pytest.mark.parametrize("name", ["spach_ms_xxs_patch4_224_conv", "spach_xxs_patch16_224_mlp"])
+def test_features_only_wrapper_carries_the_pretrained_cfg(name):
+    features = timm.create_model(name, features_only=True)
+    full = timm.create_model(name).pretrained_cfg
+    assert features.default_cfg is features.pretrained_cfg
+    for key in ("input_size", "mean", "std", "crop_pct", "interpolation", "fixed_input_size", "pool_size", "url"):
+        assert features.pretrained_cfg[key] == full[key], key
+    assert timm.data.resolve_data_config({}, model=features)["input_size"] == (3, 224, 224)
+
+
+def test_single_stage_features_are_the_last_three_blocks_by_default():
+    model = timm.create_model("spach_xxs_patch16_224_conv", img_size=64).eval()
+    features = timm.create_model("spach_xxs_patch16_224_conv", img_size=64, features_only=True).eval()
+    features.model.load_state_dict(model.state_dict(), strict=False)  # pruned: its head and final norm are gone
+    assert features.feature_info.channels() == [384] * 3
+    assert features.feature_info.reduction() == [16] * 3
+    assert [i["module"] for i in features.feature_info.get_dicts()] == ["blocks.9", "blocks.10", "blocks.11"]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        got = features(x)
+        want = model.forward_intermediates(x, indices=3, intermediates_only=True)
+    assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert got[0].shape == (1, 384, 4, 4)
+    chosen = timm.create_model("spach_xxs_patch16_224_conv", img_size=64, features_only=True, out_indices=(0, 5))
+    assert [i["module"] for i in chosen.feature_info.get_dicts()] == ["blocks.0", "blocks.5"]
+    assert len(chosen.model.blocks) == 6  # the blocks after the last one taken are pruned
+
+
+def test_forward_intermediates_match_forward_features_with_every_level():
+    model = timm.create_model("spach_ms_xxs_patch4_224_attn", img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, levels = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x), atol=0, rtol=0)
+    assert [t.shape[1:] for t in levels] == [(32, 16, 16), (64, 8, 8), (128, 4, 4), (256, 2, 2)]
+    with torch.no_grad():
+        nhwc = model.forward_intermediates(x, indices=[-1], output_fmt="NHWC", intermediates_only=True)
+    torch.testing.assert_close(nhwc[0], levels[-1].permute(0, 2, 3, 1), atol=0, rtol=0)
