@@ -242,7 +242,7 @@ def test_bad_flags_give_one_line_errors(shapes, tmp_path, capsys):
         (["--amp", "fp16"], "not supported on cpu"),
         (["--batch-size", "1000"], "fewer than one batch"),
         (["--mixup", "0.8", "--batch-size", "15"], "even --batch-size"),
-        (["--data-set", "CIFAR"], "--data-set CIFAR: spach reads ImageNet-layout folders only"),
+        (["--data-set", "CIFAR"], "--data-set CIFAR: spach reads ImageNet-layout folders"),
     ]
     for extra, message in cases:
         rc = main(["train", *fast_flags(shapes, tmp_path / "o", *extra)])

@@ -1,4 +1,4 @@
-"""The ``spach`` command line: ``spach train | eval | benchmark | models | export | plot | predict``.
+"""The ``spach`` command line: ``spach train | eval | benchmark | models | export | plot | predict | pack``.
 
 Each sub-command lives in its own module under :mod:`spach.commands` exposing ``add_arguments(parser)``
 and ``run(args) -> int``; a module is imported only when its command runs (or its ``--help`` is asked for), so
@@ -20,6 +20,7 @@ COMMANDS = {
     "export": ("spach.commands.export", "export a model to ONNX, safetensors or TorchScript"),
     "plot": ("spach.commands.plot", "plot loss / accuracy / lr curves from output folders"),
     "predict": ("spach.commands.predict", "top-5 predictions for image files"),
+    "pack": ("spach.commands.pack", "write an ImageFolder as WebDataset tar shards (for --data-set WDS)"),
 }
 
 

@@ -9,6 +9,7 @@ An image that cannot be decoded (truncated, zero bytes, not an image, removed or
 is logged with its path and replaced by the next readable sample; each sample carries a flag saying whether
 it was replaced, so the engine can count unreadable files per epoch. With ``strict=True`` it is an error.
 """
+import contextlib
 import logging
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -108,10 +109,11 @@ def check_dataset(data_path: str, splits=("train", "val")) -> Tuple[List[str], D
     return classes, samples
 
 
-def load_rgb(path: str) -> Image.Image:
+def load_rgb(path) -> Image.Image:
     """Open and fully decode an image as RGB (grayscale, CMYK, palette and RGBA all convert; the format is
-    read from the content, so a PNG named .JPEG works)."""
-    with open(path, "rb") as f:
+    read from the content, so a PNG named .JPEG works). ``path`` may also be a binary file object (a shard
+    member's bytes)."""
+    with (open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path)) as f:
         img = Image.open(f)
         img.load()  # decode now: a truncated file fails here, not later inside a transform
         return to_rgb(img) if img.mode != "RGB" else img.convert("RGB")  # a copy, detached from the file

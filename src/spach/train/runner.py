@@ -35,11 +35,11 @@ def resolve_defaults(args, ckpt_args: Optional[dict] = None):
             if ckpt_args and key in ("model", "input_size", "crop_pct") and ckpt_args.get(key) is not None:
                 value = ckpt_args[key]
             setattr(args, key, value)
-    if getattr(args, "data_set", "IMNET") != "IMNET":
+    if getattr(args, "data_set", "IMNET") not in ("IMNET", "WDS", "HFDS"):
         raise SpachError(
-            f"--data-set {args.data_set}: spach reads ImageNet-layout folders only (DIR/train/<class>/*, "
-            f"DIR/val/<class>/*): write the {args.data_set} images into that layout, point --data-path at it and "
-            f"drop the flag (or pass --data-set IMNET)")
+            f"--data-set {args.data_set}: spach reads ImageNet-layout folders (DIR/train/<class>/*, DIR/val/<class>/*) "
+            f"and WDS / HFDS shards only: write the {args.data_set} images into that layout, point --data-path at it "
+            f"and drop the flag (or pass --data-set IMNET)")
     if getattr(args, "lr_noise", None) is not None:
         raise SpachError("--lr-noise is not supported (the SPACH / DeiT recipe does not use it): drop the flag")
     if args.npu:

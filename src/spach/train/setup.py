@@ -7,7 +7,8 @@ initial weights, then the teacher's, are drawn from the seeded RNG in that order
 replaces the RNG state with the checkpoint's.
 
 :func:`build_datasets` is the seam for another data source: it turns the checked sample lists into the train and
-val datasets (and the on-device batch transform of the fast pipeline).
+val datasets (and the on-device batch transform of the fast pipeline). Shards (``--data-set WDS`` / ``HFDS``) come
+in beside it: :func:`open_shard_source` checks them, :func:`build_shard_datasets` builds their datasets.
 """
 import json
 import logging
@@ -32,8 +33,9 @@ from .engine import TrainStep, build_criterion, build_scaler
 from .optim import CosineSchedule, build_optimizer
 
 __all__ = ["Run", "Data", "Resumed", "build_run", "build_data", "mixup_active", "sync_log", "setup_logging", "configure_runtime", "prepare_output",
-           "data_root", "build_datasets", "build_loaders", "build_model", "finetune", "build_teacher",
-           "build_train_step", "resume", "with_current_kernels"]
+           "data_root", "build_transforms", "open_shard_source", "build_shard_datasets", "build_datasets",
+           "build_loaders", "build_model", "finetune", "build_teacher", "build_train_step", "resume",
+           "with_current_kernels"]
 
 logger = logging.getLogger("spach.train")
 
@@ -45,7 +47,7 @@ class Data:
     n_val: int
     loader_train: Optional[torch.utils.data.DataLoader]  # None when only evaluating
     loader_val: torch.utils.data.DataLoader
-    sampler_train: Optional[object]
+    sampler_train: Optional[object]                      # what set_epoch reseeds (the WDS dataset itself)
     batch_transform: Optional[torch.nn.Module]            # the fast pipeline's on-device normalise + erasing
     dist_eval: bool                                       # each rank evaluates its shard; the sums are reduced
 
@@ -210,9 +212,16 @@ def data_root(args, dist: DistInfo) -> str:
 def build_data(args, dist: DistInfo, eval_only: bool) -> Data:
     """Check the data before anything heavy happens, then the datasets, samplers and loaders."""
     root = data_root(args, dist)
-    class_names, samples = check_dataset(root, splits=("val",) if eval_only else ("train", "val"))
-    samples.setdefault("train", [])
-    n_train = len(samples["train"])
+    splits = ("val",) if eval_only else ("train", "val")
+    source = None
+    if args.data_set in ("WDS", "HFDS"):
+        source = open_shard_source(args, root, splits, eval_only)
+        class_names = source.classes
+        n_train, n_val = (0 if eval_only else source.count("train")), source.count("val")
+    else:
+        class_names, samples = check_dataset(root, splits=splits)
+        samples.setdefault("train", [])
+        n_train, n_val = len(samples["train"]), len(samples["val"])
     if mixup_active(args) and args.batch_size % 2:
         raise SpachError(f"mixup/cutmix need an even --batch-size (got {args.batch_size}): use {args.batch_size + 1}"
                          f" or --mixup 0 --cutmix 0")
@@ -220,8 +229,11 @@ def build_data(args, dist: DistInfo, eval_only: bool) -> Data:
         raise DataError(f"{os.path.join(root, 'train')} has {n_train} images, fewer than one batch of "
                         f"{args.batch_size} per process x {dist.world_size} process(es): lower --batch-size to at "
                         f"most {max(1, n_train // dist.world_size)}")
-    dataset_train, dataset_val, batch_transform = build_datasets(args, class_names, samples, dist.device, eval_only)
-    n_val = len(samples["val"])
+    if source is None:
+        dataset_train, dataset_val, batch_transform = build_datasets(args, class_names, samples, dist.device,
+                                                                     eval_only)
+    else:
+        (dataset_train, dataset_val), batch_transform = build_shard_datasets(args, source, dist, eval_only), None
     loader_train, sampler_train, loader_val, dist_eval = build_loaders(args, dataset_train, dataset_val, n_train,
                                                                        n_val, dist, eval_only)
     return Data(list(class_names), n_train, n_val, loader_train, loader_val, sampler_train, batch_transform,
@@ -232,14 +244,47 @@ def mixup_active(args) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
+def build_transforms(args):
+    """The DeiT train transform and the eval preset, as the flags set them: ``(train_tf, val_tf)``."""
+    train_tf = build_transform(True, args.input_size, aa=args.aa, color_jitter=args.color_jitter,
+                               train_interpolation=args.train_interpolation, reprob=args.reprob, remode=args.remode,
+                               recount=args.recount, hflip=args.hflip, scale=tuple(args.scale))
+    return train_tf, build_transform(False, args.input_size, crop_pct=args.crop_pct)
+
+
+def open_shard_source(args, root: str, splits, eval_only: bool):
+    """The checked ``--data-set WDS`` / ``HFDS`` source at ``root`` (class names, sample counts per split)."""
+    if not args.data_path:
+        raise SpachError(f"--data-set {args.data_set} needs --data-path DIR: the folder of the shards (or drop "
+                         f"--data-set to train on the demo data)")
+    if getattr(args, "data_pipeline", "timm") == "fast" and not eval_only:
+        raise SpachError(f"--data-pipeline fast reads ImageFolders only: use --data-pipeline timm with "
+                         f"--data-set {args.data_set}")
+    from ..data.shards import open_source
+    return open_source(args.data_set, root, splits)
+
+
+def build_shard_datasets(args, source, dist: DistInfo, eval_only: bool):
+    """The train and val datasets of a shard ``source``: ``(dataset_train, dataset_val)``. WDS datasets split
+    themselves over ranks (and loader workers); HFDS ones are map-style and go through the samplers of
+    :func:`build_loaders` like an ImageFolder."""
+    train_tf, val_tf = build_transforms(args)
+    dist_eval = args.dist_eval and dist.distributed
+    dataset_train = None
+    if not eval_only:
+        dataset_train = source.dataset("train", train_tf, train=True, strict=args.strict_data,
+                                       num_replicas=dist.world_size, rank=dist.rank, seed=args.seed,
+                                       batch_size=args.batch_size, repeats=3 if args.repeated_aug else 1)
+    dataset_val = source.dataset("val", val_tf, train=False, strict=args.strict_data,
+                                 num_replicas=dist.world_size if dist_eval else 1, rank=dist.rank if dist_eval else 0)
+    return dataset_train, dataset_val
+
+
 def build_datasets(args, class_names, samples, device: torch.device, eval_only: bool):
     """The train and val datasets from the checked ``samples`` (split -> [(path, class index)]), and the batch
     transform that finishes training batches on ``device`` (None with the timm pipeline). Returns
     ``(dataset_train, dataset_val, batch_transform)``; ``dataset_train`` is unused when ``eval_only``."""
-    train_tf = build_transform(True, args.input_size, aa=args.aa, color_jitter=args.color_jitter,
-                               train_interpolation=args.train_interpolation, reprob=args.reprob, remode=args.remode,
-                               recount=args.recount, hflip=args.hflip, scale=tuple(args.scale))
-    val_tf = build_transform(False, args.input_size, crop_pct=args.crop_pct)
+    train_tf, val_tf = build_transforms(args)
     dataset_train = TolerantImageFolder(samples["train"], class_names, train_tf, strict=args.strict_data)
     batch_transform = None
     if getattr(args, "data_pipeline", "timm") == "fast" and not eval_only:
@@ -264,18 +309,25 @@ def build_datasets(args, class_names, samples, device: torch.device, eval_only: 
 def build_loaders(args, dataset_train, dataset_val, n_train: int, n_val: int, dist: DistInfo, eval_only: bool):
     """Samplers (repeated-augmentation or shuffling shards for training, exact shards for evaluation) and
     loaders. Returns ``(loader_train, sampler_train, loader_val, dist_eval)``; the train pair is None when
-    ``eval_only``."""
+    ``eval_only``. A streaming (WDS) dataset orders and splits itself: no sampler, and ``sampler_train`` is the
+    dataset, whose ``set_epoch`` reshuffles its shards."""
     world, rank = dist.world_size, dist.rank
+    streaming = isinstance(dataset_val, torch.utils.data.IterableDataset)
     if eval_only:
         sampler_train = None
+    elif streaming:
+        sampler_train = dataset_train
     elif args.repeated_aug:
         sampler_train = RASampler(n_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     else:
         sampler_train = ShuffleSampler(n_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     dist_eval = args.dist_eval and dist.distributed
-    sampler_val = EvalShardSampler(n_val, world, rank) if dist_eval else EvalShardSampler(n_val, 1, 0)
-    loader_train = None if eval_only else _loader(dataset_train, sampler_train, args.batch_size, args, True,
-                                                  dist.device)
+    if streaming:
+        sampler_val = None
+    else:
+        sampler_val = EvalShardSampler(n_val, world, rank) if dist_eval else EvalShardSampler(n_val, 1, 0)
+    loader_train = None if eval_only else _loader(dataset_train, None if streaming else sampler_train,
+                                                  args.batch_size, args, True, dist.device)
     loader_val = _loader(dataset_val, sampler_val, int(1.5 * args.batch_size), args, False, dist.device)
     return loader_train, sampler_train, loader_val, dist_eval
 
