@@ -253,31 +253,33 @@ class ShardDataset(IterableDataset):
             return
         wds = require_shards_extra("webdataset")
         rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
-        stream = wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 128), rng=rng)(
-            self._passes(shards, mod, rem))
         produced = 0
-        for item in self._decoded(stream):
-            yield item
-            produced += 1
-            if produced == quota:
-                return
-
-    def _passes(self, shards: List[int], mod: int, rem: int):
-        """This worker's shards, read again (reshuffled) until the epoch's share is drawn. A re-read's order
-        depends only on the shard list, so workers that split a list by sample still read it in step."""
         for n_pass in range(1 << 30):
-            if n_pass:
+            if n_pass:  # a re-read's order depends only on the shard list: readers splitting it by sample stay in step
                 shards = list(shards)
                 random.Random(f"{self.seed}:{self.epoch}:{n_pass}:{shards}").shuffle(shards)
             got = 0
-            for sample in self._raw(shards, mod, rem):
+            # one shuffle buffer per pass: it drains before a re-read starts, so an epoch repeats no image it
+            # has not first drawn once
+            stream = wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 128), rng=rng)(
+                self._repeated(shards, mod, rem))
+            for item in self._decoded(stream):
                 got += 1
-                for _ in range(self.repeats):
-                    yield sample
+                yield item
+                produced += 1
+                if produced == quota:
+                    return
             if got == 0:
                 names = ", ".join(os.path.basename(self.split.shards[i]) for i in shards[:4])
                 raise DataError(f"no readable sample in shard(s) {names}{' ...' if len(shards) > 4 else ''} of split "
                                 f"'{self.split.name}': check them (tar -tvf) or repack with `spach pack`")
+
+    def _repeated(self, shards: List[int], mod: int, rem: int):
+        for sample in self._raw(shards, mod, rem):
+            yield sample
+            if sample[2] is not None:  # repeated augmentation: copies of a sample, spread by the buffer
+                for _ in range(self.repeats - 1):
+                    yield sample[:4] + (0,)
 
     def _raw(self, shards: List[int], mod: int, rem: int):
         """``(shard, member, image bytes, target, n_skipped_before)`` for every kept sample of ``shards``; skipped
@@ -307,6 +309,8 @@ class ShardDataset(IterableDataset):
                 running = end
                 pending += self._skip(s)
             running = max(running, start + self.split.counts[i])
+        if pending:  # damage after the last good sample: a count without an image
+            yield None, None, None, None, pending
 
     def _skip(self, s: _Skipped) -> int:
         if self.strict:
@@ -373,9 +377,14 @@ class ShardDataset(IterableDataset):
         return member, sample[suffix], target
 
     def _decoded(self, raw):
+        """Decoded, transformed items; each carries the count of samples skipped since the one before it. One
+        item is held back, so that damage found after the last good sample still counts (on that sample)."""
+        held = None
         pending = 0
         for shard, member, data, target, skipped in raw:
             pending += skipped
+            if data is None:
+                continue
             try:
                 img = load_rgb(io.BytesIO(data))
             except BAD_IMAGE_ERRORS as e:
@@ -384,8 +393,11 @@ class ShardDataset(IterableDataset):
                 continue
             if self.transform is not None:
                 img = self.transform(img)
-            yield img, target, pending
-            pending = 0
+            if held is not None:
+                yield held
+            held, pending = (img, target, pending), 0
+        if held is not None:
+            yield held[0], held[1], held[2] + pending
 
 
 # ---------------------------------------------------------------- Hugging Face datasets
