@@ -3,7 +3,8 @@
 Warm-up steps are neither counted nor timed; each timed block is device-synchronised at both ends; the rate is
 the median over blocks. Reports images/s, step time, peak memory (resident set on CPU, max allocated on GPU),
 achieved TFLOP/s from the analytic FLOPs (training = 3x forward) and, on known GPUs, the share of the dense
-bf16 peak (MFU). ``--data DIR`` measures end to end from JPEG files through a DataLoader.
+bf16 peak (MFU). ``--data DIR`` measures end to end from JPEG files through a DataLoader; ``--loader --data DIR
+--data-set WDS --against FOLDER`` the loader alone, from shards against the same images as an ImageFolder.
 
 Example: spach benchmark --model spach_ms_xxs_patch4_224_conv --mode both --batch-size 16 --device cpu
 """
@@ -18,8 +19,8 @@ __all__ = ["add_arguments", "run", "configs_from_args"]
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", required=True,
-                        help="model name, or several separated by commas (see `spach models`)")
+    parser.add_argument("--model", default=None,
+                        help="model name, or several separated by commas (see `spach models`); not with --loader")
     parser.add_argument("--mode", default="train", choices=["train", "infer", "both"])
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                         help="images per step; None: 128 on cuda, 16 on cpu")
@@ -56,6 +57,18 @@ def add_arguments(parser):
     parser.add_argument("--no-cpu-tuning", dest="cpu_tuning", action="store_false",
                         help="leave glibc malloc thresholds at their defaults")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    g = parser.add_argument_group("the data loader alone (--loader)")
+    g.add_argument("--loader", action="store_true",
+                   help="measure the loader alone with --data DIR: images/s of one reader process (one loader core) "
+                        "through the trainer's dataset and DeiT train transform, no model")
+    g.add_argument("--data-set", "--data_set", dest="data_set", default="IMNET", choices=["IMNET", "WDS", "HFDS"],
+                   help="format of --data, as for `spach train`")
+    g.add_argument("--against", default=None, metavar="DIR",
+                   help="also measure this ImageFolder (the same images), alternating with --data round by round")
+    g.add_argument("--read-latency-ms", dest="read_latency_ms", type=float, default=0.0,
+                   help="simulated storage latency: every read request (up to 1 MiB) waits this long")
+    g.add_argument("--images", type=int, default=256, help="images per round")
+    g.add_argument("--rounds", type=int, default=3, help="rounds (the median is reported)")
 
 
 def _default_device():
@@ -69,6 +82,8 @@ def configs_from_args(args):
     from ..models import MODEL_CONFIGS, UnknownModelError
     from ..models.variants import unknown_model_message
 
+    if not args.model:
+        raise SpachError("--model is required (or --loader to measure the data loader alone)")
     names = [n.strip() for n in args.model.split(",") if n.strip()]
     if not names:
         raise SpachError("--model is empty: name at least one model (see `spach models`)")
@@ -128,7 +143,42 @@ def print_table(results, file=None):
               f"(median) after {r['warmup']} warm-up steps; memory = {mem}", file=file)
 
 
+def run_loader(args) -> int:
+    from ..bench.loader import cpu_flags, cpu_name, run_loader_benchmark
+    if args.data == "synthetic" or not os.path.isdir(args.data):
+        raise SpachError(f"--loader needs --data DIR, an existing dataset folder (got {args.data!r})")
+    if args.against and not os.path.isdir(args.against):
+        raise SpachError(f"--against {args.against!r} is not a folder: pass the ImageFolder with the same images")
+    if args.images < 1 or args.rounds < 1:
+        raise SpachError("--images and --rounds must be at least 1")
+    pairs = [(args.data_set, args.data)] + ([("IMNET", args.against)] if args.against else [])
+    if len({k for k, _ in pairs}) < len(pairs):
+        raise SpachError("--against compares another format with the ImageFolder: pass --data-set WDS or HFDS")
+    results = run_loader_benchmark(pairs, args.images, args.rounds, args.img_size, args.read_latency_ms)
+    print(f"{'data':6s} {'img/s per loader core':>22s} {'img per CPU-s':>14s}  rounds")
+    for r in results:
+        print(f"{r['kind']:6s} {r['img_per_s_median']:22.1f} {r['img_per_cpu_s_median']:14.1f}  "
+              + " ".join(f"{x:.1f}" for x in r["img_per_s_rounds"]))
+    if len(results) == 2:
+        print(f"ratio {results[0]['kind']} / {results[1]['kind']}: "
+              f"{results[0]['img_per_s_median'] / results[1]['img_per_s_median']:.2f}x")
+    print(f"{args.images} images per round, median of {args.rounds} alternating rounds, DeiT train transform at "
+          f"{args.img_size}, read latency {args.read_latency_ms:g} ms per request (<= 1 MiB); CPU {cpu_name()} "
+          f"({cpu_flags()})")
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                json.dump({"cpu": cpu_name(), "cpu_flags": cpu_flags(), "results": results}, f, indent=2)
+        except OSError as e:
+            raise SpachError(f"cannot write --json {args.json!r}: {e.strerror}") from None
+    return 0
+
+
 def run(args) -> int:
+    if args.loader:
+        return run_loader(args)
+    if args.data_set != "IMNET":
+        raise SpachError(f"--data-set {args.data_set} is measured with --loader (the loader alone): add --loader")
     import torch
     from ..runtime.cpu_tuning import apply_cpu_tuning
     from ..bench.runner import run_benchmark
