@@ -380,3 +380,20 @@ def test_launcher_trains_from_a_shard_path(wds):
     finally:
         shutil.rmtree(os.path.join(os.path.dirname(os.path.dirname(__file__)), "test", "output", out_id),
                       ignore_errors=True)
+
+
+def test_loader_benchmark_compares_shards_with_the_folder(wds, shapes, capsys):
+    rc = main(["benchmark", "--loader", "--data", wds, "--data-set", "WDS", "--against", shapes, "--images", "6",
+               "--rounds", "2", "--img-size", "32", "--read-latency-ms", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert re.search(r"^WDS +[0-9.]+ ", out, re.M) and re.search(r"^IMNET +[0-9.]+ ", out, re.M)
+    assert re.search(r"^ratio WDS / IMNET: [0-9.]+x$", out, re.M) and "read latency 1 ms per request" in out
+
+
+def test_missing_extra_says_how_to_install(wds, tmp_path, monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "webdataset", None)  # as if not installed
+    rc = main(["train", *fast_flags(wds, tmp_path / "out", "--data-set", "WDS")])
+    assert rc != 0
+    assert "pip install 'spach[shards]'" in capsys.readouterr().err
