@@ -13,6 +13,7 @@ request and a shard one per MiB.
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 
@@ -47,11 +48,17 @@ def main():
         res = run_loader_benchmark([("WDS", shards), ("IMNET", folder)], a.images, a.rounds, 224, lat)
         wds, imnet = res
         ratio = wds["img_per_s_median"] / imnet["img_per_s_median"]
+        # the two readers of a round ran back to back: their ratio sees the same load
+        paired = statistics.median(a / b for a, b in zip(wds["img_per_s_rounds"], imnet["img_per_s_rounds"]))
+        cpu = statistics.median(a / b for a, b in zip(wds["img_per_cpu_s_rounds"], imnet["img_per_cpu_s_rounds"]))
         print(f"latency {lat:5.1f} ms/request: shards {wds['img_per_s_median']:7.1f} img/s, folder "
-              f"{imnet['img_per_s_median']:7.1f} img/s per loader core -> {ratio:.2f}x   (rounds: shards "
+              f"{imnet['img_per_s_median']:7.1f} img/s per loader core -> {ratio:.2f}x (per-round ratio median "
+              f"{paired:.2f}x; CPU time per image {cpu:.2f}x: shards {wds['img_per_cpu_s_median']:.1f}, folder "
+              f"{imnet['img_per_cpu_s_median']:.1f} img per CPU-s)\n    rounds, img/s: shards "
               + " ".join(f"{x:.1f}" for x in wds["img_per_s_rounds"]) + "; folder "
-              + " ".join(f"{x:.1f}" for x in imnet["img_per_s_rounds"]) + ")")
-        rows.append({"read_latency_ms": lat, "shards": wds, "folder": imnet, "ratio": ratio})
+              + " ".join(f"{x:.1f}" for x in imnet["img_per_s_rounds"]))
+        rows.append({"read_latency_ms": lat, "shards": wds, "folder": imnet, "ratio": ratio, "paired_ratio": paired,
+                     "cpu_ratio": cpu})
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"cpu": cpu_name(), "cpu_flags": cpu_flags(), "images": a.images, "rounds": a.rounds,

@@ -123,7 +123,8 @@ def run_loader_benchmark(pairs: List[tuple], images: int, rounds: int, img_size:
         rates = [x["img_per_s"] for x in runs]
         out.append({"kind": kind, "images": runs[0]["images"], "rounds": rounds, "read_latency_ms": latency_ms,
                     "img_per_s_median": statistics.median(rates), "img_per_s_rounds": rates,
-                    "img_per_cpu_s_median": statistics.median(x["img_per_cpu_s"] or 0.0 for x in runs)})
+                    "img_per_cpu_s_median": statistics.median(x["img_per_cpu_s"] or 0.0 for x in runs),
+                    "img_per_cpu_s_rounds": [x["img_per_cpu_s"] for x in runs]})
     return out
 
 
