@@ -51,7 +51,9 @@ def _write_shard(path: str, items: Sequence[Tuple[int, str, int]], progress):
     from webdataset import TarWriter
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        with TarWriter(f, encoder=False) as sink:
+        # an integer mtime keeps each member to one 512-byte header (a float one adds a PAX header that readers
+        # parse in Python for every member) and makes a rerun write the same bytes
+        with TarWriter(f, encoder=False, mtime=0) as sink:
             for key, file, target in items:
                 with open(file, "rb") as img:
                     data = img.read()
