@@ -33,10 +33,9 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import DataError, SpachError
