@@ -289,7 +289,8 @@ def _rewrite(tar_path, members):
 
 def _damage(d, kinds):
     """Damage the val shards of the copy ``d``: 'image' / 'label' / 'range' hit one sample each of the first
-    shard, 'truncated' cuts the second in the middle, 'missing' removes the third (still in the index)."""
+    shard, 'truncated' / 'cut' cut the second in a member or between two, 'missing' removes the third (still in
+    the index)."""
     names = json.load(open(os.path.join(d, "_info.json")))["splits"]["val"]["filenames"]  # 3 shards of 12
     m = _members(os.path.join(d, names[0]))
     keys = sorted({k.split(".")[0] for k in m})
@@ -300,10 +301,17 @@ def _damage(d, kinds):
     if "range" in kinds:
         m[keys[2] + ".cls"] = b"7"              # a label outside the 3 classes
     _rewrite(os.path.join(d, names[0]), m)
-    if "truncated" in kinds:
-        second = os.path.join(d, names[1])
+    second = os.path.join(d, names[1])
+    if "truncated" in kinds:  # cut inside a member's data: the tar reader fails
+        with tarfile.open(second) as tf:
+            cut = tf.getmembers()[9].offset_data + 100
         with open(second, "r+b") as f:
-            f.truncate(os.path.getsize(second) // 2)
+            f.truncate(cut)
+    if "cut" in kinds:  # cut exactly before a member's header: reads as a shorter, valid tar
+        with tarfile.open(second) as tf:
+            cut = tf.getmembers()[10].offset
+        with open(second, "r+b") as f:
+            f.truncate(cut)
     if "missing" in kinds:
         os.remove(os.path.join(d, names[2]))
     return names
@@ -325,7 +333,9 @@ def test_damaged_shards_are_skipped_and_counted(wds, tmp_path, caplog):
 
 @pytest.mark.parametrize("damage, shard, says", [
     ("image", 0, ".jpg: not a decodable image"), ("label", 0, ".jpg: no label"),
-    ("range", 0, ".cls: label 7 is outside the index's 3 classes"), ("truncated", 1, ": after member "),
+    ("range", 0, ".cls: label 7 is outside the index's 3 classes"),
+    ("truncated", 1, ": after member 00000016.cls: truncated or not a tar (ReadError"),
+    ("cut", 1, ": after member 00000016.jpg: truncated: it ends after 5 of the 12 samples the index lists"),
     ("missing", 2, ": (whole shard): cannot open it")])
 def test_strict_data_names_the_shard_and_member(wds, tmp_path, damage, shard, says):
     d = _copy(wds, tmp_path / damage)

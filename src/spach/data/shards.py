@@ -290,7 +290,7 @@ class ShardDataset(IterableDataset):
             path = self.split.shards[i]
             start = running
             try:
-                for key, sample in self._members(path):
+                for key, sample in self._members(path, self.split.counts[i]):
                     keep = running % mod == rem
                     running += 1
                     if not keep:
@@ -324,9 +324,10 @@ class ShardDataset(IterableDataset):
         """The shard's byte stream (a benchmark substitutes a slower reader here)."""
         return open(path, "rb")
 
-    def _members(self, path: str):
+    def _members(self, path: str, expected: int):
         """``(key, {suffix: bytes})`` per sample, through webdataset's tar iterators. A shard that is missing,
-        truncated or not a tar raises :class:`_Skipped` after the samples read before the damage."""
+        truncated or not a tar raises :class:`_Skipped` after the samples read before the damage; so does one that
+        ends early without a read error (a tar cut at a member boundary reads as a shorter tar)."""
         from webdataset.tariterators import group_by_keys, tar_file_expander
         try:
             stream = self._open(path)
@@ -345,11 +346,13 @@ class ShardDataset(IterableDataset):
                     last[0] = f["fname"]
                 yield f
 
+        n = 0
         try:
             files = named(tar_file_expander([{"url": path, "stream": stream}], handler=stop))
             for sample in group_by_keys(files, handler=stop):
                 if errors:  # a sample completed after a read error is not trusted
                     break
+                n += 1
                 yield sample["__key__"], sample
         finally:
             stream.close()
@@ -357,6 +360,9 @@ class ShardDataset(IterableDataset):
             e = errors[0]
             text = str(e.args[0]).split(" @ ")[0] if e.args else type(e).__name__
             raise _Skipped(path, f"after member {last[0]}", f"truncated or not a tar ({type(e).__name__}: {text})")
+        if n < expected:
+            raise _Skipped(path, f"after member {last[0]}", f"truncated: it ends after {n} of the {expected} samples "
+                                                              f"the index lists")
 
     def _check(self, path: str, key: str, sample: dict) -> Tuple[str, bytes, int]:
         suffix = next((s for s in IMAGE_SUFFIXES if s in sample), None)
