@@ -5,7 +5,7 @@ Writes realistic JPEGs (data_pipeline.py's generator: 500x375, quality 90), pack
 runs `spach benchmark --loader` in-process for each latency: one reader (one core) per format, the trainer's
 datasets and DeiT train transform at 224, the formats alternating round by round (A B, B A, ...) so that load from
 other processes hits both alike, the median of the rounds. The latency is added by a delayed file reader in the
-benchmark only (spach.bench.loader): each read request of up to 1 MiB waits first, so a loose JPEG costs one
+benchmark only (spach.bench.loader_speed): each read request of up to 1 MiB waits first, so a loose JPEG costs one
 request and a shard one per MiB.
 
     python benchmarks/shard_loader.py [--images 400] [--rounds 5] [--latency-ms 0 2 10] [--json out.json]
@@ -32,7 +32,8 @@ def main():
     a = ap.parse_args()
 
     from data_pipeline import make_dataset
-    from spach.bench.loader import cpu_flags, cpu_name, run_loader_benchmark
+    from spach.bench.loader_speed import run_loader_benchmark
+    from spach.runtime.cpu_tuning import cpu_flags, cpu_model_name as cpu_name
     from spach.data.pack import pack_imagefolder
 
     work = a.workdir or tempfile.mkdtemp(prefix="spach-shard-bench-")

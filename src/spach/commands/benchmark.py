@@ -144,7 +144,8 @@ def print_table(results, file=None):
 
 
 def run_loader(args) -> int:
-    from ..bench.loader import cpu_flags, cpu_name, run_loader_benchmark
+    from ..bench.loader_speed import run_loader_benchmark
+    from ..runtime.cpu_tuning import cpu_flags, cpu_model_name as cpu_name
     if args.data == "synthetic" or not os.path.isdir(args.data):
         raise SpachError(f"--loader needs --data DIR, an existing dataset folder (got {args.data!r})")
     if args.against and not os.path.isdir(args.against):

@@ -27,7 +27,7 @@ from typing import Dict, Optional
 
 from .device import cpu_has_native_bf16, default_amp
 
-__all__ = ["apply_cpu_tuning", "tune_glibc_malloc", "set_threads", "cpu_has_native_bf16", "default_cpu_amp",
+__all__ = ["apply_cpu_tuning", "tune_glibc_malloc", "set_threads", "cpu_has_native_bf16", "default_cpu_amp", "cpu_flags",
            "cpu_model_name"]
 
 # glibc mallopt parameter numbers (malloc.h)
@@ -124,3 +124,14 @@ def cpu_model_name() -> str:
         pass
     import platform
     return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    """Of the CPU flags that decide our kernels (avx2, avx512f, avx512_bf16, amx_bf16), those present, for
+    benchmark records."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    return " ".join(w for w in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if w in flags) or "none of those"

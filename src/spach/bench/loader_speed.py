@@ -127,21 +127,3 @@ def run_loader_benchmark(pairs: List[tuple], images: int, rounds: int, img_size:
                     "img_per_cpu_s_rounds": [x["img_per_cpu_s"] for x in runs]})
     return out
 
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return "unknown"
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return " ".join(w for w in wanted if w in flags) or "none of avx2/avx512f/avx512_bf16/amx_bf16"
-
-
-def cpu_name() -> Optional[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        return None
-
