@@ -112,8 +112,7 @@ def test_file_removed_or_unreadable_after_the_scan_is_replaced(shapes, monkeypat
     img, target, n_bad = ds[0]
     assert n_bad == 1 and img.size == (32, 32) and target == samples["train"][1][1]
 
-    import builtins
-    real_open = builtins.open
+    real_open = os.open  # images are opened with os.open (regular files only, never blocking on a FIFO)
     locked = samples["train"][5][0]
 
     def guarded(path, *a, **kw):
@@ -121,7 +120,7 @@ def test_file_removed_or_unreadable_after_the_scan_is_replaced(shapes, monkeypat
             raise PermissionError(13, "Permission denied", path)
         return real_open(path, *a, **kw)
 
-    monkeypatch.setattr(builtins, "open", guarded)
+    monkeypatch.setattr(os, "open", guarded)
     _, _, n_bad = ds[5]
     assert n_bad == 1
     ds.strict = True

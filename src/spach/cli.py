@@ -82,6 +82,16 @@ def main(argv=None):
         prefix = "spach: error: " if rank in (None, "0") else f"spach: error (rank {rank}): "
         print(prefix + str(e), file=sys.stderr)
         return e.exit_code
+    except MemoryError as e:  # torch.OutOfMemoryError (a device's memory) derives from RuntimeError: see below
+        print(f"spach: error: out of host memory ({str(e)[:120] or 'MemoryError'}): lower --batch-size (or the input "
+              f"size); a training run resumes from its last checkpoint when rerun", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError":
+            raise
+        print(f"spach: error: out of device memory ({str(e).splitlines()[0][:160]}): lower --batch-size (or the "
+              f"input size); a training run resumes from its last checkpoint when rerun", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("spach: interrupted", file=sys.stderr)
         return 130

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .errors import SpachError
-from .weights import local_weights, read_checkpoint_file, safetensors_metadata, safetensors_shape, strip_prefixes, \
-    unwrap_state_dict
+from .weights import (local_weights, read_checkpoint_file, safetensors_metadata, safetensors_shape, stored_facts,
+                      strip_prefixes, unwrap_state_dict)
 
 __all__ = ["ModelInfo", "read_checkpoint_metadata", "build_model", "eval_transform", "class_label",
            "imagenet_class_names", "warn"]
@@ -92,49 +92,24 @@ def read_checkpoint_metadata(path: str, use_ema: bool = False) -> dict:
     meta = {}
     if path.endswith(".safetensors"):
         raw = safetensors_metadata(path)
+        # untrusted: out-of-range facts are refused with one line (stored_facts), never used
+        meta.update(stored_facts({k: raw.get(k) for k in ("model", "img_size", "num_classes", "class_names",
+                                                          "crop_pct")}, path))
         head = safetensors_shape(path, "head.weight")
         if head and len(head) == 2:
             meta["num_classes"] = int(head[0])
-        elif isinstance(raw.get("num_classes"), int):
-            meta["num_classes"] = raw["num_classes"]
-        if isinstance(raw.get("model"), str):
-            meta["model"] = raw["model"]
-        if _as_size(raw.get("img_size")):
-            meta["img_size"] = _as_size(raw.get("img_size"))
-        names = raw.get("class_names")
-        if isinstance(names, list) and all(isinstance(n, str) for n in names):
-            meta["class_names"] = names
-        if _as_crop_pct(raw.get("crop_pct")):
-            meta["crop_pct"] = _as_crop_pct(raw.get("crop_pct"))
         return meta
 
     ckpt = read_checkpoint_file(path)
     if not isinstance(ckpt, dict):
         return meta
     sd = unwrap_state_dict(ckpt, use_ema, path)
-    n = _head_classes(sd)
     args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    if n is None:
-        for key in ("nb_classes", "num_classes"):
-            if isinstance(args.get(key), int) and not isinstance(args.get(key), bool):
-                n = args[key]
-                break
+    meta.update(stored_facts(args, path))
+    meta.update(stored_facts({"class_names": ckpt.get("class_names"), "epoch": ckpt.get("epoch")}, path))
+    n = _head_classes(sd)
     if n is not None:
         meta["num_classes"] = n
-    if isinstance(args.get("model"), str):
-        meta["model"] = args["model"]
-    for key in ("input_size", "img_size"):
-        size = _as_size(args.get(key))
-        if size:
-            meta["img_size"] = size
-            break
-    if _as_crop_pct(args.get("crop_pct")):  # `spach train --crop-pct`: the eval crop it validated with
-        meta["crop_pct"] = _as_crop_pct(args["crop_pct"])
-    names = ckpt.get("class_names")
-    if isinstance(names, (list, tuple)) and names and all(isinstance(c, str) for c in names):
-        meta["class_names"] = list(names)
-    if isinstance(ckpt.get("epoch"), int):
-        meta["epoch"] = ckpt["epoch"]
     return meta
 
 
@@ -159,7 +134,11 @@ def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img
             raise SpachError(f"{where}: pass --model NAME (`spach models` lists them)")
     elif meta.get("model") and meta["model"] != model_name:
         warn(f"checkpoint {checkpoint} was trained as {meta['model']}; building {model_name} as asked")
+    from .models.sizes import MAX_INPUT_SIZE, input_size_problem
     size = _as_size(img_size) if img_size is not None else meta.get("img_size")
+    if img_size is not None and (size is None or not all(1 <= v <= MAX_INPUT_SIZE for v in size)):
+        raise SpachError(f"--img-size {img_size} is out of range: pass a size in 1..{MAX_INPUT_SIZE} (or leave it "
+                         f"out to use the checkpoint's training size)")
     n = meta.get("num_classes") if num_classes is None else num_classes
     kwargs = {}
     if size is not None:
@@ -172,6 +151,16 @@ def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img
         raise
     except (ValueError, TypeError) as e:  # e.g. an image size the patch grid cannot take
         raise SpachError(f"cannot build {model_name} with {kwargs}: {e}") from None
+    flag = "--img-size" if img_size is not None else f"the input size stored in {checkpoint}"
+    problem = input_size_problem(model, tuple(model.img_size), flag)
+    if problem:
+        raise SpachError(problem)
+    trained = meta.get("img_size")
+    if (img_size is not None and trained and tuple(trained) != tuple(model.img_size)
+            and getattr(model, "fixed_input_size", False)):
+        raise SpachError(f"--img-size {img_size} does not fit {model_name} from {checkpoint}: its token-mixing MLPs "
+                         f"were trained for a {trained[0]}x{trained[1]} input and take no other; pass --img-size "
+                         f"{trained[0]} or leave it out")
     if checkpoint:
         from .models import load_pretrained
         load_pretrained(model, checkpoint, use_ema=use_ema)

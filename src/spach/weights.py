@@ -21,8 +21,9 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .errors import CheckpointError
+from .files import regular_file_problem
 
-__all__ = ["read_checkpoint_file", "unwrap_state_dict", "strip_prefixes", "read_state_dict", "safetensors_metadata",
+__all__ = ["read_checkpoint_file", "stored_facts", "unwrap_state_dict", "strip_prefixes", "read_state_dict", "safetensors_metadata",
            "safetensors_shape", "is_url", "url_file_name", "local_weights", "release_file"]
 
 # where training scripts put the weights inside a checkpoint (SPACH / DeiT ``main.py``: ``model``, ``model_ema``)
@@ -34,18 +35,25 @@ URL_SCHEMES = ("http://", "https://", "file://")
 
 
 def _exists(path: str) -> None:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file): pass the path of a "
-                              f".pth or .safetensors weights file")
+    """Only a regular file is read: a folder or a FIFO / device is named as what it is (open() of a FIFO would
+    wait forever)."""
+    problem = regular_file_problem(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} {problem}: pass the path of a .pth or .safetensors weights file")
 
 
 def _last_line(text: str) -> str:
-    """The informative line of torch's long weights_only error."""
+    """The informative line of torch's long weights_only error (never its advice to set weights_only=False)."""
     match = re.search(r"([^\n]*unsupported GLOBAL[^\n]*|Unsupported [^\n]*|invalid load key[^\n]*)", text)
     if match:
         return match.group(1).strip()[:200]
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text.splitlines()
+             if ln.strip() and "weights_only" not in ln and "Check the documentation" not in ln]
     return (lines[-1] if lines else "no detail")[:200]
+
+
+# the global a weights-only load refused, when it names one (random bytes do not spell a dotted name)
+_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+) (?:was|whose)")
 
 
 def read_checkpoint_file(path) -> object:
@@ -60,15 +68,16 @@ def read_checkpoint_file(path) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             detail = str(e)
-            if "Unsupported global" not in detail and "GLOBAL" not in detail:
+            name = _GLOBAL.search(detail)
+            if name is None:  # random bytes, a truncated file, a plain pickle: unreadable, not shown to be hostile
                 raise CheckpointError(
                     f"cannot read checkpoint {path}: it is not a weights-only PyTorch checkpoint (truncated, "
-                    f"corrupted, or a raw pickle, which is refused because it could run code: {_last_line(detail)}); "
-                    f"use a complete .pth / .safetensors file") from None
+                    f"corrupted, or not written by torch.save: {_last_line(detail)}); use a complete .pth / "
+                    f".safetensors file") from None
             raise CheckpointError(
                 f"refusing to load {path}: it holds pickled objects other than tensors and plain containers "
-                f"(loading it could run code). Re-save its state_dict with torch.save, or convert it to "
-                f".safetensors ({_last_line(detail)})") from None
+                f"({name.group(1)}; loading it could run code). Re-save its state_dict with torch.save, or convert "
+                f"it to .safetensors ({_last_line(detail)})") from None
         except (RuntimeError, EOFError, ValueError, OSError) as e:
             raise CheckpointError(
                 f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint "
@@ -81,11 +90,86 @@ def read_checkpoint_file(path) -> object:
                 f"use a complete .pth / .safetensors file") from None
 
 
+# the largest input size accepted from a flag or read from a checkpoint: far above any size these models are trained
+# or evaluated at (224, 384); a stored size beyond it is damage, not a setting (10**6 made eval / predict run out
+# of memory and export ask for 240 GB)
+MAX_INPUT_SIZE = 4096
+
+
+def _stored_size(value):
+    """An input size as stored: 224, [224, 224] or timm's [3, 224, 224] -> (H, W); None if it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        value = list(value)[-2:] if len(value) in (2, 3) else value
+        if len(value) == 1:
+            return (value[0], value[0])
+        if len(value) == 2:
+            return tuple(value)
+    return None
+
+
+def _damaged(path, field, value, rule) -> CheckpointError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return CheckpointError(f"checkpoint {path} is damaged or was not written by spach: its stored {field} {shown} "
+                           f"{rule}; use another checkpoint")
+
+
+def stored_facts(fields: dict, path: str) -> dict:
+    """The facts a checkpoint states about itself (its training ``args``, its top-level entries, a safetensors
+    file's metadata), checked: ``model``, ``img_size`` (from ``input_size`` / ``img_size``), ``crop_pct``,
+    ``num_classes`` (from ``nb_classes`` / ``num_classes``), ``class_names``, ``epoch``. The file is untrusted
+    input: a value out of its range is refused with one :class:`CheckpointError` line, never used (an absurd
+    stored input size made eval and predict run out of memory)."""
+    out = {}
+    model = fields.get("model")
+    if model is not None:
+        if not (isinstance(model, str) and re.fullmatch(r"[\w.\-]{1,200}", model)):
+            raise _damaged(path, "model", model, "is not a model name")
+        out["model"] = model
+    for key in ("input_size", "img_size"):
+        if fields.get(key) is not None:
+            size = _stored_size(fields[key])
+            if size is None or not all(1 <= v <= MAX_INPUT_SIZE for v in size):
+                raise _damaged(path, key, fields[key], f"is not an input size in 1..{MAX_INPUT_SIZE}")
+            out.setdefault("img_size", size)
+    crop = fields.get("crop_pct")
+    if crop is not None:
+        if not (isinstance(crop, (int, float)) and not isinstance(crop, bool) and 0 < crop <= 1):
+            raise _damaged(path, "crop_pct", crop, "is not a fraction in (0, 1]")
+        out["crop_pct"] = float(crop)
+    for key in ("nb_classes", "num_classes"):
+        n = fields.get(key)
+        if n is not None:
+            if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 10 ** 6):
+                raise _damaged(path, key, n, "is not a class count in 1..1000000")
+            out.setdefault("num_classes", n)
+    names = fields.get("class_names")
+    if names is not None:
+        if not (isinstance(names, (list, tuple)) and 1 <= len(names) <= 10 ** 6
+                and all(isinstance(c, str) and len(c) <= 1000 for c in names)):
+            raise _damaged(path, "class_names", names, "is not a list of class names")
+        out["class_names"] = list(names)
+    epoch = fields.get("epoch")
+    if epoch is not None:
+        if not (isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch < 10 ** 7):
+            raise _damaged(path, "epoch", epoch, "is not an epoch number")
+        out["epoch"] = epoch
+    return out
+
+
 def unwrap_state_dict(ckpt: dict, use_ema: bool = False, path: str = "checkpoint") -> dict:
     """The state_dict inside a loaded checkpoint: ``ckpt['model']`` (official releases, our training
     checkpoints), ``['state_dict']`` or ``['module']``, else ``['model_ema']`` / ``['state_dict_ema']``, else
     ``ckpt`` itself (a bare state_dict). With ``use_ema`` the EMA entries come first, and a checkpoint that
     wraps its weights without EMA ones is refused."""
+    if use_ema and not any(isinstance(ckpt.get(k), dict) for k in EMA_KEYS):
+        # (a training checkpoint of a run without EMA stores model_ema=None: that is no EMA weights either)
+        raise CheckpointError(f"checkpoint {path} has no EMA weights (it was trained without --model-ema): "
+                              f"drop --ema / --use-ema to use its plain weights")
     keys = EMA_KEYS + WRAPPER_KEYS if use_ema else WRAPPER_KEYS + EMA_KEYS
     for key in keys:
         if key in ckpt and isinstance(ckpt[key], dict):
@@ -115,6 +199,9 @@ def read_state_dict(path, use_ema: bool = False) -> Dict[str, torch.Tensor]:
     path = os.fspath(path)
     _exists(path)
     if path.endswith(".safetensors"):
+        if use_ema:  # one set of weights per file: --use-ema would silently give the plain ones
+            raise CheckpointError(f"{path} holds one set of weights (safetensors files carry no EMA copy): drop "
+                                  f"--ema / --use-ema (export the EMA weights with spach export --use-ema)")
         try:
             from safetensors.torch import load_file
             return load_file(path, device="cpu")

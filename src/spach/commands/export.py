@@ -76,6 +76,13 @@ def run(args) -> int:
     checkpoint = local_weights(args.checkpoint) if args.checkpoint else args.checkpoint
     model, info = build_model(args.model, checkpoint, img_size=args.img_size, use_ema=args.use_ema)
     output = args.output or default_output(args, info)
+    from ..files import path_kind
+    kind = path_kind(output)
+    if kind == "folder":
+        name = os.path.basename(default_output(args, info))
+        raise SpachError(f"--output {output} is a folder: pass a file path, e.g. --output {os.path.join(output, name)}")
+    if kind not in ("missing", "regular file"):
+        raise SpachError(f"--output {output} is a {kind}: pass the path of a file to write")
     if checkpoint and os.path.exists(output) and os.path.samefile(output, checkpoint):
         raise SpachError(f"--output {output} is the checkpoint itself: pass another --output FILE")
     parent = os.path.dirname(os.path.abspath(output))
@@ -84,8 +91,8 @@ def run(args) -> int:
     exporter = {"onnx": export_onnx, "safetensors": export_safetensors, "torchscript": export_torchscript}
     # write and check a temporary file beside the output, then rename: a failed check or an interrupted
     # export never leaves a broken file under the output's name (nor removes an older one)
-    base, ext = os.path.splitext(os.path.basename(output))
-    partial = os.path.join(parent, f".{base}.partial{ext}")
+    # (named with the format's extension: the safetensors check reloads it by name, whatever --output is called)
+    partial = os.path.join(parent, f".{os.path.basename(output)}.partial{FORMATS[args.format]}")
     try:
         exporter[args.format](model, info, partial, args)
         os.replace(partial, output)

@@ -50,6 +50,9 @@ def log_path(run: str) -> str:
         return run
     if not os.path.exists(run):
         raise DataError(f"output folder {run} does not exist: pass the --output_dir of a `spach train` run")
+    if not os.path.isdir(run):
+        from ..files import path_kind
+        raise DataError(f"{run} is a {path_kind(run)}: pass the --output_dir of a `spach train` run or its log.txt")
     path = os.path.join(run, LOG_NAME)
     if not os.path.isfile(path):
         raise DataError(f"{run} has no {LOG_NAME}: pass the --output_dir of a `spach train` run that finished "

@@ -40,17 +40,22 @@ def add_arguments(parser):
 
 
 def load_image(path: str, transform) -> torch.Tensor:
-    """Read ``path`` as RGB and transform it; any failure is a :class:`DataError` naming the file."""
+    """Read ``path`` as RGB (as training and eval read images) and transform it; any failure is a
+    :class:`DataError` naming the file. Only regular files are opened: a FIFO named x.jpg would block forever."""
     from PIL import Image, UnidentifiedImageError
+    from ..data.folder import load_rgb
+    from ..files import NotARegularFile
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
+        img = load_rgb(path)
     except FileNotFoundError:
         raise DataError(f"image {path} does not exist") from None
-    except IsADirectoryError:
-        raise DataError(f"image {path} is a folder, not an image file") from None
+    except NotARegularFile as e:
+        raise DataError(f"image {e}: pass image files") from None
     except UnidentifiedImageError:
         raise DataError(f"cannot read image {path}: not an image format Pillow knows") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image {path} is too large to decode safely ({str(e).split(',')[0]}; Pillow refuses such "
+                        f"files as possible decompression bombs): downscale it first") from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated / corrupt files, permissions
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
     return transform(img)

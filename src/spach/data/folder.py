@@ -12,11 +12,13 @@ it was replaced, so the engine can count unreadable files per epoch. With ``stri
 import contextlib
 import logging
 import os
+import stat
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
+from ..files import open_regular
 
 __all__ = ["IMG_EXTENSIONS", "find_classes", "scan_split", "scan_images", "check_dataset", "TolerantImageFolder",
            "load_rgb", "to_rgb", "BAD_IMAGE_ERRORS"]
@@ -28,6 +30,10 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 BAD_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+class TransformFailed(ValueError):
+    """A file that decodes as an image but that the transform cannot take (an image too small for a crop)."""
+
+
 def find_classes(split_dir: str) -> List[str]:
     """Sorted class folder names of one split (hidden folders ignored)."""
     try:
@@ -37,19 +43,130 @@ def find_classes(split_dir: str) -> List[str]:
     return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+class _Skipped:
+    """What a scan left out, by reason, reported as one warning line per reason."""
+
+    def __init__(self):
+        self.by_reason: Dict[str, List[str]] = {}
+
+    def add(self, reason: str, what: str):
+        self.by_reason.setdefault(reason, []).append(what)
+
+    def report(self, split_dir: str):
+        for reason, items in self.by_reason.items():
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            logger.warning(f"{split_dir}: skipped {len(items)} {reason}: {'; '.join(items[:3])}{more}")
+
+
 def scan_split(split_dir: str, classes: Sequence[str]) -> Tuple[List[Tuple[str, int]], Dict[str, int]]:
-    """All image files of a split as ``(path, class_index)``, and the per-class count."""
+    """All image files of a split as ``(path, class_index)``, and the per-class count.
+
+    Links are followed only where they cannot mislabel: a folder link is followed only to a folder inside its
+    own class folder that has not been scanned yet (never out of the class folder, never around a cycle); a
+    file link is followed unless it leads into another class's folder, and an image reached twice counts
+    once. An image reachable from two class folders (through links to one file outside the split) gets no
+    label at all rather than two. FIFOs, sockets and devices named like images are never opened. Whatever is
+    left out is logged, one warning line per reason.
+    """
+    skipped = _Skipped()
+    class_dirs = [os.path.join(split_dir, name) for name in classes]
+    reals = [os.path.realpath(d) for d in class_dirs]
+    owner = {}  # real path of a class folder -> its class index
+    for idx, real in enumerate(reals):
+        if real in owner:
+            raise DataError(f"class folders {class_dirs[owner[real]]} and {class_dirs[idx]} are the same folder "
+                            f"({real}): every image would get two labels; give each class its own folder")
+        owner[real] = idx
+
+    def class_of(real_path: str) -> Optional[int]:
+        """The class whose folder holds ``real_path`` (None: outside every class folder of this split)."""
+        folder = os.path.dirname(real_path)
+        while True:
+            if folder in owner:
+                return owner[folder]
+            parent = os.path.dirname(folder)
+            if parent == folder:
+                return None
+            folder = parent
+
+    per_class: List[List[Tuple[str, str]]] = []  # (path, real path) per class
+    for idx, class_dir in enumerate(class_dirs):
+        files, seen, visited = [], set(), {reals[idx]}
+        stack = [(class_dir, reals[idx])]
+        while stack:
+            folder, real_folder = stack.pop()
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError as e:
+                _raise_walk_error(e if e.filename else OSError(e.errno, e.strerror, folder))
+            subdirs = []
+            for entry in entries:
+                link = entry.is_symlink()
+                if entry.is_dir():  # follows links
+                    real = os.path.realpath(entry.path) if link else os.path.join(real_folder, entry.name)
+                    other = owner.get(real)
+                    if other is not None and other != idx:
+                        skipped.add("links to another class's folder", f"{entry.path} -> {class_dirs[other]}")
+                    elif link and not _inside(real, reals[idx]):
+                        skipped.add("folder links leading out of their class folder", f"{entry.path} -> {real}")
+                    elif real in visited:
+                        if link:
+                            skipped.add("folder links to a folder already scanned (a cycle or a duplicate)",
+                                        f"{entry.path} -> {real}")
+                    else:
+                        visited.add(real)
+                        subdirs.append((entry.path, real))
+                    continue
+                name = entry.name
+                if name.startswith(".") or not name.lower().endswith(IMG_EXTENSIONS):
+                    continue
+                if link:
+                    try:
+                        st = os.stat(entry.path)
+                    except OSError:
+                        skipped.add("broken links", entry.path)
+                        continue
+                    if not stat.S_ISREG(st.st_mode):
+                        skipped.add("links to special files (FIFO, socket, device)", entry.path)
+                        continue
+                    real = os.path.realpath(entry.path)
+                    other = class_of(real)
+                    if other is not None and other != idx:
+                        skipped.add("links to another class's image", f"{entry.path} -> {real}")
+                        continue
+                elif entry.is_file(follow_symlinks=False):
+                    real = os.path.join(real_folder, name)
+                else:
+                    skipped.add("special files named like images (FIFO, socket, device): never opened", entry.path)
+                    continue
+                if real in seen:
+                    skipped.add("images reached twice in one class folder (through a link), counted once",
+                                entry.path)
+                    continue
+                seen.add(real)
+                files.append((entry.path, real))
+            stack.extend(reversed(subdirs))  # depth first, in name order
+        per_class.append(files)
+
+    claims: Dict[str, int] = {}
+    for files in per_class:
+        for _, real in files:
+            claims[real] = claims.get(real, 0) + 1
     samples, counts = [], {}
-    for idx, name in enumerate(classes):
-        class_dir = os.path.join(split_dir, name)
-        files = []
-        for root, dirs, fnames in os.walk(class_dir, followlinks=True, onerror=_raise_walk_error):
-            dirs.sort()
-            for f in sorted(fnames):
-                if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."):
-                    files.append((os.path.join(root, f), idx))
-        counts[name] = len(files)
-        samples.extend(files)
+    for idx, (name, files) in enumerate(zip(classes, per_class)):
+        kept = []
+        for path, real in files:
+            if claims[real] > 1:
+                skipped.add("images linked from more than one class folder (no label is right)", f"{path} -> {real}")
+            else:
+                kept.append((path, idx))
+        counts[name] = len(kept)
+        samples.extend(kept)
+    skipped.report(split_dir)
     return samples, counts
 
 
@@ -112,8 +229,8 @@ def check_dataset(data_path: str, splits=("train", "val")) -> Tuple[List[str], D
 def load_rgb(path) -> Image.Image:
     """Open and fully decode an image as RGB (grayscale, CMYK, palette and RGBA all convert; the format is
     read from the content, so a PNG named .JPEG works). ``path`` may also be a binary file object (a shard
-    member's bytes)."""
-    with (open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path)) as f:
+    member's bytes). A FIFO or device named like an image is an unreadable file, not a hang."""
+    with (open_regular(path) if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path)) as f:
         img = Image.open(f)
         img.load()  # decode now: a truncated file fails here, not later inside a transform
         return to_rgb(img) if img.mode != "RGB" else img.convert("RGB")  # a copy, detached from the file
@@ -157,12 +274,19 @@ class TolerantImageFolder:
         if path not in self._reported:
             self._reported.add(path)
             reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-            logger.warning("skipping unreadable image %s (%s)", path, reason)
+            what = "image" if isinstance(err, TransformFailed) else "unreadable image"
+            logger.warning("skipping %s %s (%s)", what, path, reason)
 
     def _read(self, path: str):
         """The transformed sample of one file (subclasses may read differently, e.g. from the path)."""
         img = load_rgb(path)
-        return self.transform(img) if self.transform is not None else img
+        if self.transform is None:
+            return img
+        try:
+            return self.transform(img)
+        except BAD_IMAGE_ERRORS as e:  # the file decoded: say that the transform failed, not the decoding
+            raise TransformFailed(f"it decodes ({img.size[0]}x{img.size[1]}) but the transform failed: "
+                                  f"{type(e).__name__}: {e}") from None
 
     def __getitem__(self, index: int):
         n_bad = 0
@@ -175,7 +299,8 @@ class TolerantImageFolder:
             except BAD_IMAGE_ERRORS as e:
                 if self.strict:
                     reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                    raise DataError(f"cannot decode image {path} ({reason}); remove or replace the file, or drop "
+                    verb = "cannot use" if isinstance(e, TransformFailed) else "cannot decode"
+                    raise DataError(f"{verb} image {path} ({reason}); remove or replace the file, or drop "
                                     f"--strict-data to skip unreadable images") from None
                 self._report(path, e)
                 n_bad += 1

@@ -10,6 +10,7 @@ turned every pixel black for ``bits=0``; :func:`posterize_safe` keeps that meani
 posterize ops of the RandAugment instances this module builds, never on timm's global op table.
 """
 import math
+import re
 
 from PIL import Image, ImageOps
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -60,6 +61,36 @@ def patch_posterize(transform) -> int:
     return patched
 
 
+_AA_SECTIONS = {"rand": {"m", "n", "mstd", "mmax", "inc", "p"}, "augmix": {"m", "w", "d", "a", "b", "mstd"}}
+_AA_POLICIES = ("original", "originalr", "v0", "v0r", "3a")
+
+
+def check_aa_policy(aa: str) -> None:
+    """Raise ``ValueError`` (saying what is known) unless ``aa`` is a timm auto-augment string that builds:
+    timm skips sections it does not understand (``rand-m9-xx`` trains without complaint) and asserts on an
+    unknown policy only when the first batch is drawn."""
+    if aa is None or aa.lower() == "none":
+        return
+    name, *sections = aa.split("-")
+    if name not in _AA_SECTIONS and name not in _AA_POLICIES:
+        raise ValueError(f"unknown policy {name!r} in {aa!r}: use rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5, "
+                         f"{', '.join(_AA_POLICIES)} (AutoAugment) or none")
+    keys = _AA_SECTIONS.get(name, {"mstd"})
+    for section in sections:
+        if name == "rand" and section.startswith("t") and len(section) > 1:
+            continue  # a named op set (rand-t...)
+        m = re.fullmatch(r"([a-z]+)(\d+(?:\.\d+)?)", section)
+        if not m or m.group(1) not in keys:
+            raise ValueError(f"unknown section {section!r} in {aa!r}: {name} takes "
+                             f"{', '.join(k + 'N' for k in sorted(keys))}")
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+    build = {"rand": rand_augment_transform, "augmix": augment_and_mix_transform}.get(name, auto_augment_transform)
+    try:
+        build(aa, dict(translate_const=100, img_mean=(124, 116, 104)))
+    except Exception as e:  # timm asserts
+        raise ValueError(f"{aa!r} is not a policy timm can build ({type(e).__name__}: {e})") from None
+
+
 def eval_resize_size(input_size, crop_pct=None):
     """What the evaluation preset resizes to before the centre crop: ``floor(size / crop_pct)`` (256 for 224 at
     timm's default ``crop_pct`` 0.875); an int for a square ``input_size`` (the short side), else ``(h, w)``."""
@@ -99,7 +130,8 @@ def build_transform(is_train: bool, input_size: int, *, mean=IMAGENET_DEFAULT_ME
             re_prob=reprob, re_mode=remode, re_count=recount, mean=mean, std=std, hflip=hflip, scale=scale)
         if input_size <= 32:
             # as DeiT: at CIFAR-like sizes a padded random crop replaces the random-resized crop
-            tf.transforms[0] = transforms.RandomCrop(input_size, padding=4)
+            # (pad_if_needed: a valid image smaller than the crop is padded, not skipped as unreadable)
+            tf.transforms[0] = transforms.RandomCrop(input_size, padding=4, pad_if_needed=True)
         patch_posterize(tf)
         return tf
     return build_eval_transform(input_size, crop_pct=crop_pct, mean=mean, std=std)

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..weights import read_state_dict, release_file, safetensors_metadata, strip_prefixes, url_file_name
+from ..weights import (read_state_dict, release_file, safetensors_metadata, stored_facts, strip_prefixes,
+                       url_file_name)
 
 __all__ = ["load_pretrained", "load_pretrained_release", "checkpoint_filter_fn", "safetensors_model_kwargs"]
 
@@ -20,13 +21,14 @@ def safetensors_model_kwargs(path: str) -> dict:
         raw = safetensors_metadata(path)
     except CheckpointError:  # unreadable files are reported by read_state_dict with a clear message
         return {}
+    # untrusted: an out-of-range size or class count is refused (one line), never built
+    facts = stored_facts({k: raw.get(k) for k in ("num_classes", "img_size")}, path)
     out = {}
-    for key in ("num_classes", "img_size"):
-        value = raw.get(key)
-        if key == "num_classes" and isinstance(value, int):
-            out[key] = value
-        elif key == "img_size" and isinstance(value, (int, list)):
-            out[key] = tuple(value) if isinstance(value, list) else value
+    if "num_classes" in facts:
+        out["num_classes"] = facts["num_classes"]
+    if "img_size" in facts:
+        h, w = facts["img_size"]
+        out["img_size"] = h if h == w and isinstance(raw.get("img_size"), int) else (h, w)
     return out
 
 
@@ -78,6 +80,13 @@ def load_pretrained(model: nn.Module, path: str, use_ema: bool = False, strict: 
             f"checkpoint {path} does not fit model {name}: " + "; ".join(parts) +
             ". Check that --model names the architecture the checkpoint was trained with "
             "(and num_classes / img_size match, or use --finetune to re-initialise the head)")
+    params = dict(target.named_parameters())
+    bad = [k for k, v in state_dict.items()
+           if k in params and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite weights (NaN/inf) in {len(bad)} tensors "
+                              f"({_describe(bad, 3)}): a model with them outputs nothing meaningful; use an earlier "
+                              f"checkpoint")
     target.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
     return model
 

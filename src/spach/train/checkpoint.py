@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..files import regular_file_problem
 from ..weights import read_checkpoint_file
 from . import faults
 
@@ -79,8 +80,9 @@ def atomic_save(obj, path: str):
 
 def load_checkpoint(path: str) -> dict:
     """Read a training checkpoint (``weights_only``: tensors and plain containers only)."""
-    if not os.path.isfile(path):  # the weights reader's hint would offer .safetensors, which cannot resume
-        raise CheckpointError(f"checkpoint {path} does not exist: pass the path of a checkpoint.pth / best.pth")
+    problem = regular_file_problem(path)
+    if problem:  # the weights reader's hint would offer .safetensors, which cannot resume
+        raise CheckpointError(f"checkpoint {path} {problem}: pass the path of a checkpoint.pth / best.pth")
     ckpt = read_checkpoint_file(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint (no 'model' entry): use --finetune or "

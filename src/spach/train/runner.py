@@ -5,6 +5,7 @@ resume); this module is the loop: evaluate / measure throughput, or per epoch tr
 """
 import json
 import logging
+import math
 import os
 import time
 from typing import Optional
@@ -12,13 +13,15 @@ from typing import Optional
 import torch
 
 from ..errors import CheckpointError, SpachError
+from ..files import regular_file_problem
 from ..runtime import device as devices
-from ..weights import read_checkpoint_file
+from ..weights import read_checkpoint_file, stored_facts
 from . import faults
 from .args import DEIT_DEFAULTS, DEMO_DEFAULTS
 from .checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_save, get_rng_state
 from .engine import evaluate, throughput, train_one_epoch
-from .setup import Run, build_run
+from .output_lock import OutputDirLock
+from .setup import Run, build_run, default_output_dir
 
 __all__ = ["run", "resolve_defaults"]
 
@@ -73,6 +76,11 @@ def _gather_rng(dist_info):
 
 def run(args) -> int:
     from ..weights import local_weights
+    from .args import check_flag_combinations
+    try:
+        check_flag_combinations(args)
+    except ValueError as e:
+        raise SpachError(str(e)) from None
     for flag in ("resume", "finetune", "teacher_path"):  # URLs, as the original accepts: downloaded once, cached
         if getattr(args, flag, None):
             setattr(args, flag, local_weights(getattr(args, flag)))
@@ -81,24 +89,48 @@ def run(args) -> int:
                          "official release .pth)")
     ckpt_args = None
     if args.eval and args.resume:
-        if not os.path.isfile(args.resume):
-            raise CheckpointError(f"checkpoint {args.resume} does not exist: pass the path of a .pth file")
+        problem = regular_file_problem(args.resume)
+        if problem:
+            raise CheckpointError(f"checkpoint {args.resume} {problem}: pass the path of a .pth file")
     if args.eval or args.throughput:
         # an unreadable file is refused here; a bare state_dict (no 'args') is checked by load_pretrained below
         ck = read_checkpoint_file(args.resume) if args.resume and args.resume.endswith(".pth") else None
         ckpt_args = ck.get("args") if isinstance(ck, dict) and isinstance(ck.get("args"), dict) else None
+        if ckpt_args is not None:  # untrusted: out-of-range stored flags are refused, never used
+            stored_facts(ckpt_args, args.resume)
         del ck
     resolve_defaults(args, ckpt_args)
     device_kind = devices.resolve_device(args.device)
     dist_info = devices.init_distributed(device_kind, index=devices.requested_index(args.device))
+    lock = OutputDirLock(default_output_dir(args)) if default_output_dir(args) else None
     try:
-        return _run(args, dist_info, device_kind)
+        return _run(args, dist_info, device_kind, lock)
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise SpachError(_loader_death(args, e)) from None
     finally:
+        if lock is not None:
+            lock.release()
         devices.destroy_distributed()
 
 
-def _run(args, dist_info, device_kind) -> int:
-    run = build_run(args, dist_info, device_kind)
+def _loader_death(args, e: RuntimeError) -> str:
+    """One line for a data loader worker killed under the run (the out-of-memory killer, a kill by hand)."""
+    detail = str(e).strip().splitlines()[0][:160]
+    ckpt = os.path.join(args.output_dir, CHECKPOINT_NAME) if args.output_dir else ""
+    if args.eval or args.throughput:
+        then = "rerun the same command"
+    elif ckpt and os.path.isfile(ckpt):
+        then = f"rerunning the same command resumes from {ckpt}"
+    else:
+        then = "rerunning the same command starts the run again (no checkpoint had been written yet)"
+    return (f"a data loader worker died ({detail}); the usual cause is the out-of-memory killer: lower --num_workers "
+            f"or --batch-size if it was, then {then}")
+
+
+def _run(args, dist_info, device_kind, lock) -> int:
+    run = build_run(args, dist_info, device_kind, lock)
     if run.eval_only:
         return _evaluate_only(run)
     args, data, step = run.args, run.data, run.step
@@ -150,6 +182,10 @@ def _evaluate_only(run: Run) -> int:
     stats = evaluate(run.data.loader_val, net, run.device, amp_dtype=run.amp_dtype, channels_last=args.channels_last,
                      reduce=run.data.dist_eval, is_main=run.dist.is_main, show_progress=run.show_progress)
     logger.info(f"Accuracy of the network on the {stats['n']} test images: {stats['acc1']:.1f}%")
+    if not math.isfinite(stats["loss"]):
+        raise SpachError(f"evaluating {args.resume} gave a non-finite loss (NaN/inf): its weights or their outputs "
+                         f"are not finite (--amp {args.amp}); the accuracy above means nothing: use another "
+                         f"checkpoint" + (" or --amp off" if args.amp != "off" else ""))
     return 0
 
 

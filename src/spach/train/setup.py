@@ -10,6 +10,7 @@ replaces the RNG state with the checkpoint's.
 val datasets (and the on-device batch transform of the fast pipeline). Shards (``--data-set WDS`` / ``HFDS``) come
 in beside it: :func:`open_shard_source` checks them, :func:`build_shard_datasets` builds their datasets.
 """
+import contextlib
 import json
 import logging
 import os
@@ -31,11 +32,13 @@ from .checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, set_rng_sta
 from .ema import ModelEma
 from .engine import TrainStep, build_criterion, build_scaler
 from .optim import CosineSchedule, build_optimizer
+from .output_lock import OutputDirLock
+from .resume import check_resume_fields, check_same_run
 
-__all__ = ["Run", "Data", "Resumed", "build_run", "build_data", "mixup_active", "sync_log", "setup_logging", "configure_runtime", "prepare_output",
-           "data_root", "build_transforms", "open_shard_source", "build_shard_datasets", "build_datasets",
-           "build_loaders", "build_model", "finetune", "build_teacher", "build_train_step", "resume",
-           "with_current_kernels"]
+__all__ = ["Run", "Data", "Resumed", "build_run", "build_data", "mixup_active", "sync_log", "setup_logging",
+           "configure_runtime", "prepare_output", "default_output_dir", "data_root", "build_transforms",
+           "open_shard_source", "build_shard_datasets", "build_datasets", "build_loaders", "build_model", "finetune",
+           "build_teacher", "build_train_step", "resume", "with_current_kernels"]
 
 logger = logging.getLogger("spach.train")
 
@@ -83,7 +86,21 @@ class Run:
         return bool(self.args.eval or self.args.throughput)
 
 
-def setup_logging(is_main: bool, log_file: Optional[str] = None):
+class _EarlyLines(logging.Handler):
+    """Keeps the lines logged before the output folder exists (it is created only once the flags, the data, the
+    model and the checkpoint to resume have been checked), for :func:`attach_log_file` to write first."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def setup_logging(is_main: bool, log_file: Optional[str] = None, defer_file: bool = False):
+    """Log to stdout (rank 0) / stderr (warnings of other ranks), and on rank 0 to ``log_file``; with
+    ``defer_file`` the file is opened later by :func:`attach_log_file`, with the lines logged until then."""
     root = logging.getLogger("spach")
     for h in list(root.handlers):
         if getattr(h, "_spach", False):
@@ -97,15 +114,30 @@ def setup_logging(is_main: bool, log_file: Optional[str] = None):
     out._spach = True
     root.addHandler(out)
     if log_file and is_main:
-        fh = logging.FileHandler(log_file)
-        fh.setFormatter(logging.Formatter("[%(asctime)s] %(message)s"))
-        fh._spach = True
-        root.addHandler(fh)
+        if defer_file:
+            early = _EarlyLines()
+            early._spach = True
+            root.addHandler(early)
+        else:
+            attach_log_file(log_file)
 
 
-def build_run(args, dist: DistInfo, device_kind: str) -> Run:
+def attach_log_file(log_file: str):
+    root = logging.getLogger("spach")
+    fh = logging.FileHandler(log_file)
+    fh.setFormatter(logging.Formatter("[%(asctime)s] %(message)s"))
+    fh._spach = True
+    for h in list(root.handlers):
+        if isinstance(h, _EarlyLines):
+            for record in h.records:
+                fh.handle(record)
+            root.removeHandler(h)
+    root.addHandler(fh)
+
+
+def build_run(args, dist: DistInfo, device_kind: str, lock: Optional[OutputDirLock] = None) -> Run:
     eval_only = bool(args.eval or args.throughput)
-    save = prepare_output(args, dist.is_main, eval_only)
+    save, owned = prepare_output(args, dist, eval_only, lock)
     amp_dtype = configure_runtime(args, dist, device_kind)
     data = build_data(args, dist, eval_only)
     logger.info(f"Creating model: {args.model} ({len(data.class_names)} classes, input {args.input_size})")
@@ -123,34 +155,85 @@ def build_run(args, dist: DistInfo, device_kind: str) -> Run:
     run = Run(args, dist, save, amp_dtype, sys.stdout.isatty(), data, model, n_parameters)
     if not eval_only:
         run.step, run.schedule = build_train_step(args, model, len(data.class_names), dist, amp_dtype)
-        run.resumed = resume(args, run.step, dist, save)
+        run.resumed = resume(args, run.step, dist, save and owned, data.class_names)
+    if save:  # every check passed: create the folder (if new) and own it
+        _take_output_dir(args, dist, lock)
     return run
 
 
-def prepare_output(args, is_main: bool, eval_only: bool) -> bool:
-    """Default, check and clean ``--output_dir``; start logging (to its log_rank0.txt when the run saves).
-    Returns whether the run writes checkpoints."""
+def default_output_dir(args) -> str:
+    """``--output_dir``, set to output/<model>-<dataset> when it was not given."""
     if args.output_dir is None:
         data = os.path.basename(os.path.normpath(args.data_path)) if args.data_path else DEMO_NAME
         args.output_dir = os.path.join("output", f"{args.model}-{data}")
+    return args.output_dir
+
+
+def prepare_output(args, dist: DistInfo, eval_only: bool, lock: Optional[OutputDirLock] = None):
+    """Default and check ``--output_dir`` and start logging; returns (whether the run writes checkpoints, whether
+    it owns the folder already). A folder that exists may be another run's: its lock is taken now, so a second
+    run is refused before any work. A new folder is created (and locked) only once the flags, the data, the
+    model and the checkpoint to resume have been checked (:func:`_take_output_dir`): a failed check leaves
+    nothing behind."""
+    default_output_dir(args)
     save = bool(args.output_dir) and not eval_only
+    setup_logging(dist.is_main, os.path.join(args.output_dir, "log_rank0.txt") if save else None, defer_file=save)
+    owned = False
     if save:
-        _check_output_dir(args.output_dir)
-        if is_main:
-            _remove_stale_temp_files(args.output_dir)
-    setup_logging(is_main, os.path.join(args.output_dir, "log_rank0.txt") if save else None)
-    return save
+        _check_output_dir(args.output_dir, create=False)
+        lock = lock if lock is not None else OutputDirLock(args.output_dir)
+        owned = _on_main(dist, lambda: os.path.isdir(args.output_dir) and bool(lock.acquire()))
+    return save, bool(owned)
 
 
-def _check_output_dir(path: str):
+def _check_output_dir(path: str, create: bool = True):
+    """Refuse an --output_dir that cannot be used; create it only with ``create``."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise SpachError(f"--output_dir {path} is a file: pass a folder path (it is created if missing)")
+    if not create:
+        parent = os.path.abspath(path)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise SpachError(f"cannot create --output_dir {path}: {parent} is a file; pick another folder")
+        if not os.access(parent, os.W_OK):
+            what = "is not writable" if parent == os.path.abspath(path) else f"cannot be created in {parent}"
+            raise SpachError(f"--output_dir {path} {what}: fix the permissions or pick another folder")
+        return
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise SpachError(f"cannot create --output_dir {path} ({e.strerror}): pick a writable folder") from None
     if not os.access(path, os.W_OK):
         raise SpachError(f"--output_dir {path} is not writable: fix its permissions or pick another folder")
+
+
+def _on_main(dist: DistInfo, fn):
+    """``fn()`` on rank 0 (the rank that owns the folder); its result, or the SpachError it raises, reaches every
+    rank (the others would otherwise wait forever)."""
+    error = result = None
+    if dist.is_main:
+        try:
+            result = fn()
+        except SpachError as e:
+            error = str(e)
+    error, result = devices.broadcast_object((error, result))
+    if error:
+        raise SpachError(error)
+    return result
+
+
+def _take_output_dir(args, dist: DistInfo, lock: Optional[OutputDirLock]):
+    """Create --output_dir and make this run its owner; remove the temp files of a killed write (only the
+    owner may: they could be another live run's); start writing log_rank0.txt."""
+    lock = lock if lock is not None else OutputDirLock(args.output_dir)
+
+    def take():
+        _check_output_dir(args.output_dir)
+        lock.acquire()
+        _remove_stale_temp_files(args.output_dir)
+        attach_log_file(os.path.join(args.output_dir, "log_rank0.txt"))
+    _on_main(dist, take)
 
 
 def _remove_stale_temp_files(folder: str):
@@ -353,11 +436,10 @@ def build_model(args, num_classes: int):
         raise SpachError(f"--model {args.model}: {e}") from None
     if getattr(args, "grad_checkpointing", False):
         model.set_grad_checkpointing(True)
-    stride = getattr(model, "total_stride", 1)
-    if args.input_size % stride:
-        ok = max(stride, args.input_size // stride * stride)
-        raise SpachError(f"--input-size {args.input_size} does not fit {args.model}: it needs a multiple of its total "
-                         f"stride {stride} (e.g. --input-size {ok})")
+    from ..models.sizes import input_size_problem
+    problem = input_size_problem(model, (args.input_size, args.input_size), "--input-size")
+    if problem:
+        raise SpachError(problem)
     return model
 
 
@@ -436,12 +518,14 @@ def build_train_step(args, model, num_classes: int, dist: DistInfo, amp_dtype):
     return step, schedule
 
 
-def resume(args, step: TrainStep, dist: DistInfo, save: bool) -> Resumed:
+def resume(args, step: TrainStep, dist: DistInfo, owned: bool, class_names) -> Resumed:
     """An explicit --resume, else <output_dir>/checkpoint.pth when it exists: weights, optimizer, EMA, scaler,
-    best accuracy and each rank's RNG state."""
+    best accuracy and each rank's RNG state. The checkpoint must continue this run (:func:`check_same_run`)
+    and its fields are checked before use (:func:`check_resume_fields`). Only a folder this run owned from its
+    start is looked in (``owned``): one created since then is another run's, which the lock then refuses."""
     out = Resumed(start_epoch=args.start_epoch)
     path = args.resume
-    auto = os.path.join(args.output_dir, CHECKPOINT_NAME) if save else ""
+    auto = os.path.join(args.output_dir, CHECKPOINT_NAME) if owned else ""
     if args.auto_resume and auto and os.path.isfile(auto):
         path = auto
         logger.info(f"auto resume from {auto}")
@@ -449,26 +533,44 @@ def resume(args, step: TrainStep, dist: DistInfo, save: bool) -> Resumed:
     if not path:
         return out
     ckpt = load_checkpoint(path)
+    check_same_run(ckpt, path, args, class_names, auto=path == auto)
     from ..models import load_pretrained
     load_pretrained(step.model, path)
+    check_resume_fields(ckpt, path, dist.world_size)
     if "optimizer" in ckpt and "epoch" in ckpt:
-        step.optimizer.load_state_dict(with_current_kernels(ckpt["optimizer"], step.optimizer))
+        with _field(path, "optimizer"):
+            step.optimizer.load_state_dict(with_current_kernels(ckpt["optimizer"], step.optimizer))
         out.start_epoch = int(ckpt["epoch"]) + 1
         if step.ema is not None and isinstance(ckpt.get("model_ema"), dict):
-            step.ema.module.load_state_dict(ckpt["model_ema"])
+            with _field(path, "model_ema"):
+                step.ema.module.load_state_dict(ckpt["model_ema"])
         if step.scaler is not None and isinstance(ckpt.get("scaler"), dict) and ckpt["scaler"]:
-            step.scaler.load_state_dict(ckpt["scaler"])
+            with _field(path, "scaler"):
+                step.scaler.load_state_dict(ckpt["scaler"])
         out.max_accuracy = float(ckpt.get("max_accuracy", 0.0))
         per_rank = ckpt.get("rng_per_rank")
-        if per_rank and len(per_rank) == dist.world_size:
-            set_rng_state(per_rank[dist.rank])
-        elif "rng" in ckpt and dist.world_size == 1:
-            set_rng_state(ckpt["rng"])
+        with _field(path, "rng"):
+            if per_rank and len(per_rank) == dist.world_size:
+                set_rng_state(per_rank[dist.rank])
+            elif "rng" in ckpt and dist.world_size == 1:
+                set_rng_state(ckpt["rng"])
         logger.info(f"resumed {path} at epoch {out.start_epoch} (max accuracy so far {out.max_accuracy:.2f}%)")
         if path == auto and dist.is_main:
             sync_log(os.path.join(args.output_dir, "log.txt"), out.start_epoch - 1, ckpt.get("log_stats"))
     del ckpt
     return out
+
+
+@contextlib.contextmanager
+def _field(path: str, field: str):
+    """A checkpoint field that passed the type checks but still does not load is one line naming it."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        detail = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint {path}: its '{field}' entry does not load into this run ({detail}): "
+                              f"the file is damaged or was written by another setup; resume from another "
+                              f"checkpoint, or start from its weights with --finetune") from None
 
 
 def with_current_kernels(saved: dict, optimizer) -> dict:
