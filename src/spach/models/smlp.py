@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from timm.layers import DropPath
-from timm.layers._fx import register_notrace_function
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import FeatureGetterNet, feature_take_indices
+from timm.models import generate_default_cfgs, register_model
 
-__all__ = ["SMLPNet", "SparseMLP", "DWConvBlock", "FeedForward", "SMLPNET_CONFIGS", "smlpnet_flops"]
+from timm.models._features import feature_take_indices
+
+from .base import BaseNet, build_model, model_cfg, register_configs
+
+__all__ = ["SMLPNet", "SparseMLP", "DWConvBlock", "FeedForward", "SMLPNET_CONFIGS"]
 
 PATCH_SIZE = 4
 TOTAL_STRIDE = 32
@@ -102,39 +104,38 @@ class SparseMLP(nn.Module):
     def forward(self, x):  # (B, H, W, C)
         B, H, W, C = x.shape
         x = self.activation(_bn_nhwc(self.BN, x))
-        w_rows = self.proj_h.weight.reshape(W, W)
-        w_cols = self.proh_w.weight.reshape(H, H)
-        # along W: (W, W) @ (B, H, W, C) -> every (b, h) slice is W x C
-        x_h = torch.matmul(w_rows, x) + self.proj_h.bias.reshape(W, 1)
-        # along H: (H, H) @ (B, H, W*C)
-        x_w = torch.matmul(w_cols, x.reshape(B, H, W * C)).reshape(B, H, W, C) + self.proh_w.bias.reshape(H, 1, 1)
-        fuse = self.fuse.weight.reshape(C, 3 * C)
-        return F.linear(torch.cat([x, x_h, x_w], dim=-1), fuse)
+        # fuse([x, x_h + b_h, x_w + b_w]) without concatenating: three products accumulated into one
+        # output, and the projections' biases pushed through fuse's linear map as one (H, W, C) term
+        w_x, w_h, w_w = self.fuse.weight.reshape(C, 3, C).unbind(1)
+        out = torch.mm(x.reshape(-1, C), w_x.t())
+        # einsum and in-place products are not autocast: they take the dtype autocast gave the first product
+        dt = out.dtype
+        x = x.to(dt)
+        # matrix products along one axis of the (B, H, W, C) tensor; einsum lets the kernel read the
+        # activations in place (matmul would first copy them into a layout with that axis last)
+        x_h = torch.einsum("vw,bhwc->bhvc", self.proj_h.weight.reshape(W, W).to(dt), x)   # along W
+        x_w = torch.einsum("gh,bhwc->bgwc", self.proh_w.weight.reshape(H, H).to(dt), x)   # along H
+        out.addmm_(x_h.reshape(-1, C), w_h.t().to(dt))
+        out.addmm_(x_w.reshape(-1, C), w_w.t().to(dt))
+        bias = (self.proj_h.bias.reshape(1, W, 1) * w_h.sum(1) + self.proh_w.bias.reshape(H, 1, 1) * w_w.sum(1))
+        return out.view(B, H, W, C) + bias.to(out.dtype)
 
 
-@register_notrace_function
-def _check_input(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int]) -> None:
-    """One clear error for an input the network cannot take (kept out of fx graphs: it branches on shapes)."""
-    if x.dim() != 4 or x.shape[1] != in_chans:
-        raise ValueError(f"expected an image batch of shape (B, {in_chans}, H, W), got {tuple(x.shape)}")
-    H, W = int(x.shape[2]), int(x.shape[3])
-    if (H, W) != tuple(img_size):
-        raise ValueError(
-            f"this sMLPNet mixes a fixed grid of tokens and only takes {img_size[0]}x{img_size[1]} inputs (got "
-            f"{H}x{W}); create it with img_size={H if H == W else (H, W)} (new token-mixing weights) or feed "
-            f"{img_size[0]}x{img_size[1]} images")
-
-
-class SMLPNet(nn.Module):
+class SMLPNet(BaseNet):
     """sMLPNet: four stages of (token mixing, channel mixing) blocks on a fixed grid.
 
     The token-mixing weights are sized by the grid, so a model takes the input size it was built for
     (``img_size``, a multiple of 32; default 224). ``drop_path_rate`` is the stochastic depth of the last
     block, decaying linearly to 0 at the first (the original's ``dp_rate``, which its training script never
-    set: see :data:`SMLPNET_CONFIGS` for the rates the registry trained with).
+    set: see :data:`SMLPNET_CONFIGS` for the rates the registry trained with). ``drop_rate`` is the dropout of
+    the channel MLPs (the original's ``FeedForward(dropout=)``).
+
+    The per-block modules sit in the original's flat lists (``token_mix.N``, ``channel_mix.N``), not in
+    stage modules, so this network runs its stages, feature levels and head itself over the shared timm API.
     """
 
     output_fmt = "NHWC"
+    final_norm_name = "batch_norm"
 
     def __init__(self, num_classes: int = 1000, img_size: Union[int, Tuple[int, int]] = 224, in_chans: int = 3,
                  dim: int = 80, alpha: int = 3, depths=(2, 8, 14, 2), drop_path_rate: float = 0.0,
@@ -144,23 +145,19 @@ class SMLPNet(nn.Module):
             raise TypeError("dp_rate is the original sMLPNet's name for stochastic depth: pass drop_path_rate=")
         if kwargs:
             raise TypeError(f"unexpected model arguments: {sorted(kwargs)}")
-        self.img_size = _pair(img_size)
-        if any(s <= 0 or s % TOTAL_STRIDE for s in self.img_size):
+        if any(size <= 0 or size % TOTAL_STRIDE for size in _pair(img_size)):
             raise ValueError(f"img_size={img_size} does not fit sMLPNet: it needs a multiple of {TOTAL_STRIDE} "
                              f"(e.g. img_size=224)")
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
-        self.in_chans = in_chans
+        self.set_input_contract(img_size, in_chans, TOTAL_STRIDE, fixed_input_size=True)
+        self.output_fmt = "NHWC"  # TorchScript reads instance attributes
         self.patch_size = PATCH_SIZE
-        self.total_stride = TOTAL_STRIDE
-        self.fixed_input_size = True
         self.depths = list(depths)
         self.dim = dim
         self.alpha = alpha
         self.num_classes = num_classes
         self.global_pool = global_pool
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
 
         self.to_patch_embedding = nn.ModuleList()
         self.token_mix = nn.ModuleList()
@@ -185,13 +182,12 @@ class SMLPNet(nn.Module):
                 self.token_mix.append(nn.Sequential(DWConvBlock(width), SparseMLP(grid, width)))
                 # positions 0 and 3 held the original's NCHW <-> NHWC rearranges; activations here stay NHWC
                 self.channel_mix.append(nn.Sequential(nn.Identity(), nn.LayerNorm(width),
-                                                      FeedForward(width, width * alpha)))
+                                                      FeedForward(width, width * alpha, drop_rate)))
                 self.block_stage.append(stage)
             self.feature_info.append(dict(num_chs=width, reduction=PATCH_SIZE * 2 ** stage,
                                           module=f"channel_mix.{len(self.block_stage) - 1}"))
         self.num_features = self.head_hidden_size = dim * 2 ** (len(self.depths) - 1)
         self.batch_norm = nn.BatchNorm2d(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
         self.mlp_head = nn.Sequential(nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity())
 
     # --- forward --------------------------------------------------------------------------------------------
@@ -216,9 +212,11 @@ class SMLPNet(nn.Module):
                     x = self._block(x, token, channel, drop)
         return x
 
+    def forward_stem(self, x):
+        return self._embed(0, self.to_patch_embedding[0], self.check_input(x))
+
     def forward_features(self, x):
-        if not torch.jit.is_scripting():
-            _check_input(x, self.in_chans, self.img_size)
+        x = self.check_input(x)
         for stage, embed in enumerate(self.to_patch_embedding):
             x = self._embed(stage, embed, x)
             x = self._stage(stage, x)
@@ -227,11 +225,7 @@ class SMLPNet(nn.Module):
     def forward_head(self, x, pre_logits: bool = False):
         if self.global_pool == "avg":
             x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
         return x if pre_logits else self.mlp_head(x)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
 
     @torch.jit.ignore
     def forward_intermediates(self, x, indices: Union[int, List[int], None] = None, norm: bool = False,
@@ -239,7 +233,7 @@ class SMLPNet(nn.Module):
         """The four stage outputs (strides 4, 8, 16, 32), NCHW by default. ``norm`` applies the final
         BatchNorm to the last stage."""
         take, last = feature_take_indices(len(self.depths), indices)
-        _check_input(x, self.in_chans, self.img_size)
+        x = self.check_input(x)
         intermediates = []
         for stage, embed in enumerate(self.to_patch_embedding):
             if stop_early and stage > last:
@@ -268,20 +262,12 @@ class SMLPNet(nn.Module):
             self.reset_classifier(0, "")
         return take
 
-    # --- timm model API -------------------------------------------------------------------------------------
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return set()
-
+    # --- timm model API (the rest comes from BaseNet) ----------------------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r"^to_patch_embedding\.0",
                     blocks=[(r"^to_patch_embedding\.(\d+)", None), (r"^(?:token|channel)_mix\.(\d+)", None),
                             (r"^batch_norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -295,100 +281,75 @@ class SMLPNet(nn.Module):
         self.num_classes = num_classes
         self.mlp_head = nn.Sequential(nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity())
 
-    def flops(self, img_size: Optional[Tuple[int, int]] = None) -> int:
-        return smlpnet_flops(self, img_size)
+    def flops_sequence(self) -> List[nn.Module]:
+        return [self]
 
-
-def smlpnet_flops(model: SMLPNet, img_size: Optional[Tuple[int, int]] = None) -> int:
-    """Multiply-accumulates of one image (the accounting of ``spach.count_flops``: convs and linears with
-    their biases, one op per element for each norm, activation-free; residual adds one op per element)."""
-    H, W = _pair(img_size) if img_size is not None else model.img_size
-    h, w = H // PATCH_SIZE, W // PATCH_SIZE
-    C = model.dim
-    flops = h * w * C * PATCH_SIZE * PATCH_SIZE * model.in_chans                  # stem conv, no bias
-    for stage, depth in enumerate(model.depths):
-        if stage > 0:
-            h, w, C = h // 2, w // 2, C * 2
-            flops += h * w * C * (C // 2) * 4                                     # 2x2 stride-2 conv, no bias
-        n = h * w
-        token = n * C                                                             # BN
-        token += n * C * 9                                                        # 3x3 depth-wise conv
-        token += n * C                                                            # BN
-        token += n * C * (w + 1) + n * C * (h + 1)                                # row / column projections
-        token += n * C * 3 * C                                                    # fusion 3C -> C
-        hidden = C * model.alpha
-        channel = n * C + n * (C + 1) * hidden + n * (hidden + 1) * C             # LayerNorm + MLP
-        flops += depth * (token + channel + 2 * n * C)                            # + two residual adds
-    flops += h * w * C                                                            # final BN
-    head = model.get_classifier()
-    if isinstance(head, nn.Linear):
-        flops += head.in_features * head.out_features
-    return int(flops)
+    def flops(self, H: int, W: int) -> Tuple[int, int, int]:
+        """Multiply-accumulates of one image at ``H x W`` (the accounting of ``spach.count_flops``: convs and
+        linears with their biases, one op per element for each norm and residual add; activations free)."""
+        h, w = H // PATCH_SIZE, W // PATCH_SIZE
+        C = self.dim
+        flops = h * w * C * PATCH_SIZE * PATCH_SIZE * self.in_chans                  # stem conv, no bias
+        for stage, depth in enumerate(self.depths[:len(self.to_patch_embedding)]):
+            if stage > 0:
+                h, w, C = h // 2, w // 2, C * 2
+                flops += h * w * C * (C // 2) * 4                                    # 2x2 stride-2 conv, no bias
+            n = h * w
+            token = 2 * n * C + n * C * 9                                            # two BNs, 3x3 depth-wise conv
+            token += n * C * (w + 1) + n * C * (h + 1)                               # row / column projections
+            token += n * C * 3 * C                                                   # fusion 3C -> C
+            hidden = C * self.alpha
+            channel = n * C + n * (C + 1) * hidden + n * (hidden + 1) * C            # LayerNorm + MLP
+            flops += depth * (token + channel + 2 * n * C)                           # + two residual adds
+        flops += h * w * C                                                           # final BN
+        head = self.get_classifier()
+        if isinstance(head, nn.Linear):
+            flops += head.in_features * head.out_features
+        return int(flops), h, w
 
 
 # --- named configurations ---------------------------------------------------------------------------------
 WEIGHTS_URL_PREFIX = "https://github.com/microsoft/SPACH/releases/download/v1.0/"
 
-# name -> architecture, the stochastic depth the original registry trained with (its `dp_rate`), and the
-# published ImageNet-1k result (paper name, top-1, release file where there is one)
-SMLPNET_CONFIGS: Dict[str, dict] = {
+# name -> architecture, the stochastic depth the original registry trained with (its `dp_rate`; `spach train`
+# takes it as the model's default), and the published ImageNet-1k result (paper name, top-1, release file)
+SMLPNET_CONFIGS: Dict[str, dict] = register_configs({
     "smlpnet_tiny": dict(dim=80, alpha=3, depths=(2, 8, 14, 2), drop_path_rate=0.0,
                          paper_name="sMLPNet-T", top1=81.9, weights=None),
     "smlpnet_small": dict(dim=96, alpha=3, depths=(2, 10, 24, 2), drop_path_rate=0.2,
                           paper_name="sMLPNet-S", top1=83.1, weights="smlp_s.pth"),
     "smlpnet_base": dict(dim=112, alpha=3, depths=(2, 10, 24, 2), drop_path_rate=0.3,
                          paper_name="sMLPNet-B", top1=83.4, weights="smlp_b.pth"),
-}
-_ARCH_KEYS = ("dim", "alpha", "depths")
+})
 
 
 def _cfg(name: str) -> dict:
     meta = SMLPNET_CONFIGS[name]
     file = meta["weights"]
-    return dict(
-        url=WEIGHTS_URL_PREFIX + file if file else "",
-        description=meta["paper_name"],
-        notes=() if file else ("no release file: the original repository published no weights for this model",),
-        num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic",
-        fixed_input_size=True, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-        first_conv="to_patch_embedding.0.0", classifier="mlp_head.0", license="mit",
-        paper_ids="arXiv:2109.05422",
-        paper_name="Sparse MLP for Image Recognition: Is Self-Attention Really Necessary?",
-        origin_url="https://github.com/microsoft/SPACH",
-    )
+    cfg = model_cfg(url=WEIGHTS_URL_PREFIX + file if file else "", pool_size=(7, 7), fixed_input_size=True,
+                    first_conv="to_patch_embedding.0.0", description=meta["paper_name"],
+                    notes=() if file else ("no release file: the original repository published no weights for "
+                                           "this model",),
+                    paper_ids="arXiv:2109.05422",
+                    paper_name="Sparse MLP for Image Recognition: Is Self-Attention Really Necessary?",
+                    origin_url="https://github.com/microsoft/SPACH")
+    cfg["classifier"] = "mlp_head.0"
+    return cfg
 
 
 default_cfgs = generate_default_cfgs({name: _cfg(name) for name in SMLPNET_CONFIGS})
 
 
-def _create_smlpnet(variant: str, pretrained: bool = False, **kwargs):
-    features_only = kwargs.pop("features_only", False)
-    out_indices = kwargs.pop("out_indices", None)
-    kwargs.pop("feature_cls", None)  # only the forward_intermediates getter applies here
-    output_fmt = kwargs.pop("output_fmt", "NCHW")
-    arch = {k: v for k, v in SMLPNET_CONFIGS[variant].items() if k in _ARCH_KEYS}
-    arch["drop_path_rate"] = SMLPNET_CONFIGS[variant]["drop_path_rate"]
-    arch.update(kwargs)
-    model = build_model_with_cfg(SMLPNet, variant, pretrained=False, **arch)
-    if pretrained:
-        from .pretrained import load_pretrained_release
-        load_pretrained_release(model, variant)
-    if features_only:
-        model = FeatureGetterNet(model, out_indices=tuple(range(4)) if out_indices is None else out_indices,
-                                 output_fmt=output_fmt)
-    return model
-
-
 @register_model
 def smlpnet_tiny(pretrained=False, **kwargs) -> SMLPNet:
-    return _create_smlpnet("smlpnet_tiny", pretrained, **kwargs)
+    return build_model(SMLPNet, "smlpnet_tiny", pretrained, **kwargs)
 
 
 @register_model
 def smlpnet_small(pretrained=False, **kwargs) -> SMLPNet:
-    return _create_smlpnet("smlpnet_small", pretrained, **kwargs)
+    return build_model(SMLPNet, "smlpnet_small", pretrained, **kwargs)
 
 
 @register_model
 def smlpnet_base(pretrained=False, **kwargs) -> SMLPNet:
-    return _create_smlpnet("smlpnet_base", pretrained, **kwargs)
+    return build_model(SMLPNet, "smlpnet_base", pretrained, **kwargs)
