@@ -42,11 +42,6 @@ def _pair(x) -> Tuple[int, int]:
     return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
 
 
-def _bn_nhwc(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """BatchNorm of a ``(B, H, W, C)`` tensor through its channels-last NCHW view (no copy either way)."""
-    return bn(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
 class FeedForward(nn.Module):
     """Linear - GELU - Dropout - Linear - Dropout on the last dimension (``net.0`` / ``net.3``)."""
 
@@ -103,7 +98,7 @@ class SparseMLP(nn.Module):
 
     def forward(self, x):  # (B, H, W, C)
         B, H, W, C = x.shape
-        x = self.activation(_bn_nhwc(self.BN, x))
+        x = self.activation(self.BN(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
         # fuse([x, x_h + b_h, x_w + b_w]) without concatenating: three products accumulated into one
         # output, and the projections' biases pushed through fuse's linear map as one (H, W, C) term
         w_x, w_h, w_w = self.fuse.weight.reshape(C, 3, C).unbind(1)
@@ -115,9 +110,12 @@ class SparseMLP(nn.Module):
         # activations in place (matmul would first copy them into a layout with that axis last)
         x_h = torch.einsum("vw,bhwc->bhvc", self.proj_h.weight.reshape(W, W).to(dt), x)   # along W
         x_w = torch.einsum("gh,bhwc->bgwc", self.proh_w.weight.reshape(H, H).to(dt), x)   # along H
-        out.addmm_(x_h.reshape(-1, C), w_h.t().to(dt))
-        out.addmm_(x_w.reshape(-1, C), w_w.t().to(dt))
-        bias = (self.proj_h.bias.reshape(1, W, 1) * w_h.sum(1) + self.proh_w.bias.reshape(H, 1, 1) * w_w.sum(1))
+        # accumulated in place; the results are used so that fx graphs keep the in-place nodes
+        out = out.addmm_(x_h.reshape(-1, C), w_h.t().to(dt))
+        out = out.addmm_(x_w.reshape(-1, C), w_w.t().to(dt))
+        b_h, b_w = self.proj_h.bias, self.proh_w.bias
+        assert b_h is not None and b_w is not None  # built with biases; TorchScript needs to know
+        bias = b_h.reshape(1, W, 1) * w_h.sum(1) + b_w.reshape(H, 1, 1) * w_w.sum(1)
         return out.view(B, H, W, C) + bias.to(out.dtype)
 
 
@@ -136,6 +134,7 @@ class SMLPNet(BaseNet):
 
     output_fmt = "NHWC"
     final_norm_name = "batch_norm"
+    block_stage: List[int]  # the stage of each block, in the flat lists
 
     def __init__(self, num_classes: int = 1000, img_size: Union[int, Tuple[int, int]] = 224, in_chans: int = 3,
                  dim: int = 80, alpha: int = 3, depths=(2, 8, 14, 2), drop_path_rate: float = 0.0,
@@ -164,7 +163,7 @@ class SMLPNet(BaseNet):
         self.channel_mix = nn.ModuleList()
         self.drop_path = nn.ModuleList()
         num_blocks = sum(self.depths)
-        self.block_stage: List[int] = []
+        self.block_stage = []
         self.feature_info = []
         grid = (self.img_size[0] // PATCH_SIZE, self.img_size[1] // PATCH_SIZE)
         for stage, depth in enumerate(self.depths):
@@ -191,36 +190,45 @@ class SMLPNet(BaseNet):
         self.mlp_head = nn.Sequential(nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity())
 
     # --- forward --------------------------------------------------------------------------------------------
-    def _embed(self, stage: int, embed: nn.Module, x):
+    def _embed_input(self, stage: int, x):
+        """The NCHW input of stage ``stage``'s embedding conv, with channels-last strides (the conv's output
+        is then already a (B, H, W, C) grid)."""
         if stage == 0:
-            # the image as channels-last, so that the stem's output is already a (B, H, W, C) grid
-            x = x.contiguous(memory_format=torch.channels_last)
-        else:
-            x = x.permute(0, 3, 1, 2)
-        return embed(x).permute(0, 2, 3, 1)
+            return x.contiguous(memory_format=torch.channels_last)
+        return x.permute(0, 3, 1, 2)
 
+    @torch.jit.ignore
     def _block(self, x, token: nn.Module, channel: nn.Module, drop: nn.Module):
         x = x + drop(token(x))
         return x + drop(channel(x))
 
-    def _stage(self, stage: int, x):
+    @torch.jit.ignore
+    def _stage_checkpointed(self, stage: int, x):
         for index, (token, channel, drop) in enumerate(zip(self.token_mix, self.channel_mix, self.drop_path)):
             if self.block_stage[index] == stage:
-                if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x = torch.utils.checkpoint.checkpoint(self._block, x, token, channel, drop, use_reentrant=False)
-                else:
-                    x = self._block(x, token, channel, drop)
+                x = torch.utils.checkpoint.checkpoint(self._block, x, token, channel, drop, use_reentrant=False)
+        return x
+
+    def _stage(self, stage: int, x):
+        """The blocks of stage ``stage`` (modules are only called here: TorchScript cannot pass them around)."""
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return self._stage_checkpointed(stage, x)
+        for index, (token, channel, drop) in enumerate(zip(self.token_mix, self.channel_mix, self.drop_path)):
+            if self.block_stage[index] == stage:
+                x = x + drop(token(x))
+                x = x + drop(channel(x))
         return x
 
     def forward_stem(self, x):
-        return self._embed(0, self.to_patch_embedding[0], self.check_input(x))
+        x = self._embed_input(0, self.check_input(x))
+        return self.to_patch_embedding[0](x).permute(0, 2, 3, 1)
 
     def forward_features(self, x):
         x = self.check_input(x)
         for stage, embed in enumerate(self.to_patch_embedding):
-            x = self._embed(stage, embed, x)
+            x = embed(self._embed_input(stage, x)).permute(0, 2, 3, 1)
             x = self._stage(stage, x)
-        return _bn_nhwc(self.batch_norm, x)
+        return self.batch_norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
     def forward_head(self, x, pre_logits: bool = False):
         if self.global_pool == "avg":
@@ -238,13 +246,15 @@ class SMLPNet(BaseNet):
         for stage, embed in enumerate(self.to_patch_embedding):
             if stop_early and stage > last:
                 break
-            x = self._stage(stage, self._embed(stage, embed, x))
+            x = self._stage(stage, embed(self._embed_input(stage, x)).permute(0, 2, 3, 1))
             if stage in take:
-                y = _bn_nhwc(self.batch_norm, x) if (norm and stage == len(self.depths) - 1) else x
+                y = x
+                if norm and stage == len(self.depths) - 1:
+                    y = self.batch_norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
                 intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
         if intermediates_only:
             return intermediates
-        return _bn_nhwc(self.batch_norm, x), intermediates
+        return self.batch_norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), intermediates
 
     @torch.jit.ignore
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 4, prune_norm: bool = False,
