@@ -78,9 +78,22 @@ def _as_crop_pct(value) -> Optional[float]:
     return None
 
 
+def _classifier_keys():
+    """``<classifier>.weight`` of every registered model family (``head``, sMLPNet's ``mlp_head.0``), read from
+    the models' pretrained cfgs."""
+    from timm.models import get_pretrained_cfg
+
+    from .models import list_models
+    return sorted({(getattr(get_pretrained_cfg(n), "classifier", None) or "head") + ".weight" for n in list_models()})
+
+
 def _head_classes(state_dict: dict) -> Optional[int]:
-    w = strip_prefixes(state_dict).get("head.weight")
-    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+    sd = strip_prefixes(state_dict)
+    for key in _classifier_keys():
+        w = sd.get(key)
+        if isinstance(w, torch.Tensor) and w.dim() == 2:
+            return int(w.shape[0])
+    return None
 
 
 def read_checkpoint_metadata(path: str, use_ema: bool = False) -> dict:
@@ -95,7 +108,7 @@ def read_checkpoint_metadata(path: str, use_ema: bool = False) -> dict:
         # untrusted: out-of-range facts are refused with one line (stored_facts), never used
         meta.update(stored_facts({k: raw.get(k) for k in ("model", "img_size", "num_classes", "class_names",
                                                           "crop_pct")}, path))
-        head = safetensors_shape(path, "head.weight")
+        head = next((shape for shape in (safetensors_shape(path, k) for k in _classifier_keys()) if shape), None)
         if head and len(head) == 2:
             meta["num_classes"] = int(head[0])
         return meta

@@ -163,9 +163,10 @@ class Workload:
             torch.backends.cudnn.benchmark = True  # as the trainer: fixed shapes, pick the fastest conv kernels
         torch.manual_seed(cfg.seed)
         try:
+            # fused_attn is an option of the attention models only: passed when it asks for the explicit form
+            extra = {} if cfg.fused_attn else dict(fused_attn=False)
             model = spach.create_model(cfg.model, num_classes=cfg.num_classes, img_size=cfg.img_size,
-                                       drop_path_rate=cfg.drop_path if cfg.mode == "train" else 0.0,
-                                       fused_attn=cfg.fused_attn)
+                                       drop_path_rate=cfg.drop_path if cfg.mode == "train" else 0.0, **extra)
         except (TypeError, ValueError) as e:
             raise SpachError(f"cannot build {cfg.model} with these settings: {e}") from None
         if not cfg.cpu_bf16_explicit_attn:

@@ -1,4 +1,4 @@
-"""List the SPACH models: parameters, GFLOPs (multiply-accumulates at the default input) and the published
+"""List the models (SPACH, sMLPNet): parameters, GFLOPs (multiply-accumulates at the default input) and the published
 ImageNet-1k top-1 where the paper reports one."""
 import json
 import sys
@@ -22,7 +22,8 @@ def model_table(name_filter: str = ""):
         with torch.device("meta"):  # shapes only: no memory, no initialisation cost
             model = create_model(name)
         rows.append(dict(name=name, params=count_params(model), flops=count_flops(model),
-                         top1=meta.get("top1"), paper_name=meta.get("paper_name"), weights=meta.get("weights")))
+                         top1=meta.get("top1"), paper_name=meta.get("paper_name"), weights=meta.get("weights"),
+                         drop_path_rate=meta.get("drop_path_rate")))
     return rows
 
 

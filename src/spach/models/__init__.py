@@ -2,7 +2,7 @@
 
 Importing this package registers every variant of every family with timm. ``base`` holds what the families
 share (the timm model API, the config table, timm registration), ``flops`` the FLOPs count; each family module
-(``spach``) holds its blocks, its network and its table.
+(``spach``, ``smlp``) holds its blocks, its network and its table.
 """
 import timm as _timm
 
@@ -11,11 +11,13 @@ from ..weights import read_state_dict
 from .flops import count_flops, count_params
 from .pretrained import checkpoint_filter_fn, load_pretrained, safetensors_model_kwargs
 from .spach import MixingBlock, Spach, SpachMS  # registers the SPACH family
-from .variants import MODEL_CONFIGS, list_models, model_config, suggest_model_names, unknown_model_message
+from .smlp import SMLPNet  # registers the sMLPNet family
+from .variants import (MODEL_CONFIGS, default_drop_path_rate, list_models, model_config, suggest_model_names,
+                       unknown_model_message)
 
 __all__ = ["create_model", "list_models", "load_pretrained", "read_state_dict", "checkpoint_filter_fn",
            "MixingBlock", "Spach", "SpachMS", "MODEL_CONFIGS", "model_config", "count_flops", "count_params",
-           "UnknownModelError"]
+           "UnknownModelError", "SMLPNet", "default_drop_path_rate"]
 
 
 class UnknownModelError(SpachError, KeyError):
@@ -27,7 +29,7 @@ class UnknownModelError(SpachError, KeyError):
 
 def create_model(model_name: str, pretrained: bool = False, checkpoint_path: str = None, use_ema: bool = False,
                  **kwargs):
-    """Build a SPACH model by name (timm keyword arguments: ``num_classes``, ``drop_path_rate``,
+    """Build a model by name (timm keyword arguments: ``num_classes``, ``drop_path_rate``,
     ``img_size``, ``features_only`` ...). ``checkpoint_path`` loads a local file (official release
     ``.pth``, training checkpoint, bare state_dict or ``.safetensors``) with strict key/shape checks."""
     if model_name not in MODEL_CONFIGS:

@@ -11,6 +11,8 @@ from ..errors import CheckpointError
 from ..weights import (read_state_dict, release_file, safetensors_metadata, stored_facts, strip_prefixes,
                        url_file_name)
 
+from .base import BaseNet
+
 __all__ = ["load_pretrained", "load_pretrained_release", "checkpoint_filter_fn", "safetensors_model_kwargs"]
 
 
@@ -41,7 +43,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 def _unwrap(model: nn.Module) -> nn.Module:
     # features_only models wrap the network in timm's FeatureGetterNet (attribute ``model``)
     inner = getattr(model, "model", None)
-    return inner if isinstance(inner, nn.Module) and hasattr(inner, "stem") else model
+    return inner if isinstance(inner, BaseNet) else model
 
 
 def _describe(keys, n=8):

@@ -189,7 +189,10 @@ def _model_flags(parser, dd):
     _flag(g, "--model", dest="model", default=None, metavar="MODEL",
           help="model name (`spach models` lists them; eval: read from the checkpoint) " + dd("model"))
     _flag(g, "--drop", dest="drop", type=_in_range(0, 1, high_open=True), default=0.0, help="dropout rate")
-    _flag(g, "--drop-path", dest="drop_path", type=_in_range(0, 1, high_open=True), default=None, help="stochastic depth " + dd("drop_path"))
+    _flag(g, "--drop-path", dest="drop_path", type=_in_range(0, 1, high_open=True), default=None,
+          help="stochastic depth rate (default: the model's own where its original registry fixed one, as for "
+          f"sMLPNet and ShiftViT, shown by `spach models --json`; else DeiT {DEIT_DEFAULTS['drop_path']} / demo "
+          f"{DEMO_DEFAULTS['drop_path']})%(default).0s")
     _bool_pair(g, "model-ema", "model_ema", None, "keep an EMA of the weights, evaluated each epoch " + dd("model_ema"),
                "no EMA")
     _flag(g, "--stem-type", dest="stem_type", default=None, choices=["conv1", "conv4"],

@@ -29,14 +29,28 @@ logger = logging.getLogger("spach.train")
 _PLAIN = (str, int, float, bool, type(None))
 
 
+def _model_drop_path(name) -> Optional[float]:
+    from ..models import default_drop_path_rate
+    try:
+        return default_drop_path_rate(name)
+    except KeyError:  # an unknown name is reported when the model is built
+        return None
+
+
 def resolve_defaults(args, ckpt_args: Optional[dict] = None):
     """Fill the flags left at ``None``: from the checkpoint being evaluated (model, input size, crop), else
     the DeiT defaults with ``--data-path``, the demo defaults without."""
     table = DEIT_DEFAULTS if args.data_path else DEMO_DEFAULTS
+    args._drop_path_source = "--drop-path" if getattr(args, "drop_path", None) is not None else "recipe default"
     for key, value in table.items():
         if getattr(args, key, None) is None:
             if ckpt_args and key in ("model", "input_size", "crop_pct") and ckpt_args.get(key) is not None:
                 value = ckpt_args[key]
+            if key == "drop_path":
+                own = _model_drop_path(args.model)
+                if own is not None:  # the rate the model's original registry trained it with
+                    value = own
+                    args._drop_path_source = f"{args.model}'s own default"
             setattr(args, key, value)
     if getattr(args, "data_set", "IMNET") not in ("IMNET", "WDS", "HFDS"):
         raise SpachError(

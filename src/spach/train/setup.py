@@ -141,6 +141,7 @@ def build_run(args, dist: DistInfo, device_kind: str, lock: Optional[OutputDirLo
     amp_dtype = configure_runtime(args, dist, device_kind)
     data = build_data(args, dist, eval_only)
     logger.info(f"Creating model: {args.model} ({len(data.class_names)} classes, input {args.input_size})")
+    logger.info(f"drop path rate {args.drop_path:g} ({getattr(args, '_drop_path_source', '--drop-path')})")
     model = build_model(args, len(data.class_names))
     if args.finetune and not args.eval:
         finetune(model, args.finetune)
@@ -448,7 +449,8 @@ def finetune(model, path: str):
     from ..models.pretrained import checkpoint_filter_fn
     sd = checkpoint_filter_fn(read_state_dict(path), model)
     own = model.state_dict()
-    for k in [k for k in sd if k.startswith("head.")]:
+    head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head") + "."  # sMLPNet: mlp_head.0
+    for k in [k for k in sd if k.startswith(head)]:
         if k in own and sd[k].shape != own[k].shape:
             logger.info(f"finetune: re-initialising {k} ({tuple(sd[k].shape)} in {path}, {tuple(own[k].shape)} here)")
             del sd[k]
@@ -457,7 +459,7 @@ def finetune(model, path: str):
         raise CheckpointError(f"--finetune {path} does not fit {type(model).__name__}: mis-shaped {', '.join(mis[:4])}; "
                               f"use the same --model (and --input-size for fixed-size MLP models)")
     result = model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("head.")]
+    missing = [k for k in result.missing_keys if not k.startswith(head)]
     if missing:
         raise CheckpointError(f"--finetune {path} lacks {len(missing)} weights of the model ({', '.join(missing[:4])}): "
                               f"it was trained with another --model")
