@@ -39,7 +39,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 def _unwrap(model: nn.Module) -> nn.Module:
     # features_only models wrap the network in timm's FeatureGetterNet (attribute ``model``)
     inner = getattr(model, "model", None)
-    return inner if isinstance(inner, nn.Module) and hasattr(inner, "stem") else model
+    return inner if isinstance(inner, nn.Module) and hasattr(inner, "forward_features") else model
 
 
 def _describe(keys, n=8):
@@ -67,6 +67,10 @@ def load_pretrained(model: nn.Module, path: str, use_ema: bool = False, strict: 
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected or mis_shaped:
         name = getattr(target, "pretrained_cfg", {}).get("architecture", type(target).__name__)
+        hint = getattr(target, "checkpoint_mismatch_hint", None)
+        hint = hint(state_dict) if callable(hint) else None
+        if hint:  # the family knows what this mismatch means (e.g. ShiftViT's other normalization)
+            raise CheckpointError(f"checkpoint {path} does not fit model {name}: {hint}")
         parts = []
         if missing:
             parts.append(f"missing {len(missing)} keys: {_describe(missing)}")

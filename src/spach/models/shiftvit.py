@@ -1,0 +1,478 @@
+"""ShiftViT (Wang et al., "When Shift Operation Meets Vision Transformer", arXiv 2201.10801).
+
+A Swin-like four-stage network whose attention is replaced by a parameter-free shift: each block moves
+four groups of ``C / n_div`` channels by one pixel (left, right, up, down, zero-filled), leaves the rest in
+place, and adds a pre-norm channel MLP (1x1 convolutions). Stages end in a patch merging (norm, then a 2x2
+stride-2 convolution that doubles the width); a patch-4 convolution with a norm is the stem.
+
+Tensors are NCHW throughout, as in the original. Module and parameter names are the original's (``layers``,
+``blocks``, a block's only norm called ``norm2``, ``downsample.reduction``) so its checkpoints load unchanged.
+
+The shift is the original's math written as one split, four (negative/positive) pads and one concatenation:
+the original builds a zero tensor and copies five slices into it, and its backward pass builds one zero
+tensor of the full input size per slice and sums them.
+"""
+from functools import partial
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .variants import WEIGHTS_URL_PREFIX
+
+__all__ = ["ShiftViT", "ShiftBlock", "shift_channels", "NORM_LAYERS", "ACT_LAYERS", "SHIFTVIT_CONFIGS",
+           "shiftvit_flops", "norm_layer_of_state_dict"]
+
+
+class GroupNorm1(nn.GroupNorm):
+    """GroupNorm with one group: normalises over (C, H, W) per sample, a LayerNorm for NCHW maps."""
+
+    def __init__(self, num_channels: int):
+        super().__init__(1, num_channels)
+
+
+# the original's string options for ``norm_layer`` and ``act_layer``
+NORM_LAYERS = {"GN1": GroupNorm1, "BN": nn.BatchNorm2d}
+ACT_LAYERS = {"GELU": nn.GELU, "RELU": partial(nn.ReLU, inplace=False)}
+
+
+def shift_channels(x: torch.Tensor, n_div: int) -> torch.Tensor:
+    """Shift channel groups ``[0, g)`` left, ``[g, 2g)`` right, ``[2g, 3g)`` up and ``[3g, 4g)`` down by one
+    pixel (``g = C // n_div``), zero-filling the vacated border; the other channels stay. A negative pad crops,
+    so each group's shift is one pad, and its gradient is the opposite pad."""
+    C = x.shape[1]
+    g = C // n_div
+    left, right, up, down, rest = torch.split(x, [g, g, g, g, C - 4 * g], dim=1)
+    return torch.cat([F.pad(left, (-1, 1)), F.pad(right, (1, -1)),
+                      F.pad(up, (0, 0, -1, 1)), F.pad(down, (0, 0, 1, -1)), rest], dim=1)
+
+
+class ShiftMlp(nn.Module):
+    """The channel MLP as two 1x1 convolutions on NCHW maps (the original's ``Mlp``)."""
+
+    def __init__(self, dim: int, hidden: int, act_layer=nn.GELU, drop: float = 0.0):
+        super().__init__()
+        self.hidden_features = hidden
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.act = act_layer()
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        x = self.drop(self.act(self.fc1(x)))
+        return self.drop(self.fc2(x))
+
+
+class ShiftBlock(nn.Module):
+    """Shift, then ``x + drop_path(mlp(norm2(x)))`` on the shifted map (the residual starts after the shift)."""
+
+    def __init__(self, dim: int, n_div: int = 12, mlp_ratio: float = 4.0, drop: float = 0.0,
+                 drop_path: float = 0.0, act_layer=nn.GELU, norm_layer=GroupNorm1):
+        super().__init__()
+        self.dim = dim
+        self.n_div = n_div
+        self.norm2 = norm_layer(dim)
+        self.mlp = ShiftMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x):
+        x = shift_channels(x, self.n_div)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, n_div={self.n_div} (shifts {4 * (self.dim // self.n_div)} channels)"
+
+
+class PatchMerging(nn.Module):
+    """Norm, then a 2x2 stride-2 convolution (no bias) that doubles the width."""
+
+    def __init__(self, dim: int, norm_layer=GroupNorm1):
+        super().__init__()
+        self.norm = norm_layer(dim)
+        self.reduction = nn.Conv2d(dim, 2 * dim, kernel_size=2, stride=2, bias=False)
+
+    def forward(self, x):
+        return self.reduction(self.norm(x))
+
+
+class ShiftStage(nn.Module):
+    """``blocks`` at one resolution, then the stage's ``downsample`` (absent in the last stage)."""
+
+    def __init__(self, dim: int, depth: int, drop_path: Sequence[float], downsample: bool, n_div: int,
+                 mlp_ratio: float, drop: float, act_layer, norm_layer):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.blocks = nn.Sequential(*[
+            ShiftBlock(dim, n_div=n_div, mlp_ratio=mlp_ratio, drop=drop, drop_path=drop_path[i],
+                       act_layer=act_layer, norm_layer=norm_layer) for i in range(depth)])
+        self.downsample = PatchMerging(dim, norm_layer=norm_layer) if downsample else None
+
+    def forward_blocks(self, x):
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for blk in self.blocks:
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            return x
+        return self.blocks(x)
+
+    def forward(self, x):
+        x = self.forward_blocks(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x
+
+
+class PatchEmbed(nn.Module):
+    """Patch-4 convolution, then the norm (``patch_norm``)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, norm_layer=None):
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = norm_layer(embed_dim) if norm_layer is not None else None
+
+    def forward(self, x):
+        x = self.proj(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
+
+
+def _resolve(option, table: Dict[str, type], what: str):
+    if isinstance(option, str):
+        if option not in table:
+            raise ValueError(f"{what}={option!r} is not one of {sorted(table)}")
+        return table[option]
+    return option  # a layer class, as timm passes them
+
+
+class ShiftViT(nn.Module):
+    """Four stages of shift blocks on NCHW maps; ``norm_layer`` ``'GN1'`` (default) or ``'BN'``,
+    ``act_layer`` ``'GELU'`` (default) or ``'RELU'``, as in the original. Any multiple of 32 is a valid
+    input size. Stochastic depth rises linearly from 0 to ``drop_path_rate`` over all blocks."""
+
+    output_fmt = "NCHW"
+
+    def __init__(self, num_classes: int = 1000, img_size=224, in_chans: int = 3, embed_dim: int = 96,
+                 depths=(2, 2, 6, 2), mlp_ratio: float = 4.0, n_div: int = 12, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.1, norm_layer="GN1", act_layer="GELU", patch_size: int = 4,
+                 patch_norm: bool = True, global_pool: str = "avg"):
+        super().__init__()
+        self.norm_layer_name = norm_layer if isinstance(norm_layer, str) else None
+        norm_layer = _resolve(norm_layer, NORM_LAYERS, "norm_layer")
+        act_layer = _resolve(act_layer, ACT_LAYERS, "act_layer")
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+        self.img_size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.embed_dim = embed_dim
+        self.depths = tuple(depths)
+        self.mlp_ratio = mlp_ratio
+        self.n_div = n_div
+        self.patch_size = patch_size
+        num_stages = len(self.depths)
+        self.total_stride = patch_size * 2 ** (num_stages - 1)
+        self.fixed_input_size = False
+        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (num_stages - 1))
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_layer if patch_norm else None)
+        self.pos_drop = nn.Dropout(drop_rate)
+        # the original's rule, to the float: linspace over all blocks (on the CPU: models may be built on "meta")
+        dpr = torch.linspace(0, drop_path_rate, sum(self.depths), device="cpu").tolist()
+        self.layers = nn.ModuleList()
+        self.feature_info = []
+        for i, depth in enumerate(self.depths):
+            dim = int(embed_dim * 2 ** i)
+            start = sum(self.depths[:i])
+            self.layers.append(ShiftStage(dim, depth, dpr[start:start + depth], downsample=i < num_stages - 1,
+                                          n_div=n_div, mlp_ratio=mlp_ratio, drop=drop_rate,
+                                          act_layer=act_layer, norm_layer=norm_layer))
+            self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}"))
+        self.norm = norm_layer(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+
+    # --- input checks -------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def _check_input(self, x):
+        if torch.jit.is_tracing() or _is_fx_tracing():
+            return
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected an image batch of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        H, W = x.shape[2], x.shape[3]
+        s = self.total_stride
+        if H % s or W % s or H == 0 or W == 0:
+            raise ValueError(f"input {H}x{W} is not a multiple of this model's total stride {s}: resize or crop to "
+                             f"a multiple of {s} (e.g. {self.img_size[0]}x{self.img_size[1]})")
+
+    @torch.jit.ignore
+    def checkpoint_mismatch_hint(self, state_dict) -> Optional[str]:
+        """For a file that does not fit: if it is this architecture with the other normalization, say so."""
+        found = norm_layer_of_state_dict(state_dict)
+        built = "BN" if isinstance(self.norm, nn.BatchNorm2d) else "GN1"
+        if found is None or found == built:
+            return None
+        return (f"it holds {_NORM_NAMES[found]} weights and this model was built with norm_layer={built!r}: build "
+                f"it with norm_layer={found!r} (spach.create_model(..., checkpoint_path=FILE) picks it from the file)")
+
+    # --- timm API -------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r"^patch_embed",
+                    blocks=r"^layers\.(\d+)" if coarse else [
+                        (r"^layers\.(\d+)\.blocks\.(\d+)", None), (r"^layers\.(\d+)\.downsample", (0,)),
+                        (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if isinstance(self.head, nn.Linear):
+            _init_weights(self.head)
+
+    def forward_features(self, x):
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+        x = self.pos_drop(self.patch_embed(x))
+        for stage in self.layers:
+            x = stage(x)
+        return self.norm(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def forward_intermediates(self, x, indices: Union[int, List[int], None] = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """Each chosen stage's output before its downsampling (strides 4, 8, 16, 32), NCHW (or NHWC).
+        ``norm`` applies the final norm to the last stage's map."""
+        n = len(self.layers)
+        take = _take_indices(n, indices)
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self._check_input(x)
+        x = self.pos_drop(self.patch_embed(x))
+        intermediates = []
+        for i, stage in enumerate(self.layers):
+            x = stage.forward_blocks(x)
+            if i in take:
+                y = self.norm(x) if (norm and i == n - 1) else x
+                intermediates.append(y if output_fmt == "NCHW" else y.permute(0, 2, 3, 1))
+            if stop_early and i >= max(take):
+                break
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(self, indices=4, prune_norm: bool = False, prune_head: bool = True):
+        take = _take_indices(len(self.layers), indices)
+        last = max(take)
+        self.layers = self.layers[:last + 1]
+        self.layers[last].downsample = None
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+
+def _is_fx_tracing() -> bool:
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+    return is_fx_symbolic_tracing()
+
+
+def _init_weights(m: nn.Module):
+    """The original initialisation: truncated normal (std 0.02) for linear and conv weights, zero biases,
+    unit GroupNorm."""
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.GroupNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def _take_indices(num: int, indices: Union[int, Sequence[int], None]) -> List[int]:
+    """timm semantics: an int n takes the last n; a list takes those (negative from the end)."""
+    if indices is None:
+        return list(range(num))
+    if isinstance(indices, int):
+        if not 0 < indices <= num:
+            raise ValueError(f"indices={indices} out of range: this model has {num} feature levels")
+        return list(range(num - indices, num))
+    take = [i if i >= 0 else num + i for i in indices]
+    for i in take:
+        if not 0 <= i < num:
+            raise ValueError(f"feature index {i} out of range: this model has {num} feature levels")
+    return sorted(take)
+
+
+# --- analytic FLOPs ---------------------------------------------------------------------------------------
+def shiftvit_flops(model: ShiftViT, img_size: Optional[Sequence[int]] = None) -> int:
+    """Multiply-accumulates of one forward pass, counted as for SPACH: convolutions and linears with their
+    biases, one op per element for each norm and each residual add; the shift moves data and costs none."""
+    H, W = img_size if img_size is not None else model.img_size
+    p = model.patch_size
+    h, w = H // p, W // p
+    C = model.embed_dim
+    flops = h * w * C * (p * p * model.in_chans + 1)               # patch conv
+    if model.patch_embed.norm is not None:
+        flops += h * w * C
+    for stage in model.layers:
+        for blk in stage.blocks:
+            hidden = blk.mlp.hidden_features
+            flops += h * w * C                                         # norm2
+            flops += h * w * ((C + 1) * hidden + (hidden + 1) * C)     # fc1, fc2
+            flops += h * w * C                                         # residual
+        if stage.downsample is not None:
+            flops += h * w * C                                         # norm
+            h, w = h // 2, w // 2
+            flops += h * w * 2 * C * C * 4                             # 2x2 conv, no bias
+            C *= 2
+    flops += h * w * C                                                 # final norm
+    head = model.get_classifier()
+    if isinstance(head, nn.Linear):
+        flops += head.in_features * head.out_features
+    return int(flops)
+
+
+_NORM_NAMES = {"BN": "BatchNorm (running statistics)", "GN1": "GroupNorm (no running statistics)"}
+
+
+def norm_layer_of_state_dict(state_dict) -> Optional[str]:
+    """``'BN'`` if the weights carry BatchNorm running statistics, ``'GN1'`` if they have norms without them
+    (GroupNorm keeps none), None if there is no norm to tell by."""
+    keys = [k for k in state_dict if k.endswith("patch_embed.norm.weight") or k.endswith(".norm2.weight")]
+    if not keys:
+        return None
+    stats = any(k.endswith("running_mean") for k in state_dict)
+    return "BN" if stats else "GN1"
+
+
+# --- the registry's configurations ------------------------------------------------------------------------
+# name -> architecture (the original registry's drop_path_rate included: it is what trained the published
+# models) + published ImageNet-1k top-1, paper name and release file where there is one.
+SHIFTVIT_CONFIGS: Dict[str, dict] = {
+    "shiftvit_light_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), mlp_ratio=4, n_div=12, drop_path_rate=0.2,
+                                paper_name="Shift-T / light", top1=79.4, weights="shiftvit_tiny_light.pth"),
+    "shiftvit_r4_tiny": dict(embed_dim=96, depths=(2, 2, 12, 3), mlp_ratio=4, n_div=12, drop_path_rate=0.2),
+    "shiftvit_r2_tiny": dict(embed_dim=96, depths=(6, 8, 18, 6), mlp_ratio=2, n_div=12, drop_path_rate=0.2,
+                             paper_name="Shift-T", top1=81.7, weights="shiftvit_tiny_r2.pth"),
+    "shiftvit_light_small": dict(embed_dim=96, depths=(2, 2, 18, 2), mlp_ratio=4, n_div=12, drop_path_rate=0.4,
+                                 paper_name="Shift-S / light", top1=81.6, weights="shiftvit_small_light.pth"),
+    "shiftvit_r4_small": dict(embed_dim=96, depths=(2, 6, 24, 4), mlp_ratio=4, n_div=12, drop_path_rate=0.4),
+    "shiftvit_r2_small": dict(embed_dim=96, depths=(10, 18, 36, 10), mlp_ratio=2, n_div=12, drop_path_rate=0.4,
+                              paper_name="Shift-S", top1=82.8, weights="shiftvit_small_r2.pth"),
+    "shiftvit_light_base": dict(embed_dim=128, depths=(2, 2, 18, 2), mlp_ratio=4, n_div=16, drop_path_rate=0.5),
+    "shiftvit_r4_base": dict(embed_dim=128, depths=(4, 6, 22, 4), mlp_ratio=4, n_div=16, drop_path_rate=0.5),
+    "shiftvit_r2_base": dict(embed_dim=128, depths=(10, 18, 36, 10), mlp_ratio=2, n_div=16, drop_path_rate=0.6),
+}
+
+
+_META_KEYS = ("paper_name", "top1", "weights")
+
+
+def _cfg(name: str) -> dict:
+    meta = SHIFTVIT_CONFIGS[name]
+    file = meta.get("weights")
+    return dict(
+        url=WEIGHTS_URL_PREFIX + file if file else "",
+        description=meta.get("paper_name") or f"{name}: no released weights (train it with spach train)",
+        num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic",
+        fixed_input_size=False, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        first_conv="patch_embed.proj", classifier="head", license="mit",
+        paper_ids="arXiv:2201.10801", paper_name="When Shift Operation Meets Vision Transformer: An Extremely "
+        "Simple Alternative to Attention Mechanism", origin_url="https://github.com/microsoft/SPACH",
+    )
+
+
+default_cfgs = generate_default_cfgs({name: _cfg(name) for name in SHIFTVIT_CONFIGS})
+
+
+def _create_shiftvit(variant: str, pretrained: bool = False, **kwargs) -> ShiftViT:
+    arch = {k: v for k, v in SHIFTVIT_CONFIGS[variant].items() if k not in _META_KEYS}
+    arch.update(kwargs)  # num_classes, drop_path_rate, img_size ... (the original registry dropped them all)
+    model = build_model_with_cfg(ShiftViT, variant, pretrained=False,
+                                 feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **arch)
+    if pretrained:
+        from .pretrained import load_pretrained_release
+        load_pretrained_release(model, variant)
+    return model
+
+
+@register_model
+def shiftvit_light_tiny(pretrained=False, **kwargs):
+    return _create_shiftvit("shiftvit_light_tiny", pretrained, **kwargs)
+
+
+@register_model
+def shiftvit_r4_tiny(pretrained=False, **kwargs):
+    return _create_shiftvit("shiftvit_r4_tiny", pretrained, **kwargs)
+
+
+@register_model
+def shiftvit_r2_tiny(pretrained=False, **kwargs):
+    return _create_shiftvit("shiftvit_r2_tiny", pretrained, **kwargs)
+
+
+@register_model
+def shiftvit_light_small(pretrained=False, **kwargs):
+    return _create_shiftvit("shiftvit_light_small", pretrained, **kwargs)
+
+
+@register_model
+def shiftvit_r4_small(pretrained=False, **kwargs):
+    return _create_shiftvit("shiftvit_r4_small", pretrained, **kwargs)
+
+
+@register_model
+def shiftvit_r2_small(pretrained=False, **kwargs):
+    return _create_shiftvit("shiftvit_r2_small", pretrained, **kwargs)
+
+
+@register_model
+def shiftvit_light_base(pretrained=False, **kwargs):
+    return _create_shiftvit("shiftvit_light_base", pretrained, **kwargs)
+
+
+@register_model
+def shiftvit_r4_base(pretrained=False, **kwargs):
+    return _create_shiftvit("shiftvit_r4_base", pretrained, **kwargs)
+
+
+@register_model
+def shiftvit_r2_base(pretrained=False, **kwargs):
+    return _create_shiftvit("shiftvit_r2_base", pretrained, **kwargs)
