@@ -251,8 +251,7 @@ def test_features_only_gives_four_nchw_maps_at_strides_4_to_32(files):
 
 
 def test_grad_checkpointing_same_output_and_gradients():
-    torch.manual_seed(0)
-    model = spach.create_model(TINY, num_classes=5)
+    model = spach.create_model(TINY, num_classes=5, drop_path_rate=0.0)  # no random masks between the runs
     model.load_state_dict(seeded_state_dict(model, 3))
     x = torch.randn(2, 3, 64, 64)
     model(x).square().sum().backward()

@@ -5,7 +5,7 @@ four groups of ``C / n_div`` channels by one pixel (left, right, up, down, zero-
 place, and adds a pre-norm channel MLP (1x1 convolutions). Stages end in a patch merging (norm, then a 2x2
 stride-2 convolution that doubles the width); a patch-4 convolution with a norm is the stem.
 
-Tensors are NCHW throughout, as in the original. Module and parameter names are the original's (``layers``,
+Tensors are NCHW throughout, as in the original (stored channels-last: see ``forward_stem``). Module and parameter names are the original's (``layers``,
 ``blocks``, a block's only norm called ``norm2``, ``downsample.reduction``) so its checkpoints load unchanged.
 
 The shift is the original's math written as one split, four (negative/positive) pads and one concatenation:
@@ -42,13 +42,61 @@ ACT_LAYERS = {"GELU": nn.GELU, "RELU": partial(nn.ReLU, inplace=False)}
 
 def shift_channels(x: torch.Tensor, n_div: int) -> torch.Tensor:
     """Shift channel groups ``[0, g)`` left, ``[g, 2g)`` right, ``[2g, 3g)`` up and ``[3g, 4g)`` down by one
-    pixel (``g = C // n_div``), zero-filling the vacated border; the other channels stay. A negative pad crops,
-    so each group's shift is one pad, and its gradient is the opposite pad."""
+    pixel (``g = C // n_div``), zero-filling the vacated border; the other channels stay.
+
+    Eager, the result is written into one uninitialised tensor (the original zero-filled a whole tensor first)
+    and, when gradients are needed, the backward pass is the opposite shift written the same way (autograd of
+    the original's slice copies builds and sums one zero tensor of the full input size per slice). Graph
+    capture (TorchScript, fx, ONNX / torch.export, torch.compile) gets the same math as pure functions."""
+    if not torch.jit.is_scripting() and not _capturing():
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _Shift.apply(x, n_div)
+        return _shift_into(torch.empty_like(x), x, x.shape[1] // n_div, True)
+    return _shift_functional(x, n_div)
+
+
+def _shift_functional(x: torch.Tensor, n_div: int) -> torch.Tensor:
+    # a negative pad crops: each group's shift is one pad
     C = x.shape[1]
     g = C // n_div
     left, right, up, down, rest = torch.split(x, [g, g, g, g, C - 4 * g], dim=1)
     return torch.cat([F.pad(left, (-1, 1)), F.pad(right, (1, -1)),
                       F.pad(up, (0, 0, -1, 1)), F.pad(down, (0, 0, 1, -1)), rest], dim=1)
+
+
+def _shift_into(out: torch.Tensor, x: torch.Tensor, g: int, forward: bool) -> torch.Tensor:
+    """``out`` = the shift of ``x`` (``forward``) or its adjoint, the opposite shift (the gradient)."""
+    a, b = (slice(None, -1), slice(1, None)) if forward else (slice(1, None), slice(None, -1))
+    first, last = (-1, 0) if forward else (0, -1)
+    out[:, 4 * g:] = x[:, 4 * g:]
+    out[:, :g, :, a] = x[:, :g, :, b]                          # left
+    out[:, :g, :, first] = 0
+    out[:, g:2 * g, :, b] = x[:, g:2 * g, :, a]                # right
+    out[:, g:2 * g, :, last] = 0
+    out[:, 2 * g:3 * g, a] = x[:, 2 * g:3 * g, b]              # up
+    out[:, 2 * g:3 * g, first] = 0
+    out[:, 3 * g:4 * g, b] = x[:, 3 * g:4 * g, a]              # down
+    out[:, 3 * g:4 * g, last] = 0
+    return out
+
+
+class _Shift(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, n_div: int):
+        ctx.g = x.shape[1] // n_div
+        return _shift_into(torch.empty_like(x), x, ctx.g, True)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return _shift_into(torch.empty_like(grad), grad, ctx.g, False), None
+
+
+def _capturing() -> bool:
+    """Tracing or exporting a graph: fx, torch.jit.trace, torch.export / ONNX, torch.compile."""
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+    return (is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting())
 
 
 class ShiftMlp(nn.Module):
@@ -202,7 +250,7 @@ class ShiftViT(nn.Module):
     # --- input checks -------------------------------------------------------------------------------
     @torch.jit.ignore
     def _check_input(self, x):
-        if torch.jit.is_tracing() or _is_fx_tracing():
+        if _capturing():
             return
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected an image batch of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
@@ -253,10 +301,16 @@ class ShiftViT(nn.Module):
         if isinstance(self.head, nn.Linear):
             _init_weights(self.head)
 
-    def forward_features(self, x):
+    def forward_stem(self, x):
         if not torch.jit.is_scripting():
             self._check_input(x)
-        x = self.pos_drop(self.patch_embed(x))
+        # Channels-last maps: the 1x1-convolution MLPs then run as plain matrix products (NCHW makes oneDNN
+        # reorder every activation into and out of its blocked layout), and GroupNorm and the shift keep the
+        # layout. Values are the NCHW ones; only the memory order differs (benchmarks/RESULTS.md).
+        return self.pos_drop(self.patch_embed(x.contiguous(memory_format=torch.channels_last)))
+
+    def forward_features(self, x):
+        x = self.forward_stem(x)
         for stage in self.layers:
             x = stage(x)
         return self.norm(x)
@@ -279,14 +333,13 @@ class ShiftViT(nn.Module):
         take = _take_indices(n, indices)
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        self._check_input(x)
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.forward_stem(x)
         intermediates = []
         for i, stage in enumerate(self.layers):
             x = stage.forward_blocks(x)
             if i in take:
                 y = self.norm(x) if (norm and i == n - 1) else x
-                intermediates.append(y if output_fmt == "NCHW" else y.permute(0, 2, 3, 1))
+                intermediates.append(y.contiguous() if output_fmt == "NCHW" else y.permute(0, 2, 3, 1))
             if stop_early and i >= max(take):
                 break
             if stage.downsample is not None:
@@ -306,11 +359,6 @@ class ShiftViT(nn.Module):
         if prune_head:
             self.reset_classifier(0, "")
         return take
-
-
-def _is_fx_tracing() -> bool:
-    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
-    return is_fx_symbolic_tracing()
 
 
 def _init_weights(m: nn.Module):
