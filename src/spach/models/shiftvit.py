@@ -48,11 +48,16 @@ def shift_channels(x: torch.Tensor, n_div: int) -> torch.Tensor:
     and, when gradients are needed, the backward pass is the opposite shift written the same way (autograd of
     the original's slice copies builds and sums one zero tensor of the full input size per slice). Graph
     capture (TorchScript, fx, ONNX / torch.export, torch.compile) gets the same math as pure functions."""
-    if not torch.jit.is_scripting() and not _capturing():
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _Shift.apply(x, n_div)
-        return _shift_into(torch.empty_like(x), x, x.shape[1] // n_div, True)
-    return _shift_functional(x, n_div)
+    if torch.jit.is_scripting() or _capturing():
+        return _shift_functional(x, n_div)
+    return _shift_eager(x, n_div)
+
+
+@torch.jit.unused
+def _shift_eager(x: torch.Tensor, n_div: int) -> torch.Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Shift.apply(x, n_div)
+    return _shift_into(torch.empty_like(x), x, x.shape[1] // n_div, True)
 
 
 def _shift_functional(x: torch.Tensor, n_div: int) -> torch.Tensor:
@@ -80,6 +85,21 @@ def _shift_into(out: torch.Tensor, x: torch.Tensor, g: int, forward: bool) -> to
     return out
 
 
+def _add_shift(x: torch.Tensor, y: torch.Tensor, g: int) -> torch.Tensor:
+    """``shift(x + y)`` in one pass: each group's sum is written straight to its shifted place."""
+    out = torch.empty_like(x)
+    torch.add(x[:, 4 * g:], y[:, 4 * g:], out=out[:, 4 * g:])
+    torch.add(x[:, :g, :, 1:], y[:, :g, :, 1:], out=out[:, :g, :, :-1])                        # left
+    out[:, :g, :, -1] = 0
+    torch.add(x[:, g:2 * g, :, :-1], y[:, g:2 * g, :, :-1], out=out[:, g:2 * g, :, 1:])         # right
+    out[:, g:2 * g, :, 0] = 0
+    torch.add(x[:, 2 * g:3 * g, 1:], y[:, 2 * g:3 * g, 1:], out=out[:, 2 * g:3 * g, :-1])       # up
+    out[:, 2 * g:3 * g, -1] = 0
+    torch.add(x[:, 3 * g:4 * g, :-1], y[:, 3 * g:4 * g, :-1], out=out[:, 3 * g:4 * g, 1:])      # down
+    out[:, 3 * g:4 * g, 0] = 0
+    return out
+
+
 class _Shift(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, n_div: int):
@@ -92,6 +112,7 @@ class _Shift(torch.autograd.Function):
         return _shift_into(torch.empty_like(grad), grad, ctx.g, False), None
 
 
+@torch.jit.unused
 def _capturing() -> bool:
     """Tracing or exporting a graph: fx, torch.jit.trace, torch.export / ONNX, torch.compile."""
     from torch.fx._symbolic_trace import is_fx_symbolic_tracing
@@ -164,7 +185,25 @@ class ShiftStage(nn.Module):
             for blk in self.blocks:
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             return x
+        if not torch.jit.is_scripting() and not torch.is_grad_enabled() and not _capturing():
+            return self._forward_blocks_fused(x)
         return self.blocks(x)
+
+    @torch.jit.ignore
+    def _forward_blocks_fused(self, x):
+        """Without autograd: each residual add is fused with the next block's shift (one pass instead of two
+        over the map); the same sums land in the same places."""
+        blocks = list(self.blocks)
+        if not blocks:
+            return x
+        x = shift_channels(x, blocks[0].n_div)
+        for i, blk in enumerate(blocks):
+            y = blk.drop_path(blk.mlp(blk.norm2(x)))
+            if i + 1 < len(blocks):
+                x = _add_shift(x, y, x.shape[1] // blocks[i + 1].n_div)
+            else:
+                x = x + y
+        return x
 
     def forward(self, x):
         x = self.forward_blocks(x)
