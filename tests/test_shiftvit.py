@@ -263,14 +263,26 @@ def test_grad_checkpointing_same_output_and_gradients():
         torch.testing.assert_close(p.grad, ref[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
+def fx_graph(model):
+    """The model as an fx graph, traced as timm's feature extraction and generic tests do."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor
+    return create_feature_extractor(model, return_nodes=["head"], tracer_kwargs=dict(
+        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions()))
+
+
 def test_fx_trace_and_torchscript_match_eager():
+    from spach.models.base import check_image_batch
     model = seeded_model(TINY, 8, num_classes=10)
     x = torch.randn(2, 3, 64, 64)
+    graph = fx_graph(model)
+    assert any(n.target is check_image_batch for n in graph.graph.nodes)  # the input check runs with the graph
     with torch.no_grad():
         expected = model(x)
-        traced = torch.fx.symbolic_trace(model)
-        torch.testing.assert_close(traced(x), expected)
+        torch.testing.assert_close(graph(x)["head"], expected)
         torch.testing.assert_close(torch.jit.script(model)(x), expected)
+        with pytest.raises(ValueError, match="not a multiple of this model's total stride 32"):
+            graph(torch.randn(1, 3, 72, 64))
 
 
 # --- FLOPs ------------------------------------------------------------------------------------------------------
@@ -404,7 +416,7 @@ def test_inference_autograd_and_captured_paths_give_the_same_values():
     x = torch.randn(2, 3, 96, 64)
     with torch.no_grad():
         fused = model(x)
-        captured = torch.fx.symbolic_trace(model)(x)
+        captured = fx_graph(model)(x)["head"]
     for p in model.parameters():
         p.requires_grad_(True)
     with_grad = model(x)

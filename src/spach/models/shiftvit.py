@@ -13,19 +13,18 @@ the original builds a zero tensor and copies five slices into it, and its backwa
 tensor of the full input size per slice and sums them.
 """
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from .variants import WEIGHTS_URL_PREFIX
+from .base import WEIGHTS_URL_PREFIX, BaseNet, build_model, model_cfg, register_configs
 
 __all__ = ["ShiftViT", "ShiftBlock", "shift_channels", "NORM_LAYERS", "ACT_LAYERS", "SHIFTVIT_CONFIGS",
-           "shiftvit_flops", "norm_layer_of_state_dict"]
+           "norm_layer_of_state_dict", "checkpoint_model_kwargs"]
 
 
 class GroupNorm1(nn.GroupNorm):
@@ -155,6 +154,12 @@ class ShiftBlock(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, n_div={self.n_div} (shifts {4 * (self.dim // self.n_div)} channels)"
 
+    def flops(self, H: int, W: int):
+        """norm2 and the residual add one op per element, the two 1x1 convolutions with their biases; the shift
+        moves data and costs none."""
+        C, hidden = self.dim, self.mlp.hidden_features
+        return H * W * ((C + 1) * hidden + (hidden + 1) * C + 2 * C), H, W
+
 
 class PatchMerging(nn.Module):
     """Norm, then a 2x2 stride-2 convolution (no bias) that doubles the width."""
@@ -166,6 +171,11 @@ class PatchMerging(nn.Module):
 
     def forward(self, x):
         return self.reduction(self.norm(x))
+
+    def flops(self, H: int, W: int):
+        C = self.reduction.in_channels
+        h, w = H // 2, W // 2
+        return H * W * C + h * w * 2 * C * C * 4, h, w          # norm, 2x2 conv without bias
 
 
 class ShiftStage(nn.Module):
@@ -229,6 +239,27 @@ class PatchEmbed(nn.Module):
             x = self.norm(x)
         return x
 
+    def flops(self, H: int, W: int):
+        p = self.patch_size
+        h, w = H // p, W // p
+        flops = h * w * self.embed_dim * (p * p * self.in_chans + 1)
+        return flops + (h * w * self.embed_dim if self.norm is not None else 0), h, w
+
+
+class _FeatureLevel(nn.Module):
+    """One feature level: the previous stage's downsampling (which the original layout keeps at the end of that
+    stage), then this stage's blocks; its output is the stage's map before its own downsampling."""
+
+    def __init__(self, downsample: Optional[nn.Module], stage: ShiftStage):
+        super().__init__()
+        self.downsample = downsample
+        self.stage = stage
+
+    def forward(self, x):
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return self.stage.forward_blocks(x)
+
 
 def _resolve(option, table: Dict[str, type], what: str):
     if isinstance(option, str):
@@ -238,36 +269,29 @@ def _resolve(option, table: Dict[str, type], what: str):
     return option  # a layer class, as timm passes them
 
 
-class ShiftViT(nn.Module):
+class ShiftViT(BaseNet):
     """Four stages of shift blocks on NCHW maps; ``norm_layer`` ``'GN1'`` (default) or ``'BN'``,
     ``act_layer`` ``'GELU'`` (default) or ``'RELU'``, as in the original. Any multiple of 32 is a valid
-    input size. Stochastic depth rises linearly from 0 to ``drop_path_rate`` over all blocks."""
+    input size. Stochastic depth rises linearly from 0 to ``drop_path_rate`` over all blocks. Feature levels are
+    the four stage outputs before their downsampling (strides 4, 8, 16, 32)."""
 
     output_fmt = "NCHW"
+    final_norm_name = "norm"
 
     def __init__(self, num_classes: int = 1000, img_size=224, in_chans: int = 3, embed_dim: int = 96,
                  depths=(2, 2, 6, 2), mlp_ratio: float = 4.0, n_div: int = 12, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, norm_layer="GN1", act_layer="GELU", patch_size: int = 4,
                  patch_norm: bool = True, global_pool: str = "avg"):
         super().__init__()
-        self.norm_layer_name = norm_layer if isinstance(norm_layer, str) else None
         norm_layer = _resolve(norm_layer, NORM_LAYERS, "norm_layer")
         act_layer = _resolve(act_layer, ACT_LAYERS, "act_layer")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
-        self.img_size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
-        self.in_chans = in_chans
-        self.num_classes = num_classes
-        self.global_pool = global_pool
         self.embed_dim = embed_dim
         self.depths = tuple(depths)
         self.mlp_ratio = mlp_ratio
         self.n_div = n_div
         self.patch_size = patch_size
         num_stages = len(self.depths)
-        self.total_stride = patch_size * 2 ** (num_stages - 1)
-        self.fixed_input_size = False
-        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (num_stages - 1))
+        self.set_input_contract(img_size, in_chans, patch_size * 2 ** (num_stages - 1), fixed_input_size=False)
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_layer if patch_norm else None)
         self.pos_drop = nn.Dropout(drop_rate)
@@ -282,22 +306,10 @@ class ShiftViT(nn.Module):
                                           n_div=n_div, mlp_ratio=mlp_ratio, drop=drop_rate,
                                           act_layer=act_layer, norm_layer=norm_layer))
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}"))
-        self.norm = norm_layer(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        num_features = int(embed_dim * 2 ** (num_stages - 1))
+        self.norm = norm_layer(num_features)
+        self.init_head(num_features, num_classes, global_pool)
         self.apply(_init_weights)
-
-    # --- input checks -------------------------------------------------------------------------------
-    @torch.jit.ignore
-    def _check_input(self, x):
-        if _capturing():
-            return
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected an image batch of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
-        H, W = x.shape[2], x.shape[3]
-        s = self.total_stride
-        if H % s or W % s or H == 0 or W == 0:
-            raise ValueError(f"input {H}x{W} is not a multiple of this model's total stride {s}: resize or crop to "
-                             f"a multiple of {s} (e.g. {self.img_size[0]}x{self.img_size[1]})")
 
     @torch.jit.ignore
     def checkpoint_mismatch_hint(self, state_dict) -> Optional[str]:
@@ -309,11 +321,6 @@ class ShiftViT(nn.Module):
         return (f"it holds {_NORM_NAMES[found]} weights and this model was built with norm_layer={built!r}: build "
                 f"it with norm_layer={found!r} (spach.create_model(..., checkpoint_path=FILE) picks it from the file)")
 
-    # --- timm API -------------------------------------------------------------------------------------
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return set()
-
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r"^patch_embed",
@@ -323,26 +330,25 @@ class ShiftViT(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
         for stage in self.layers:
             stage.grad_checkpointing = enable
 
     @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
+    def run_level(self, level: nn.Module, x):
+        return level(x)  # a level recomputes its own blocks under gradient checkpointing
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            _init_weights(self.head)
+    @torch.jit.ignore
+    def feature_levels(self) -> List[nn.Module]:
+        stages = list(self.layers)
+        return [_FeatureLevel(stages[i - 1].downsample if i > 0 else None, stage) for i, stage in enumerate(stages)]
+
+    def keep_levels(self, count: int):
+        self.layers = self.layers[:count]
+        self.layers[count - 1].downsample = None
 
     def forward_stem(self, x):
-        if not torch.jit.is_scripting():
-            self._check_input(x)
+        x = self.check_input(x)
         # Channels-last maps: the 1x1-convolution MLPs then run as plain matrix products (NCHW makes oneDNN
         # reorder every activation into and out of its blocked layout), and GroupNorm and the shift keep the
         # layout. Values are the NCHW ones; only the memory order differs (benchmarks/RESULTS.md).
@@ -354,50 +360,12 @@ class ShiftViT(nn.Module):
             x = stage(x)
         return self.norm(x)
 
-    def forward_head(self, x, pre_logits: bool = False):
-        if self.global_pool == "avg":
-            x = x.mean(dim=(2, 3))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
     @torch.jit.ignore
-    def forward_intermediates(self, x, indices: Union[int, List[int], None] = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False):
-        """Each chosen stage's output before its downsampling (strides 4, 8, 16, 32), NCHW (or NHWC).
-        ``norm`` applies the final norm to the last stage's map."""
-        n = len(self.layers)
-        take = _take_indices(n, indices)
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        x = self.forward_stem(x)
-        intermediates = []
-        for i, stage in enumerate(self.layers):
-            x = stage.forward_blocks(x)
-            if i in take:
-                y = self.norm(x) if (norm and i == n - 1) else x
-                intermediates.append(y.contiguous() if output_fmt == "NCHW" else y.permute(0, 2, 3, 1))
-            if stop_early and i >= max(take):
-                break
-            if stage.downsample is not None:
-                x = stage.downsample(x)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    @torch.jit.ignore
-    def prune_intermediate_layers(self, indices=4, prune_norm: bool = False, prune_head: bool = True):
-        take = _take_indices(len(self.layers), indices)
-        last = max(take)
-        self.layers = self.layers[:last + 1]
-        self.layers[last].downsample = None
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
+    def flops_sequence(self) -> List[nn.Module]:
+        body = []
+        for stage in self.layers:
+            body += list(stage.blocks) + ([stage.downsample] if stage.downsample is not None else [])
+        return [self.patch_embed, *body, self.norm, self.head]
 
 
 def _init_weights(m: nn.Module):
@@ -410,50 +378,6 @@ def _init_weights(m: nn.Module):
     elif isinstance(m, nn.GroupNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
-
-
-def _take_indices(num: int, indices: Union[int, Sequence[int], None]) -> List[int]:
-    """timm semantics: an int n takes the last n; a list takes those (negative from the end)."""
-    if indices is None:
-        return list(range(num))
-    if isinstance(indices, int):
-        if not 0 < indices <= num:
-            raise ValueError(f"indices={indices} out of range: this model has {num} feature levels")
-        return list(range(num - indices, num))
-    take = [i if i >= 0 else num + i for i in indices]
-    for i in take:
-        if not 0 <= i < num:
-            raise ValueError(f"feature index {i} out of range: this model has {num} feature levels")
-    return sorted(take)
-
-
-# --- analytic FLOPs ---------------------------------------------------------------------------------------
-def shiftvit_flops(model: ShiftViT, img_size: Optional[Sequence[int]] = None) -> int:
-    """Multiply-accumulates of one forward pass, counted as for SPACH: convolutions and linears with their
-    biases, one op per element for each norm and each residual add; the shift moves data and costs none."""
-    H, W = img_size if img_size is not None else model.img_size
-    p = model.patch_size
-    h, w = H // p, W // p
-    C = model.embed_dim
-    flops = h * w * C * (p * p * model.in_chans + 1)               # patch conv
-    if model.patch_embed.norm is not None:
-        flops += h * w * C
-    for stage in model.layers:
-        for blk in stage.blocks:
-            hidden = blk.mlp.hidden_features
-            flops += h * w * C                                         # norm2
-            flops += h * w * ((C + 1) * hidden + (hidden + 1) * C)     # fc1, fc2
-            flops += h * w * C                                         # residual
-        if stage.downsample is not None:
-            flops += h * w * C                                         # norm
-            h, w = h // 2, w // 2
-            flops += h * w * 2 * C * C * 4                             # 2x2 conv, no bias
-            C *= 2
-    flops += h * w * C                                                 # final norm
-    head = model.get_classifier()
-    if isinstance(head, nn.Linear):
-        flops += head.in_features * head.out_features
-    return int(flops)
 
 
 _NORM_NAMES = {"BN": "BatchNorm (running statistics)", "GN1": "GroupNorm (no running statistics)"}
@@ -472,7 +396,7 @@ def norm_layer_of_state_dict(state_dict) -> Optional[str]:
 # --- the registry's configurations ------------------------------------------------------------------------
 # name -> architecture (the original registry's drop_path_rate included: it is what trained the published
 # models) + published ImageNet-1k top-1, paper name and release file where there is one.
-SHIFTVIT_CONFIGS: Dict[str, dict] = {
+SHIFTVIT_CONFIGS: Dict[str, dict] = register_configs({
     "shiftvit_light_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), mlp_ratio=4, n_div=12, drop_path_rate=0.2,
                                 paper_name="Shift-T / light", top1=79.4, weights="shiftvit_tiny_light.pth"),
     "shiftvit_r4_tiny": dict(embed_dim=96, depths=(2, 2, 12, 3), mlp_ratio=4, n_div=12, drop_path_rate=0.2),
@@ -486,80 +410,74 @@ SHIFTVIT_CONFIGS: Dict[str, dict] = {
     "shiftvit_light_base": dict(embed_dim=128, depths=(2, 2, 18, 2), mlp_ratio=4, n_div=16, drop_path_rate=0.5),
     "shiftvit_r4_base": dict(embed_dim=128, depths=(4, 6, 22, 4), mlp_ratio=4, n_div=16, drop_path_rate=0.5),
     "shiftvit_r2_base": dict(embed_dim=128, depths=(10, 18, 36, 10), mlp_ratio=2, n_div=16, drop_path_rate=0.6),
-}
+})
 
 
-_META_KEYS = ("paper_name", "top1", "weights")
+def checkpoint_model_kwargs(state_dict) -> dict:
+    """The architecture arguments a weights file fixes by itself: its normalization (the releases do not say
+    which one they used; BatchNorm files carry running statistics)."""
+    found = norm_layer_of_state_dict(state_dict)
+    return {"norm_layer": found} if found else {}
 
 
 def _cfg(name: str) -> dict:
-    meta = SHIFTVIT_CONFIGS[name]
-    file = meta.get("weights")
-    return dict(
-        url=WEIGHTS_URL_PREFIX + file if file else "",
-        description=meta.get("paper_name") or f"{name}: no released weights (train it with spach train)",
-        num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic",
-        fixed_input_size=False, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        first_conv="patch_embed.proj", classifier="head", license="mit",
+    row = SHIFTVIT_CONFIGS[name]
+    return model_cfg(
+        url=WEIGHTS_URL_PREFIX + row["weights"] if row.get("weights") else "", pool_size=(7, 7),
+        first_conv="patch_embed.proj",
+        description=row.get("paper_name") or f"{name}: no released weights (train it with spach train)",
         paper_ids="arXiv:2201.10801", paper_name="When Shift Operation Meets Vision Transformer: An Extremely "
-        "Simple Alternative to Attention Mechanism", origin_url="https://github.com/microsoft/SPACH",
-    )
+        "Simple Alternative to Attention Mechanism", origin_url="https://github.com/microsoft/SPACH")
 
 
 default_cfgs = generate_default_cfgs({name: _cfg(name) for name in SHIFTVIT_CONFIGS})
 
 
-def _create_shiftvit(variant: str, pretrained: bool = False, **kwargs) -> ShiftViT:
-    arch = {k: v for k, v in SHIFTVIT_CONFIGS[variant].items() if k not in _META_KEYS}
-    arch.update(kwargs)  # num_classes, drop_path_rate, img_size ... (the original registry dropped them all)
-    model = build_model_with_cfg(ShiftViT, variant, pretrained=False,
-                                 feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **arch)
-    if pretrained:
-        from .pretrained import load_pretrained_release
-        load_pretrained_release(model, variant)
-    return model
+def _create(variant: str, pretrained: bool = False, **kwargs) -> ShiftViT:
+    # num_classes, drop_path_rate, img_size ... are honoured (the original registry dropped them all)
+    return build_model(ShiftViT, variant, pretrained, **kwargs)
 
 
 @register_model
 def shiftvit_light_tiny(pretrained=False, **kwargs):
-    return _create_shiftvit("shiftvit_light_tiny", pretrained, **kwargs)
+    return _create("shiftvit_light_tiny", pretrained, **kwargs)
 
 
 @register_model
 def shiftvit_r4_tiny(pretrained=False, **kwargs):
-    return _create_shiftvit("shiftvit_r4_tiny", pretrained, **kwargs)
+    return _create("shiftvit_r4_tiny", pretrained, **kwargs)
 
 
 @register_model
 def shiftvit_r2_tiny(pretrained=False, **kwargs):
-    return _create_shiftvit("shiftvit_r2_tiny", pretrained, **kwargs)
+    return _create("shiftvit_r2_tiny", pretrained, **kwargs)
 
 
 @register_model
 def shiftvit_light_small(pretrained=False, **kwargs):
-    return _create_shiftvit("shiftvit_light_small", pretrained, **kwargs)
+    return _create("shiftvit_light_small", pretrained, **kwargs)
 
 
 @register_model
 def shiftvit_r4_small(pretrained=False, **kwargs):
-    return _create_shiftvit("shiftvit_r4_small", pretrained, **kwargs)
+    return _create("shiftvit_r4_small", pretrained, **kwargs)
 
 
 @register_model
 def shiftvit_r2_small(pretrained=False, **kwargs):
-    return _create_shiftvit("shiftvit_r2_small", pretrained, **kwargs)
+    return _create("shiftvit_r2_small", pretrained, **kwargs)
 
 
 @register_model
 def shiftvit_light_base(pretrained=False, **kwargs):
-    return _create_shiftvit("shiftvit_light_base", pretrained, **kwargs)
+    return _create("shiftvit_light_base", pretrained, **kwargs)
 
 
 @register_model
 def shiftvit_r4_base(pretrained=False, **kwargs):
-    return _create_shiftvit("shiftvit_r4_base", pretrained, **kwargs)
+    return _create("shiftvit_r4_base", pretrained, **kwargs)
 
 
 @register_model
 def shiftvit_r2_base(pretrained=False, **kwargs):
-    return _create_shiftvit("shiftvit_r2_base", pretrained, **kwargs)
+    return _create("shiftvit_r2_base", pretrained, **kwargs)
