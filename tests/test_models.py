@@ -50,7 +50,7 @@ def test_registry_has_the_original_twenty_plus_s_plus():
     assert "spach_ms_s_patch4_224_hybrid_plus" in ALL
     for name in ALL:
         assert name in timm.list_models("spach_*"), name
-    assert spach.list_models() == ALL
+    assert spach.list_models()[:21] == ALL  # SPACH first, then the other families
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if not n.endswith("_plus")])

@@ -187,6 +187,16 @@ def test_wrong_normalization_stops_in_one_line_and_loads_nothing(files, norm, ot
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())  # never half loaded
 
 
+def test_eval_predict_and_export_build_the_files_normalization(files):
+    from spach.inference import build_model
+    ref, path = files["BN"]
+    model, info = build_model(TINY, str(path))  # what spach eval / predict / export call
+    assert isinstance(model.norm, nn.BatchNorm2d) and not model.training
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=0, rtol=0)
+
+
 def test_checkpoint_of_another_model_is_refused_with_the_keys(files, tmp_path):
     _, path = files["GN1"]
     with pytest.raises(CheckpointError) as e:

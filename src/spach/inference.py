@@ -166,16 +166,13 @@ def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img
         kwargs["img_size"] = size
     if n is not None:
         kwargs["num_classes"] = n
-    try:
-        model = create_model(model_name, **kwargs)
+    try:  # the checkpoint loads (strictly) inside create_model, which also builds any variant the file fixes
+        model = create_model(model_name, checkpoint_path=checkpoint or None, use_ema=use_ema, **kwargs)
     except SpachError:
         raise
     except (ValueError, TypeError) as e:  # e.g. an image size the patch grid cannot take
         raise SpachError(f"cannot build {model_name} with {kwargs}: {e}") from None
-    if checkpoint:
-        from .models import load_pretrained
-        load_pretrained(model, checkpoint, use_ema=use_ema)
-    else:
+    if not checkpoint:
         warn(f"no --checkpoint: {model_name} has random weights (its outputs mean nothing)")
     model.eval()
     names = meta.get("class_names")
