@@ -163,9 +163,10 @@ class Workload:
             torch.backends.cudnn.benchmark = True  # as the trainer: fixed shapes, pick the fastest conv kernels
         torch.manual_seed(cfg.seed)
         try:
+            # fused_attn only when turned off: it is the attention models' argument (SDPA, their default)
             model = spach.create_model(cfg.model, num_classes=cfg.num_classes, img_size=cfg.img_size,
                                        drop_path_rate=cfg.drop_path if cfg.mode == "train" else 0.0,
-                                       fused_attn=cfg.fused_attn)
+                                       **({} if cfg.fused_attn else {"fused_attn": False}))
         except (TypeError, ValueError) as e:
             raise SpachError(f"cannot build {cfg.model} with these settings: {e}") from None
         if not cfg.cpu_bf16_explicit_attn:
