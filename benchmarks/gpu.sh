@@ -4,6 +4,7 @@
 #   2. Conv-MS-S bf16, fused AdamW, channels-last, eager                                   -> img/s, MFU
 #   3. the same with torch.compile (compiled during the untimed warm-up)                    -> img/s, MFU
 #   4. Hybrid-MS-S bf16 + compile (attention through SDPA / flash)                          -> img/s, MFU
+#      4b / 4c: the other two families, ShiftViT-T/light and sMLPNet-T, bf16 + compile           -> img/s, MFU
 #   5. end to end from JPEG files as `spach train --data-pipeline fast` feeds the GPU: CPU workers decode (OpenCV)
 #      and run the full DeiT RandAugment, uint8 batches to the GPU, normalise + erasing there; compared with the
 #      synthetic rate of 3
@@ -62,6 +63,14 @@ step 3_bf16_compile 240 --model $MODEL --amp bf16 --channels-last --compile --st
 log "4. Hybrid-MS-S bf16 + compile (SDPA)"
 step 4_hybrid_compile 150 --model spach_ms_s_patch4_224_hybrid --amp bf16 --channels-last --compile --steps 20 \
   --warmup 4 --repeats 3
+
+log "4b. ShiftViT (shiftvit_light_tiny) bf16 + compile: shifts and 1x1-conv MLPs, channels-last"
+step 4b_shiftvit_compile 90 --model shiftvit_light_tiny --amp bf16 --channels-last --compile --steps 20 --warmup 4 \
+  --repeats 3
+
+log "4c. sMLPNet (smlpnet_tiny) bf16 + compile: axial token MLPs"
+step 4c_smlpnet_compile 90 --model smlpnet_tiny --amp bf16 --channels-last --compile --steps 20 --warmup 4 \
+  --repeats 3
 
 log "5. JPEG files end to end (fast pipeline: CPU workers with OpenCV + RandAugment)"
 DATA="${DATA_DIR:-/tmp/spach_jpeg_bench}"

@@ -133,7 +133,7 @@ def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img
     input size read from it; ``img_size`` overrides), load its weights strictly and switch to eval mode.
     The eval crop is the checkpoint's (``crop_pct`` overrides), else the model's pretrained config's.
     Without a checkpoint the model is randomly initialised (a warning says so)."""
-    from .models import create_model
+    from .models import arch_from_checkpoint, create_model
 
     if crop_pct is not None and not _as_crop_pct(crop_pct):
         raise SpachError(f"--crop-pct must be in (0, 1] (got {crop_pct})")
@@ -159,6 +159,8 @@ def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img
     if n is not None:
         kwargs["num_classes"] = n
     try:
+        if checkpoint:  # the variant the file fixes (ShiftViT's normalization); its weights load after the checks
+            arch_from_checkpoint(model_name, checkpoint, use_ema, kwargs)
         model = create_model(model_name, **kwargs)
     except SpachError:
         raise

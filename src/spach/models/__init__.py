@@ -2,22 +2,24 @@
 
 Importing this package registers every variant of every family with timm. ``base`` holds what the families
 share (the timm model API, the config table, timm registration), ``flops`` the FLOPs count; each family module
-(``spach``, ``smlp``) holds its blocks, its network and its table.
+(``spach``, ``smlp``, ``shiftvit``) holds its blocks, its network and its table.
 """
 import timm as _timm
 
-from ..errors import SpachError
+from ..errors import CheckpointError, SpachError
 from ..weights import read_state_dict
 from .flops import count_flops, count_params
 from .pretrained import checkpoint_filter_fn, load_pretrained, safetensors_model_kwargs
-from .spach import MixingBlock, Spach, SpachMS  # registers the SPACH family
+from .spach import MixingBlock, Spach, SpachMS  # registers the SPACH family (first: `spach models` lists it first)
 from .smlp import SMLPNet  # registers the sMLPNet family
+from .shiftvit import SHIFTVIT_CONFIGS, ShiftViT  # noqa: I001 - registers the ShiftViT family
+from .shiftvit import checkpoint_model_kwargs as _shiftvit_checkpoint_kwargs
 from .variants import (MODEL_CONFIGS, default_drop_path_rate, list_models, model_config, suggest_model_names,
                        unknown_model_message)
 
 __all__ = ["create_model", "list_models", "load_pretrained", "read_state_dict", "checkpoint_filter_fn",
-           "MixingBlock", "Spach", "SpachMS", "MODEL_CONFIGS", "model_config", "count_flops", "count_params",
-           "UnknownModelError", "SMLPNet", "default_drop_path_rate"]
+           "MixingBlock", "Spach", "SpachMS", "SMLPNet", "ShiftViT", "MODEL_CONFIGS", "model_config", "count_flops",
+           "count_params", "UnknownModelError", "default_drop_path_rate", "arch_from_checkpoint"]
 
 
 class UnknownModelError(SpachError, KeyError):
@@ -37,8 +39,28 @@ def create_model(model_name: str, pretrained: bool = False, checkpoint_path: str
     if checkpoint_path and str(checkpoint_path).endswith(".safetensors"):
         for key, value in safetensors_model_kwargs(checkpoint_path).items():
             kwargs.setdefault(key, value)  # explicit arguments win over the file's metadata
+    if checkpoint_path:
+        arch_from_checkpoint(model_name, checkpoint_path, use_ema, kwargs)
     model = _timm.create_model(model_name, pretrained=pretrained, **kwargs)
     if checkpoint_path:
         pruned = kwargs.get("features_only") or kwargs.get("num_classes", 1) == 0
         load_pretrained(model, checkpoint_path, use_ema=use_ema, strict=not pruned)
     return model
+
+
+# families whose architecture has a variant that only the weights file tells apart: name -> reader of the file's
+# state_dict giving the architecture arguments it fixes
+_CHECKPOINT_ARCH = {name: _shiftvit_checkpoint_kwargs for name in SHIFTVIT_CONFIGS}
+
+
+def arch_from_checkpoint(model_name, path, use_ema, kwargs):
+    """Fill ``kwargs`` with the architecture arguments the weights file fixes (ShiftViT: GroupNorm or BatchNorm)
+    unless asked for another; an explicit argument that contradicts the file stops here with the fix. Models whose
+    files fix nothing are left alone."""
+    if model_name not in _CHECKPOINT_ARCH:
+        return
+    for key, found in _CHECKPOINT_ARCH[model_name](read_state_dict(path, use_ema=use_ema)).items():
+        asked = kwargs.setdefault(key, found)
+        if isinstance(asked, str) and asked != found:
+            raise CheckpointError(f"checkpoint {path} was trained with {key}={found!r} but {model_name} was asked "
+                                  f"for {key}={asked!r}: use {key}={found!r} (or leave {key} out)")

@@ -32,8 +32,8 @@ from timm.layers import register_notrace_function
 from timm.models import build_model_with_cfg, checkpoint_seq
 from timm.models._features import feature_take_indices  # timm's own models import it from here too
 
-__all__ = ["BaseNet", "check_image_batch", "MODEL_CONFIGS", "register_configs", "model_cfg", "build_model",
-           "META_KEYS"]
+__all__ = ["WEIGHTS_URL_PREFIX", "BaseNet", "check_image_batch", "MODEL_CONFIGS", "register_configs", "model_cfg",
+           "build_model", "META_KEYS"]
 
 
 @register_notrace_function  # a leaf of fx graphs: its Python checks run when the graph runs, never while tracing
@@ -186,6 +186,9 @@ result (``paper_name``, ``top1``) and release file (``weights``). Families add t
 :func:`register_configs`."""
 
 META_KEYS = ("paper_name", "top1", "weights")
+
+# where the original repository's release files live (SPACH, sMLPNet and ShiftViT alike)
+WEIGHTS_URL_PREFIX = "https://github.com/microsoft/SPACH/releases/download/v1.0/"
 
 
 def register_configs(table: Dict[str, dict]) -> Dict[str, dict]:

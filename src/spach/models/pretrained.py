@@ -71,6 +71,10 @@ def load_pretrained(model: nn.Module, path: str, use_ema: bool = False, strict: 
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected or mis_shaped:
         name = getattr(target, "pretrained_cfg", {}).get("architecture", type(target).__name__)
+        hint = getattr(target, "checkpoint_mismatch_hint", None)
+        hint = hint(state_dict) if callable(hint) else None
+        if hint:  # the family knows what this mismatch means (e.g. ShiftViT's other normalization)
+            raise CheckpointError(f"checkpoint {path} does not fit model {name}: {hint}")
         parts = []
         if missing:
             parts.append(f"missing {len(missing)} keys: {_describe(missing)}")

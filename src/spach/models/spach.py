@@ -16,7 +16,7 @@ from torch import nn
 from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 
-from .base import BaseNet, build_model, model_cfg, register_configs
+from .base import WEIGHTS_URL_PREFIX, BaseNet, build_model, model_cfg, register_configs
 from .layers import SPATIAL_MIXERS, STEM_LAYERS, ChannelMLP, DWConv, DownsampleConv, SpatialAttention, \
     SpatialMLP, default_norm_layer
 
@@ -294,7 +294,6 @@ class SpachMS(_SpachNet):
 
 
 # --- the named configurations -----------------------------------------------------------------------------
-WEIGHTS_URL_PREFIX = "https://github.com/microsoft/SPACH/releases/download/v1.0/"
 
 _SS = dict(img_size=224, patch_size=16, token_ratio=0.5)
 _MS = dict(img_size=224, patch_size=4, token_ratio=0.5)
