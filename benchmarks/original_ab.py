@@ -33,6 +33,9 @@ ORIGINAL_BUILDERS = {
     "smlpnet_tiny": ("smlp.py", "sMLPNet", dict(dim=80, alpha=3, patch_size=4, depths=[2, 8, 14, 2], dp_rate=0.0)),
     "smlpnet_small": ("smlp.py", "sMLPNet", dict(dim=96, alpha=3, patch_size=4, depths=[2, 10, 24, 2], dp_rate=0.2)),
     "smlpnet_base": ("smlp.py", "sMLPNet", dict(dim=112, alpha=3, patch_size=4, depths=[2, 10, 24, 2], dp_rate=0.3)),
+    # the original registry's shiftvit_light_tiny arguments
+    "shiftvit_light_tiny": ("shiftvit.py", "ShiftViT", dict(embed_dim=96, depths=(2, 2, 6, 2), mlp_ratio=4,
+                                                            drop_path_rate=0.2, n_div=12)),
 }
 
 
