@@ -103,3 +103,17 @@ def test_forward_intermediates_match_forward_features_with_every_level():
     with torch.no_grad():
         nhwc = model.forward_intermediates(x, indices=[-1], output_fmt="NHWC", intermediates_only=True)
     torch.testing.assert_close(nhwc[0], levels[-1].permute(0, 2, 3, 1), atol=0, rtol=0)
+
+
+def test_import_spach_alone_registers_every_family_with_timm():
+    """`import spach` then `timm.create_model(name)`: in a fresh interpreter, with nothing else imported first."""
+    import subprocess
+    import sys
+    code = ("import spach, timm\n"
+            "names = timm.list_models('spach_*') + timm.list_models('smlpnet_*') + timm.list_models('shiftvit_*')\n"
+            "assert len(names) == len(spach.list_models()) == 33, names\n"
+            "m = timm.create_model('smlpnet_tiny', num_classes=3)\n"
+            "print(type(m).__module__)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "spach.models.smlp"
