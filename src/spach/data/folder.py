@@ -186,6 +186,15 @@ def _raise_walk_error(err: OSError):
     raise DataError(f"cannot read {err.filename}: {err.strerror}; fix its permissions (chmod -R a+rX)")
 
 
+def class_difference(ref: Sequence[str], other: Sequence[str], ref_name: str, other_name: str) -> str:
+    """What tells two class lists apart, for a message: the names only one side has (five at most each)."""
+    detail = []
+    for side, names in ((ref_name, sorted(set(ref) - set(other))), (other_name, sorted(set(other) - set(ref)))):
+        if names:
+            detail.append(f"only in {side}: {', '.join(names[:5])}" + (" ..." if len(names) > 5 else ""))
+    return "; ".join(detail) or "same names in another order"
+
+
 def check_dataset(data_path: str, splits=("train", "val")) -> Tuple[List[str], Dict[str, list]]:
     """Check an ImageFolder dataset; return the class names and the samples of each split."""
     if not data_path or not os.path.exists(data_path):
@@ -206,15 +215,9 @@ def check_dataset(data_path: str, splits=("train", "val")) -> Tuple[List[str], D
         if classes is None:
             classes = names
         elif names != classes:
-            only_train = sorted(set(classes) - set(names))
-            only_val = sorted(set(names) - set(classes))
-            detail = []
-            if only_train:
-                detail.append(f"only in train/: {', '.join(only_train[:5])}" + (" ..." if len(only_train) > 5 else ""))
-            if only_val:
-                detail.append(f"only in {split}/: {', '.join(only_val[:5])}" + (" ..." if len(only_val) > 5 else ""))
             raise DataError(f"the classes of {split_dir} differ from those of {os.path.join(data_path, splits[0])} "
-                            f"({'; '.join(detail)}): both splits need the same class folders")
+                            f"({class_difference(classes, names, 'train/', f'{split}/')}): both splits need the same "
+                            f"class folders")
         split_samples, counts = scan_split(split_dir, names)
         empty = [n for n, c in counts.items() if c == 0]
         if empty:

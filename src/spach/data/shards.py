@@ -39,7 +39,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import DataError, SpachError
-from .folder import BAD_IMAGE_ERRORS, load_rgb
+from .folder import BAD_IMAGE_ERRORS, class_difference, load_rgb
 
 __all__ = ["INFO_NAME", "VAL_NAMES", "IMAGE_SUFFIXES", "ShardSplit", "WdsSource", "HfdsSource", "ShardDataset",
            "HfImageDataset", "open_source", "require_shards_extra", "split_slots"]
@@ -171,17 +171,8 @@ def _check_root(root: str, kind: str):
 
 
 def _refuse_class_mismatch(classes: List[str], other: List[str], where: str, ref: str):
-    only_ref = sorted(set(classes) - set(other))
-    only_other = sorted(set(other) - set(classes))
-    detail = []
-    if only_ref:
-        detail.append(f"only in {ref}: {', '.join(only_ref[:5])}" + (" ..." if len(only_ref) > 5 else ""))
-    if only_other:
-        detail.append(f"only in {where}: {', '.join(only_other[:5])}" + (" ..." if len(only_other) > 5 else ""))
-    if not detail:
-        detail.append("same names in another order")
-    raise DataError(f"the classes of {where} differ from those of {ref} ({'; '.join(detail)}): both splits need the "
-                    f"same class list in the same order")
+    raise DataError(f"the classes of {where} differ from those of {ref} ({class_difference(classes, other, ref, where)}): "
+                    f"both splits need the same class list in the same order")
 
 
 class _Skipped(Exception):
