@@ -231,12 +231,9 @@ def test_analytic_flops_agree_with_torch_flop_counter():
     with counter, torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
     measured = counter.get_total_flops() / 2
-    # the fusion's second and third products are accumulated in place (addmm_), which the counter does not see
-    from spach.models.smlp import SparseMLP
-    in_place = sum(2 * m.proj_h.out_channels * m.proh_w.out_channels * m.channels ** 2
-                   for m in model.modules() if isinstance(m, SparseMLP))
     analytic = count_flops(model)
-    assert measured + in_place <= analytic <= (measured + in_place) * 1.03
+    # the analytic count also has the norms, biases and residual adds, which the counter skips
+    assert measured <= analytic <= measured * 1.03
 
 
 def test_models_cli_lists_smlpnet_with_published_figures(capsys):

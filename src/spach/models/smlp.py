@@ -98,21 +98,20 @@ class SparseMLP(nn.Module):
 
     def forward(self, x):  # (B, H, W, C)
         B, H, W, C = x.shape
-        x = self.activation(self.BN(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
-        # fuse([x, x_h + b_h, x_w + b_w]) without concatenating: three products accumulated into one
-        # output, and the projections' biases pushed through fuse's linear map as one (H, W, C) term
+        x = self.activation(self.BN(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)).reshape(-1, C)
+        # fuse([x, proj_h(x), proh_w(x)]): fuse acts on channels and the projections on one spatial axis, so
+        # they commute. Each branch is first multiplied by its column block of fuse's weight (one plain
+        # matrix product on the (B*H*W, C) rows), then mixed along W or H by a batched product on a
+        # contiguous view, accumulated into one output. No concatenation, no permuted copies, and every
+        # gradient that reaches the BatchNorm above is a plain (B, H, W, C) tensor (a permuted one sends
+        # BatchNorm's backward down a slow path).
         w_x, w_h, w_w = self.fuse.weight.reshape(C, 3, C).unbind(1)
-        out = torch.mm(x.reshape(-1, C), w_x.t())
-        # einsum and in-place products are not autocast: they take the dtype autocast gave the first product
-        dt = out.dtype
-        x = x.to(dt)
-        # matrix products along one axis of the (B, H, W, C) tensor; einsum lets the kernel read the
-        # activations in place (matmul would first copy them into a layout with that axis last)
-        x_h = torch.einsum("vw,bhwc->bhvc", self.proj_h.weight.reshape(W, W).to(dt), x)   # along W
-        x_w = torch.einsum("gh,bhwc->bgwc", self.proh_w.weight.reshape(H, H).to(dt), x)   # along H
-        # accumulated in place; the results are used so that fx graphs keep the in-place nodes
-        out = out.addmm_(x_h.reshape(-1, C), w_h.t().to(dt))
-        out = out.addmm_(x_w.reshape(-1, C), w_w.t().to(dt))
+        u_h = torch.mm(x, w_h.t()).view(B * H, W, C)
+        u_w = torch.mm(x, w_w.t()).view(B, H, W * C)
+        out = torch.mm(x, w_x.t()).view(B * H, W, C)
+        out = torch.baddbmm(out, self.proj_h.weight.reshape(W, W).expand(B * H, W, W), u_h)
+        out = torch.baddbmm(out.view(B, H, W * C), self.proh_w.weight.reshape(H, H).expand(B, H, H), u_w)
+        # the projections' biases, pushed through fuse's linear map as one (H, W, C) term
         b_h, b_w = self.proj_h.bias, self.proh_w.bias
         assert b_h is not None and b_w is not None  # built with biases; TorchScript needs to know
         bias = b_h.reshape(1, W, 1) * w_h.sum(1) + b_w.reshape(H, 1, 1) * w_w.sum(1)
