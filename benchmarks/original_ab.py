@@ -10,6 +10,9 @@ all threads), which on a machine shared with other jobs measures the work a step
 
 A training step is forward + cross-entropy + backward + AdamW step (the same optimizer for both);
 inference is a forward pass under ``torch.inference_mode``. ``--amp bf16`` runs both under CPU bf16 autocast.
+Both run with the allocator settings ``spach train`` applies (``spach.runtime.cpu_tuning``: freed activation
+memory is kept for the next step instead of being returned to the kernel and faulted in again); ``--cpu-tuning
+off`` measures glibc's defaults.
 
     python benchmarks/original_ab.py --original /path/to/SPACH --model smlpnet_tiny --mode train
     python benchmarks/original_ab.py --original /path/to/SPACH --model smlpnet_tiny --mode infer --rounds 9
@@ -18,7 +21,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import spach
+from spach.runtime.cpu_tuning import apply_cpu_tuning, cpu_flags, cpu_model_name
 
 # model name -> (original module file, class, constructor arguments of the original registry function)
 ORIGINAL_BUILDERS = {
@@ -37,23 +40,6 @@ ORIGINAL_BUILDERS = {
     "shiftvit_light_tiny": ("shiftvit.py", "ShiftViT", dict(embed_dim=96, depths=(2, 2, 6, 2), mlp_ratio=4,
                                                             drop_path_rate=0.2, n_div=12)),
 }
-
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return "unknown"
-    return " ".join(sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line for line in f if line.startswith("model name")).split(":", 1)[1].strip()
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def build_original(root: str, name: str):
@@ -98,10 +84,17 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps of each model first")
     p.add_argument("--amp", choices=["off", "bf16"], default="off")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cpu-tuning", choices=["on", "off"], default="on",
+                   help="the allocator settings `spach train` runs with (spach.runtime.cpu_tuning), for both models "
+                   "alike; off: glibc's defaults")
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.cpu_tuning == "on":
+        tuning = apply_cpu_tuning(threads=args.threads)
+    else:
+        tuning = {"allocator": "default"}
+        if args.threads:
+            torch.set_num_threads(args.threads)
     amp = torch.bfloat16 if args.amp == "bf16" else None
 
     torch.manual_seed(0)
@@ -135,14 +128,16 @@ def main(argv=None):
     cpu_ratio = cpu_med["original"] / cpu_med["ours"]
     per_round = statistics.median(o / u for o, u in zip(times["original"], times["ours"]))
     out = dict(model=args.model, mode=args.mode, amp=args.amp, batch_size=args.batch_size, img_size=args.img_size,
-               rounds=args.rounds, threads=torch.get_num_threads(), cpu=cpu_model(), cpu_flags=cpu_flags(),
+               rounds=args.rounds, threads=torch.get_num_threads(), cpu=cpu_model_name(), cpu_flags=cpu_flags(),
+               allocator=tuning.get("allocator"),
                torch=torch.__version__, max_abs_diff=diff,
                img_per_s={k: args.batch_size / v for k, v in med.items()},
                step_s={k: [round(t, 3) for t in v] for k, v in times.items()},
                step_cpu_s={k: [round(t, 3) for t in v] for k, v in cpu.items()},
                speedup=ratio, speedup_median_of_rounds=per_round, speedup_cpu_time=cpu_ratio)
     print(f"{args.model} {args.mode} batch {args.batch_size} {args.img_size}x{args.img_size} amp {args.amp}, "
-          f"{out['threads']} threads, {out['cpu']} [{out['cpu_flags']}], torch {torch.__version__}")
+          f"{out['threads']} threads, {out['cpu']} [{out['cpu_flags']}], allocator {out['allocator']}, "
+          f"torch {torch.__version__}")
     for k in steps:
         print(f"  {k:9s} median {med[k]:.3f} s/step  {args.batch_size / med[k]:7.2f} img/s  "
               f"(CPU {cpu_med[k]:.2f} s/step)   wall per step: " + " ".join(f"{t:.2f}" for t in times[k]))
