@@ -61,3 +61,22 @@ def test_ddp_training_dist_eval_and_resume(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "auto resume from" in r.stdout and "Epoch: [2]" in r.stdout and "Epoch: [1]" not in r.stdout
     assert [json.loads(l)["epoch"] for l in (out / "log.txt").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_ddp_trains_and_resumes_smlpnet(tmp_path):
+    """The new families go through the same DDP path: sMLPNet (BatchNorm in every block, a fixed-size token MLP)
+    on two ranks, --dist-eval equal to one process, and the group resumed."""
+    data = make_shapes_folder(tmp_path / "shapes", n_train=32, n_val=15)
+    out = tmp_path / "ddp"
+    flags = ["--model", "smlpnet_tiny", "--dist-eval"]
+    r = torchrun("train", *fast_flags(data, out, *flags, epochs=1, batch=8))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "world_size: 2" in r.stdout and "Accuracy of the network on the 45 test images" in r.stdout
+    ckpt = out / "checkpoint.pth"
+    assert torch.load(ckpt, weights_only=True)["args"]["model"] == "smlpnet_tiny"
+    single = run_spach("eval", "--checkpoint", ckpt, "--data-path", data, "--device", "cpu", "--num_workers", "0")
+    assert single.returncode == 0, single.stderr
+    assert _eval_line(single.stdout) == [_eval_line(r.stdout)[-1]]
+    r = torchrun("train", *fast_flags(data, out, *flags, epochs=2, batch=8))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "auto resume from" in r.stdout and "Epoch: [1]" in r.stdout and "Epoch: [0]" not in r.stdout

@@ -11,6 +11,7 @@ import time
 from typing import Optional
 
 import torch
+from timm.utils import distribute_bn
 
 from ..errors import CheckpointError, SpachError
 from ..files import regular_file_problem
@@ -208,6 +209,11 @@ def _evaluate_epoch(run: Run):
     args, device, ema = run.args, run.device, run.step.ema
     common = dict(amp_dtype=run.amp_dtype, channels_last=args.channels_last, reduce=run.data.dist_eval,
                   is_main=run.dist.is_main)
+    if run.dist.distributed:
+        # DDP does not broadcast buffers (broadcast_buffers=False), so each rank's BatchNorm running statistics
+        # follow its own batches: average them (timm's distribute_bn), so that every rank evaluates, and the
+        # checkpoint saves, the same model; --dist-eval then equals one process evaluating that checkpoint
+        distribute_bn(run.model, run.dist.world_size, reduce=True)
     test_stats = evaluate(run.data.loader_val, run.step.net, device, show_progress=run.show_progress, **common)
     logger.info(f"Accuracy of the network on the {test_stats['n']} test images: {test_stats['acc1']:.1f}%")
     if ema is None:
@@ -215,6 +221,8 @@ def _evaluate_epoch(run: Run):
     ema_device = next(ema.module.parameters()).device
     if ema_device != device:  # --model-ema-force-cpu: evaluate on the training device, keep it on the CPU
         ema.module.to(device)
+    if run.dist.distributed:  # the EMA of each rank's statistics differs the same way
+        distribute_bn(ema.module, run.dist.world_size, reduce=True)
     ema_stats = evaluate(run.data.loader_val, ema.module, device, header="EMA ", **common)
     if ema_device != device:
         ema.module.to(ema_device)
