@@ -434,3 +434,60 @@ def test_inference_autograd_and_captured_paths_give_the_same_values():
     assert with_grad.requires_grad
     torch.testing.assert_close(with_grad.detach(), fused, atol=1e-6, rtol=0)
     torch.testing.assert_close(captured, fused, atol=1e-6, rtol=0)
+
+
+# --- --norm-layer / --act-layer in spach train ----------------------------------------------------------------
+def _train(argv):
+    import contextlib
+    import io
+    from spach.cli import main
+    buf = io.StringIO()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            rc = main(["train", *argv])
+    finally:
+        torch.set_num_threads(n)
+    return rc, buf.getvalue()
+
+
+def _one_epoch(shapes, out, *extra):
+    from train_helpers import TINY_MODEL, fast_flags
+    return [TINY if f == TINY_MODEL else f for f in fast_flags(shapes, out, *extra, epochs=1, lr=5e-4)]
+
+
+def test_finetune_takes_the_files_normalization_and_the_flags_choose_one(files, shapes, tmp_path):
+    _, bn_file = files["BN"]
+    # --finetune from a BatchNorm file, no --norm-layer: the file fixes it (it used to stop on missing keys)
+    rc, log = _train(_one_epoch(shapes, tmp_path / "ft", "--finetune", str(bn_file)))
+    assert rc == 0, log[-2000:]
+    saved = torch.load(tmp_path / "ft" / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert saved["args"]["norm_layer"] == "BN" and saved["args"]["act_layer"] == "GELU"
+    assert "layers.0.blocks.0.norm2.running_mean" in saved["model"]
+    # a flag that contradicts the file: one line naming the flag to use; nothing is created
+    rc, log = _train(_one_epoch(shapes, tmp_path / "bad", "--finetune", str(bn_file), "--norm-layer", "GN1"))
+    assert rc != 0 and "use --norm-layer BN (or leave --norm-layer out)" in log
+    assert not (tmp_path / "bad").exists()
+    # from scratch with both flags; the run's choice is part of its identity when resuming
+    rc, log = _train(_one_epoch(shapes, tmp_path / "relu", "--norm-layer", "BN", "--act-layer", "RELU"))
+    assert rc == 0, log[-2000:]
+    # the activation leaves no trace in the weights: the checkpoint's recorded choice rebuilds it
+    from spach.inference import build_model
+    ckpt = str(tmp_path / "relu" / "checkpoint.pth")
+    model = spach.create_model(TINY, checkpoint_path=ckpt, num_classes=3)
+    evaluated, info = build_model(None, ckpt)  # spach eval / predict / export
+    for m in (model, evaluated):
+        assert isinstance(m.norm, nn.BatchNorm2d) and isinstance(m.layers[0].blocks[0].mlp.act, nn.ReLU)
+    assert info.metadata()["act_layer"] == "RELU"  # and so an export records it
+    with pytest.raises(CheckpointError, match=r"act_layer='RELU'"):
+        spach.create_model(TINY, checkpoint_path=ckpt, num_classes=3, act_layer="GELU")
+    rc, log = _train(_one_epoch(shapes, tmp_path / "relu", "--epochs", "2", "--act-layer", "RELU"))
+    assert rc != 0 and "--norm-layer BN in the checkpoint, GN1 now" in log
+
+
+def test_variant_flags_are_refused_for_other_families(shapes, tmp_path):
+    from train_helpers import fast_flags
+    rc, log = _train(fast_flags(shapes, tmp_path / "o", "--norm-layer", "BN", epochs=1))
+    assert rc != 0 and "--norm-layer chooses a ShiftViT variant" in log and "leave --norm-layer out" in log
+    assert not (tmp_path / "o").exists()

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .errors import SpachError
-from .weights import (local_weights, read_checkpoint_file, safetensors_metadata, safetensors_shape, stored_facts,
-                      strip_prefixes, unwrap_state_dict)
+from .weights import (ARCH_OPTIONS, local_weights, read_checkpoint_file, safetensors_metadata, safetensors_shape,
+                      stored_facts, strip_prefixes, unwrap_state_dict)
 
 __all__ = ["ModelInfo", "read_checkpoint_metadata", "build_model", "eval_transform", "class_label",
            "imagenet_class_names", "warn"]
@@ -40,6 +40,7 @@ class ModelInfo:
     class_names: Optional[List[str]] = None
     checkpoint: Optional[str] = None
     pretrained_cfg: dict = field(default_factory=dict)
+    model_kwargs: dict = field(default_factory=dict)  # the architecture options it was built with (ARCH_OPTIONS)
 
     def metadata(self) -> dict:
         """JSON-serialisable description (the safetensors / ONNX / TorchScript metadata)."""
@@ -50,7 +51,9 @@ class ModelInfo:
             "class_names": self.class_names, "mean": list(cfg.get("mean", ())), "std": list(cfg.get("std", ())),
             "crop_pct": cfg.get("crop_pct"), "interpolation": cfg.get("interpolation"), "spach_version": __version__,
         }
-        return {k: values[k] for k in METADATA_KEYS}
+        out = {k: values[k] for k in METADATA_KEYS}
+        out.update({k: v for k, v in self.model_kwargs.items() if k in ARCH_OPTIONS})
+        return out
 
 
 def _as_size(value) -> Optional[Tuple[int, int]]:
@@ -107,7 +110,7 @@ def read_checkpoint_metadata(path: str, use_ema: bool = False) -> dict:
         raw = safetensors_metadata(path)
         # untrusted: out-of-range facts are refused with one line (stored_facts), never used
         meta.update(stored_facts({k: raw.get(k) for k in ("model", "img_size", "num_classes", "class_names",
-                                                          "crop_pct")}, path))
+                                                          "crop_pct", *ARCH_OPTIONS)}, path))
         head = next((shape for shape in (safetensors_shape(path, k) for k in _classifier_keys()) if shape), None)
         if head and len(head) == 2:
             meta["num_classes"] = int(head[0])
@@ -159,7 +162,7 @@ def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img
     if n is not None:
         kwargs["num_classes"] = n
     try:
-        if checkpoint:  # the variant the file fixes (ShiftViT's normalization); its weights load after the checks
+        if checkpoint:  # the variant the file records or its weights fix; the weights load after the checks
             arch_from_checkpoint(model_name, checkpoint, use_ema, kwargs)
         model = create_model(model_name, **kwargs)
     except SpachError:
@@ -193,7 +196,8 @@ def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img
     elif meta.get("crop_pct"):
         cfg["crop_pct"] = meta["crop_pct"]
     info = ModelInfo(model_name=model_name, num_classes=model.num_classes, img_size=tuple(model.img_size),
-                     class_names=names, checkpoint=checkpoint, pretrained_cfg=cfg)
+                     class_names=names, checkpoint=checkpoint, pretrained_cfg=cfg,
+                     model_kwargs={k: kwargs[k] for k in ARCH_OPTIONS if k in kwargs})
     return model, info
 
 

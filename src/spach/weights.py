@@ -24,7 +24,12 @@ from .errors import CheckpointError
 from .files import regular_file_problem
 
 __all__ = ["read_checkpoint_file", "stored_facts", "unwrap_state_dict", "strip_prefixes", "read_state_dict", "safetensors_metadata",
-           "safetensors_shape", "is_url", "url_file_name", "local_weights", "release_file"]
+           "safetensors_shape", "is_url", "url_file_name", "local_weights", "release_file", "ARCH_OPTIONS",
+           "stored_model_options"]
+
+# architecture options a file records beside its weights (a training run's flags, an export's metadata) that
+# rebuild the right variant: keys that differ (stems, shared mixers) and ones that do not (ShiftViT's activation)
+ARCH_OPTIONS = ("stem_type", "shared_spatial_func", "norm_layer", "act_layer")
 
 # where training scripts put the weights inside a checkpoint (SPACH / DeiT ``main.py``: ``model``, ``model_ema``)
 EMA_KEYS = ("model_ema", "state_dict_ema")
@@ -121,7 +126,8 @@ def _damaged(path, field, value, rule) -> CheckpointError:
 def stored_facts(fields: dict, path: str) -> dict:
     """The facts a checkpoint states about itself (its training ``args``, its top-level entries, a safetensors
     file's metadata), checked: ``model``, ``img_size`` (from ``input_size`` / ``img_size``), ``crop_pct``,
-    ``num_classes`` (from ``nb_classes`` / ``num_classes``), ``class_names``, ``epoch``. The file is untrusted
+    ``num_classes`` (from ``nb_classes`` / ``num_classes``), ``class_names``, ``epoch`` and the
+    :data:`ARCH_OPTIONS` it was built with. The file is untrusted
     input: a value out of its range is refused with one :class:`CheckpointError` line, never used (an absurd
     stored input size made eval and predict run out of memory)."""
     out = {}
@@ -153,12 +159,32 @@ def stored_facts(fields: dict, path: str) -> dict:
                 and all(isinstance(c, str) and len(c) <= 1000 for c in names)):
             raise _damaged(path, "class_names", names, "is not a list of class names")
         out["class_names"] = list(names)
+    for key in ARCH_OPTIONS:
+        value = fields.get(key)
+        if value is None or value is False:
+            continue
+        if not (value is True or isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_]{1,32}", value)):
+            raise _damaged(path, key, value, "is not a model option")
+        out[key] = value  # the model refuses a value it does not take, with the choices
     epoch = fields.get("epoch")
     if epoch is not None:
         if not (isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch < 10 ** 7):
             raise _damaged(path, "epoch", epoch, "is not an epoch number")
         out["epoch"] = epoch
     return out
+
+
+def stored_model_options(path: str) -> dict:
+    """The model name and :data:`ARCH_OPTIONS` a file records: a training checkpoint's ``args``, a safetensors
+    file's metadata (checked by :func:`stored_facts`); empty for files that record none (official releases)."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        fields = safetensors_metadata(path)
+    else:
+        ckpt = read_checkpoint_file(path)
+        fields = ckpt.get("args") if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) else {}
+    facts = stored_facts({k: fields.get(k) for k in ("model", *ARCH_OPTIONS)}, path)
+    return facts
 
 
 def unwrap_state_dict(ckpt: dict, use_ema: bool = False, path: str = "checkpoint") -> dict:

@@ -7,7 +7,7 @@ share (the timm model API, the config table, timm registration), ``flops`` the F
 import timm as _timm
 
 from ..errors import CheckpointError, SpachError
-from ..weights import read_state_dict
+from ..weights import read_state_dict, stored_model_options
 from .flops import count_flops, count_params
 from .pretrained import checkpoint_filter_fn, load_pretrained, safetensors_model_kwargs
 from .spach import MixingBlock, Spach, SpachMS  # registers the SPACH family (first: `spach models` lists it first)
@@ -19,7 +19,8 @@ from .variants import (MODEL_CONFIGS, default_drop_path_rate, list_models, model
 
 __all__ = ["create_model", "list_models", "load_pretrained", "read_state_dict", "checkpoint_filter_fn",
            "MixingBlock", "Spach", "SpachMS", "SMLPNet", "ShiftViT", "MODEL_CONFIGS", "model_config", "count_flops",
-           "count_params", "UnknownModelError", "default_drop_path_rate", "arch_from_checkpoint"]
+           "count_params", "UnknownModelError", "default_drop_path_rate", "arch_from_checkpoint",
+           "SHIFTVIT_CONFIGS"]
 
 
 class UnknownModelError(SpachError, KeyError):
@@ -48,19 +49,24 @@ def create_model(model_name: str, pretrained: bool = False, checkpoint_path: str
     return model
 
 
-# families whose architecture has a variant that only the weights file tells apart: name -> reader of the file's
+# families whose architecture has a variant that only the weights tell apart: name -> reader of the file's
 # state_dict giving the architecture arguments it fixes
 _CHECKPOINT_ARCH = {name: _shiftvit_checkpoint_kwargs for name in SHIFTVIT_CONFIGS}
 
 
-def arch_from_checkpoint(model_name, path, use_ema, kwargs):
-    """Fill ``kwargs`` with the architecture arguments the weights file fixes (ShiftViT: GroupNorm or BatchNorm)
-    unless asked for another; an explicit argument that contradicts the file stops here with the fix. Models whose
-    files fix nothing are left alone."""
-    if model_name not in _CHECKPOINT_ARCH:
-        return
-    for key, found in _CHECKPOINT_ARCH[model_name](read_state_dict(path, use_ema=use_ema)).items():
-        asked = kwargs.setdefault(key, found)
-        if isinstance(asked, str) and asked != found:
-            raise CheckpointError(f"checkpoint {path} was trained with {key}={found!r} but {model_name} was asked "
-                                  f"for {key}={asked!r}: use {key}={found!r} (or leave {key} out)")
+def arch_from_checkpoint(model_name, path, use_ema, kwargs, spell=None):
+    """Fill ``kwargs`` with the architecture arguments the weights file fixes: the options it records for this
+    model (a training run's ``--stem-type``, ``--act-layer`` ...; an export's metadata) and what its weights tell
+    (ShiftViT: GroupNorm or BatchNorm). An explicit argument that contradicts the file stops here with the fix.
+    ``spell(key, value)`` names an argument in the message, ``spell(key, None)`` the argument alone (a
+    command-line flag, say); by default ``key=value`` and ``key``."""
+    spell = spell or (lambda key, value: key if value is None else f"{key}={value!r}")
+    stored = stored_model_options(path)
+    found = {k: v for k, v in stored.items() if k != "model"} if stored.get("model") in (None, model_name) else {}
+    if model_name in _CHECKPOINT_ARCH:
+        found.update(_CHECKPOINT_ARCH[model_name](read_state_dict(path, use_ema=use_ema)))
+    for key, value in found.items():
+        asked = kwargs.setdefault(key, value)
+        if isinstance(asked, (str, bool)) and asked != value:  # (timm may pass a layer class: left to it)
+            raise CheckpointError(f"checkpoint {path} was trained with {spell(key, value)} but {model_name} was asked "
+                                  f"for {spell(key, asked)}: use {spell(key, value)} (or leave {spell(key, None)} out)")

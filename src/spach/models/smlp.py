@@ -12,9 +12,10 @@ Parameter names and shapes are the original's (including ``proh_w`` and the flat
 checkpoints load unchanged. The activations differ in layout only: the original permutes NCHW tensors
 around every LayerNorm/MLP and around each row/column projection, and concatenates three tensors for the
 fusion. Here a stage's activations stay one ``(B, H, W, C)`` tensor: LayerNorm and the MLP act on its last
-dimension, BatchNorm and the convolutions see an NCHW *view* with channels-last strides, the row/column
-projections are matrix products along the H or W axis of that tensor, and the fusion is three accumulated
-products with the column blocks of ``fuse``'s weight. Same math, fewer copies.
+dimension, BatchNorm and the convolutions see an NCHW *view* with channels-last strides, and the sparse MLP
+multiplies by fuse's three column blocks first (channel maps commute with the row/column projections), then mixes
+two of the results along W or H with batched products on contiguous views, accumulated into one output. Same
+math, no concatenation, no permuted copies.
 
 Note on names: the original's ``proj_h`` is applied to ``x.permute(0, 3, 1, 2)`` and therefore mixes along
 the *width* axis; ``proh_w`` mixes along the *height* axis. The names are kept for the checkpoint layout;

@@ -21,7 +21,7 @@ __all__ = ["IDENTITY_FLAGS", "check_same_run", "check_resume_fields"]
 
 # the flags a checkpoint's weights and optimizer state depend on (beyond the class names): the model and
 # its shape options, the input size (position-dependent weights, fixed-size token MLPs) and the optimizer kind
-IDENTITY_FLAGS = ("model", "input_size", "stem_type", "shared_spatial_func", "opt")
+IDENTITY_FLAGS = ("model", "input_size", "stem_type", "shared_spatial_func", "norm_layer", "act_layer", "opt")
 
 
 def _names(names: Sequence[str]) -> str:

@@ -431,6 +431,7 @@ def build_model(args, num_classes: int):
         kwargs["stem_type"] = args.stem_type
     if getattr(args, "shared_spatial_func", False):
         kwargs["shared_spatial_func"] = True
+    _variant_options(args, kwargs)
     try:
         model = create_model(args.model, **kwargs)
     except ValueError as e:  # an option the architecture cannot take (e.g. --shared-spatial-func on a hybrid)
@@ -442,6 +443,27 @@ def build_model(args, num_classes: int):
     if problem:
         raise SpachError(problem)
     return model
+
+
+def _variant_options(args, kwargs):
+    """ShiftViT's ``--norm-layer`` / ``--act-layer`` into ``kwargs``. A weights file the run starts from (``--finetune``,
+    or ``--resume`` with ``--eval``) fixes the normalization when the flag is not given; one that contradicts the
+    flag stops here. The choice is recorded in ``args`` (and so in the checkpoints), so a resume checks it."""
+    from ..models import SHIFTVIT_CONFIGS, arch_from_checkpoint
+    flags = {"norm_layer": getattr(args, "norm_layer", None), "act_layer": getattr(args, "act_layer", None)}
+    if args.model not in SHIFTVIT_CONFIGS:
+        given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v]
+        if given:
+            raise SpachError(f"{' / '.join(given)} chooses a ShiftViT variant (shiftvit_* models); {args.model} has no "
+                             f"such option: leave {' and '.join(given)} out")
+        return
+    kwargs.update({k: v for k, v in flags.items() if v})
+    start = args.finetune if args.finetune and not args.eval else (args.resume if args.eval and args.resume else None)
+    if start and not str(start).startswith(("http://", "https://")):
+        arch_from_checkpoint(args.model, start, bool(args.eval and args.eval_ema), kwargs,
+                             spell=lambda key, value: f"--{key.replace('_', '-')}" + (f" {value}" if value else ""))
+    args.norm_layer = kwargs.setdefault("norm_layer", "GN1")
+    args.act_layer = kwargs.setdefault("act_layer", "GELU")
 
 
 def finetune(model, path: str):
