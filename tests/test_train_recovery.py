@@ -25,9 +25,9 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _cmd(shapes, out):
+def _cmd(shapes, out, *extra):
     flags = fast_flags(shapes, out, "--aa", "rand-m9-mstd0.5-inc1", "--mixup", "0.8", "--cutmix", "1.0",
-                       "--model-ema", "--model-ema-decay", "0.9", "--deterministic", epochs=3, workers=1)
+                       "--model-ema", "--model-ema-decay", "0.9", "--deterministic", *extra, epochs=3, workers=1)
     return [sys.executable, "-m", "spach", "train", *flags]
 
 
@@ -35,12 +35,17 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def test_kill_9_after_a_checkpoint_then_rerun_ends_bit_identical(shapes, tmp_path):
+# the SPACH test model, and ShiftViT in its BatchNorm variant (running statistics in the model and its EMA; lr
+# 5e-4 as in its training test, scaled by batch / 512)
+@pytest.mark.parametrize("model", [(), ("--model", "shiftvit_light_tiny", "--norm-layer", "BN", "--lr", "0.016")],
+                         ids=["spach", "shiftvit-bn"])
+def test_kill_9_after_a_checkpoint_then_rerun_ends_bit_identical(shapes, tmp_path, model):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    r = subprocess.run(_cmd(shapes, straight), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_cmd(shapes, straight, *model), cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
 
-    proc = subprocess.Popen(_cmd(shapes, killed), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(shapes, killed, *model), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpt = killed / "checkpoint.pth"
     deadline = time.time() + 240
@@ -52,7 +57,8 @@ def test_kill_9_after_a_checkpoint_then_rerun_ends_bit_identical(shapes, tmp_pat
     proc.wait()
     assert _load(ckpt)["epoch"] in (0, 1, 2)  # whatever moment the kill hit, the checkpoint is complete
 
-    r = subprocess.run(_cmd(shapes, killed), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_cmd(shapes, killed, *model), cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     if killed_midway:
         assert "auto resume from" in r.stdout
