@@ -242,3 +242,23 @@ def test_models_cli_lists_smlpnet_with_published_figures(capsys):
     out = capsys.readouterr().out
     assert "sMLPNet-S" in out and "83.1" in out and "48.56" in out and "10.36" in out
     assert "sMLPNet-T" in out and "81.9" in out
+
+
+def test_bf16_autocast_matches_fp32_and_trains():
+    """`spach train` runs CPU bf16 autocast where the CPU has native bf16: the fused products take the dtype
+    autocast gives them, the logits stay close to fp32, and every parameter gets a finite gradient."""
+    torch.manual_seed(0)
+    model = spach.create_model("smlpnet_tiny", num_classes=10, **SMALL)
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max() <= 0.05 * ref.abs().max() + 0.05
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().logsumexp(1).mean()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
