@@ -44,6 +44,23 @@ def seeded_state_dict(model, seed):
     return out
 
 
+def check_bf16_autocast(model, x):
+    """``model`` under CPU bf16 autocast (`spach train`'s default where bf16 is native): bf16 logits close to the
+    fp32 ones in eval mode, and a finite gradient for every parameter in train mode."""
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max() <= 0.05 * ref.abs().max() + 0.05
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().logsumexp(1).mean()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 # --- registry and checkpoint layout ----------------------------------------------------------------------
 def test_registry_has_the_original_twenty_plus_s_plus():
     assert len(ALL) == 21

@@ -14,6 +14,7 @@ import spach
 from spach.errors import CheckpointError
 from spach.models import count_flops, count_params, load_pretrained, model_config
 from spach.models.shiftvit import SHIFTVIT_CONFIGS, ShiftViT, shift_channels
+from test_models import check_bf16_autocast
 
 NAMES = list(SHIFTVIT_CONFIGS)
 TINY = "shiftvit_light_tiny"
@@ -497,16 +498,4 @@ def test_variant_flags_are_refused_for_other_families(shapes, tmp_path):
 def test_bf16_autocast_matches_fp32_and_trains(norm):
     """CPU bf16 autocast (`spach train`'s default where bf16 is native): the MLP's linear layers run in bf16,
     the logits stay close to fp32, and every parameter gets a finite gradient."""
-    model = seeded_model(TINY, 5, num_classes=10, norm_layer=norm)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ref = model(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = model(x)
-    assert low.dtype == torch.bfloat16
-    assert (low.float() - ref).abs().max() <= 0.05 * ref.abs().max() + 0.05
-    model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(x).float().logsumexp(1).mean()
-    loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    check_bf16_autocast(seeded_model(TINY, 5, num_classes=10, norm_layer=norm), torch.randn(2, 3, 64, 64))

@@ -10,7 +10,7 @@ import spach
 from spach.errors import CheckpointError
 from spach.models import count_flops, count_params, default_drop_path_rate, load_pretrained
 from spach.models.smlp import SMLPNET_CONFIGS, SMLPNet
-from test_models import seeded_state_dict
+from test_models import check_bf16_autocast, seeded_state_dict
 
 NAMES = ["smlpnet_tiny", "smlpnet_small", "smlpnet_base"]
 SMALL = dict(img_size=64)  # a 2x2 grid in the last stage: fast, and every code path of 224 runs
@@ -248,17 +248,4 @@ def test_bf16_autocast_matches_fp32_and_trains():
     """`spach train` runs CPU bf16 autocast where the CPU has native bf16: the fused products take the dtype
     autocast gives them, the logits stay close to fp32, and every parameter gets a finite gradient."""
     torch.manual_seed(0)
-    model = spach.create_model("smlpnet_tiny", num_classes=10, **SMALL)
-    x = torch.randn(2, 3, 64, 64)
-    model.eval()
-    with torch.no_grad():
-        ref = model(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = model(x)
-    assert low.dtype == torch.bfloat16
-    assert (low.float() - ref).abs().max() <= 0.05 * ref.abs().max() + 0.05
-    model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(x).float().logsumexp(1).mean()
-    loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    check_bf16_autocast(spach.create_model("smlpnet_tiny", num_classes=10, **SMALL), torch.randn(2, 3, 64, 64))
