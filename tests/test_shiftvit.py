@@ -14,7 +14,7 @@ import spach
 from spach.errors import CheckpointError
 from spach.models import count_flops, count_params, load_pretrained, model_config
 from spach.models.shiftvit import SHIFTVIT_CONFIGS, ShiftViT, shift_channels
-from test_models import check_bf16_autocast
+from test_models import check_bf16_autocast, seeded_state_dict
 
 NAMES = list(SHIFTVIT_CONFIGS)
 TINY = "shiftvit_light_tiny"
@@ -25,20 +25,6 @@ RELEASED = {"shiftvit_light_tiny": "shiftvit_tiny_light.pth", "shiftvit_r2_tiny"
 @pytest.fixture(scope="module")
 def manifest(data_dir):
     return json.loads((data_dir / "state_dict_manifest_smlp_shiftvit.json").read_text())
-
-
-def seeded_state_dict(model, seed):
-    """The weight recipe of tests/data/reference_logits_shiftvit.json (sorted keys, seeded randn * 0.05,
-    BatchNorm running_var abs() + 0.5, integer buffers zero as at construction)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in sorted(model.state_dict().items()):
-        if not v.is_floating_point():
-            out[k] = torch.zeros(v.shape, dtype=v.dtype)
-            continue
-        t = torch.randn(v.shape, generator=g) * 0.05
-        out[k] = t.abs() + 0.5 if k.endswith("running_var") else t
-    return out
 
 
 def seeded_model(name, seed, **kwargs):
