@@ -25,7 +25,7 @@ from .files import regular_file_problem
 
 __all__ = ["read_checkpoint_file", "stored_facts", "unwrap_state_dict", "strip_prefixes", "read_state_dict", "safetensors_metadata",
            "safetensors_shape", "is_url", "url_file_name", "local_weights", "release_file", "ARCH_OPTIONS",
-           "stored_model_options"]
+           "stored_model_options", "state_dict_of"]
 
 # architecture options a file records beside its weights (a training run's flags, an export's metadata) that
 # rebuild the right variant: keys that differ (stems, shared mixers) and ones that do not (ShiftViT's activation)
@@ -174,17 +174,17 @@ def stored_facts(fields: dict, path: str) -> dict:
     return out
 
 
-def stored_model_options(path: str) -> dict:
+def stored_model_options(path: str, checkpoint=None) -> dict:
     """The model name and :data:`ARCH_OPTIONS` a file records: a training checkpoint's ``args``, a safetensors
-    file's metadata (checked by :func:`stored_facts`); empty for files that record none (official releases)."""
+    file's metadata (checked by :func:`stored_facts`); empty for files that record none (official releases).
+    ``checkpoint``: the ``.pth`` file's contents when the caller has read them already."""
     path = os.fspath(path)
     if path.endswith(".safetensors"):
         fields = safetensors_metadata(path)
     else:
-        ckpt = read_checkpoint_file(path)
+        ckpt = read_checkpoint_file(path) if checkpoint is None else checkpoint
         fields = ckpt.get("args") if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) else {}
-    facts = stored_facts({k: fields.get(k) for k in ("model", *ARCH_OPTIONS)}, path)
-    return facts
+    return stored_facts({k: fields.get(k) for k in ("model", *ARCH_OPTIONS)}, path)
 
 
 def unwrap_state_dict(ckpt: dict, use_ema: bool = False, path: str = "checkpoint") -> dict:
@@ -233,7 +233,11 @@ def read_state_dict(path, use_ema: bool = False) -> Dict[str, torch.Tensor]:
             return load_file(path, device="cpu")
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
-    ckpt = read_checkpoint_file(path)
+    return state_dict_of(read_checkpoint_file(path), path, use_ema)
+
+
+def state_dict_of(ckpt, path, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The tensors of a ``.pth`` file's contents ``ckpt`` (read from ``path``), as :func:`read_state_dict`."""
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state_dict: save "
                               f"model.state_dict() (or {{'model': model.state_dict()}})")

@@ -7,12 +7,13 @@ share (the timm model API, the config table, timm registration), ``flops`` the F
 import timm as _timm
 
 from ..errors import CheckpointError, SpachError
-from ..weights import read_state_dict, stored_model_options
+from ..weights import read_checkpoint_file, read_state_dict, state_dict_of, stored_model_options
 from .flops import count_flops, count_params
 from .pretrained import checkpoint_filter_fn, load_pretrained, safetensors_model_kwargs
 from .spach import MixingBlock, Spach, SpachMS  # registers the SPACH family (first: `spach models` lists it first)
 from .smlp import SMLPNet  # registers the sMLPNet family
 from .shiftvit import SHIFTVIT_CONFIGS, ShiftViT  # noqa: I001 - registers the ShiftViT family
+from .shiftvit import VARIANT_OPTIONS as _SHIFTVIT_VARIANTS
 from .shiftvit import checkpoint_model_kwargs as _shiftvit_checkpoint_kwargs
 from .variants import (MODEL_CONFIGS, default_drop_path_rate, list_models, model_config, suggest_model_names,
                        unknown_model_message)
@@ -20,7 +21,7 @@ from .variants import (MODEL_CONFIGS, default_drop_path_rate, list_models, model
 __all__ = ["create_model", "list_models", "load_pretrained", "read_state_dict", "checkpoint_filter_fn",
            "MixingBlock", "Spach", "SpachMS", "SMLPNet", "ShiftViT", "MODEL_CONFIGS", "model_config", "count_flops",
            "count_params", "UnknownModelError", "default_drop_path_rate", "arch_from_checkpoint",
-           "SHIFTVIT_CONFIGS"]
+           "variant_options"]
 
 
 class UnknownModelError(SpachError, KeyError):
@@ -52,6 +53,13 @@ def create_model(model_name: str, pretrained: bool = False, checkpoint_path: str
 # families whose architecture has a variant that only the weights tell apart: name -> reader of the file's
 # state_dict giving the architecture arguments it fixes
 _CHECKPOINT_ARCH = {name: _shiftvit_checkpoint_kwargs for name in SHIFTVIT_CONFIGS}
+_VARIANTS = {name: _SHIFTVIT_VARIANTS for name in SHIFTVIT_CONFIGS}
+
+
+def variant_options(model_name: str) -> dict:
+    """The string options that choose a variant of ``model_name``: name -> (default, choices) (ShiftViT's
+    ``norm_layer`` and ``act_layer``); empty for models that have none."""
+    return dict(_VARIANTS.get(model_name, {}))
 
 
 def arch_from_checkpoint(model_name, path, use_ema, kwargs, spell=None):
@@ -61,10 +69,13 @@ def arch_from_checkpoint(model_name, path, use_ema, kwargs, spell=None):
     ``spell(key, value)`` names an argument in the message, ``spell(key, None)`` the argument alone (a
     command-line flag, say); by default ``key=value`` and ``key``."""
     spell = spell or (lambda key, value: key if value is None else f"{key}={value!r}")
-    stored = stored_model_options(path)
+    safetensors = str(path).endswith(".safetensors")
+    ckpt = None if safetensors else read_checkpoint_file(path)  # a .pth is read once, for options and weights
+    stored = stored_model_options(path, ckpt)
     found = {k: v for k, v in stored.items() if k != "model"} if stored.get("model") in (None, model_name) else {}
     if model_name in _CHECKPOINT_ARCH:
-        found.update(_CHECKPOINT_ARCH[model_name](read_state_dict(path, use_ema=use_ema)))
+        weights = read_state_dict(path, use_ema=use_ema) if safetensors else state_dict_of(ckpt, path, use_ema)
+        found.update(_CHECKPOINT_ARCH[model_name](weights))
     for key, value in found.items():
         asked = kwargs.setdefault(key, value)
         if isinstance(asked, (str, bool)) and asked != value:  # (timm may pass a layer class: left to it)
