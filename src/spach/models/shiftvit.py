@@ -12,6 +12,7 @@ The shift is the original's math written as one split, four (negative/positive) 
 the original builds a zero tensor and copies five slices into it, and its backward pass builds one zero
 tensor of the full input size per slice and sums them.
 """
+import inspect
 from functools import partial
 from typing import Dict, List, Optional, Sequence
 
@@ -24,7 +25,7 @@ from timm.models import generate_default_cfgs, register_model
 from .base import WEIGHTS_URL_PREFIX, BaseNet, build_model, model_cfg, register_configs
 
 __all__ = ["ShiftViT", "ShiftBlock", "shift_channels", "NORM_LAYERS", "ACT_LAYERS", "SHIFTVIT_CONFIGS",
-           "norm_layer_of_state_dict", "checkpoint_model_kwargs"]
+           "norm_layer_of_state_dict", "checkpoint_model_kwargs", "VARIANT_OPTIONS"]
 
 
 class GroupNorm1(nn.GroupNorm):
@@ -414,6 +415,11 @@ SHIFTVIT_CONFIGS: Dict[str, dict] = register_configs({
     "shiftvit_r4_base": dict(embed_dim=128, depths=(4, 6, 22, 4), mlp_ratio=4, n_div=16, drop_path_rate=0.5),
     "shiftvit_r2_base": dict(embed_dim=128, depths=(10, 18, 36, 10), mlp_ratio=2, n_div=16, drop_path_rate=0.6),
 })
+
+
+# the string options that choose a variant: name -> (default, the constructor's; choices)
+VARIANT_OPTIONS = {key: (inspect.signature(ShiftViT).parameters[key].default, tuple(table))
+                   for key, table in (("norm_layer", NORM_LAYERS), ("act_layer", ACT_LAYERS))}
 
 
 def checkpoint_model_kwargs(state_dict) -> dict:

@@ -446,24 +446,26 @@ def build_model(args, num_classes: int):
 
 
 def _variant_options(args, kwargs):
-    """ShiftViT's ``--norm-layer`` / ``--act-layer`` into ``kwargs``. A weights file the run starts from (``--finetune``,
-    or ``--resume`` with ``--eval``) fixes the normalization when the flag is not given; one that contradicts the
-    flag stops here. The choice is recorded in ``args`` (and so in the checkpoints), so a resume checks it."""
-    from ..models import SHIFTVIT_CONFIGS, arch_from_checkpoint
-    flags = {"norm_layer": getattr(args, "norm_layer", None), "act_layer": getattr(args, "act_layer", None)}
-    if args.model not in SHIFTVIT_CONFIGS:
-        given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v]
-        if given:
-            raise SpachError(f"{' / '.join(given)} chooses a ShiftViT variant (shiftvit_* models); {args.model} has no "
-                             f"such option: leave {' and '.join(given)} out")
+    """The model's variant flags (ShiftViT's ``--norm-layer`` / ``--act-layer``) into ``kwargs``. A weights file the
+    run starts from (``--finetune``, or ``--resume`` with ``--eval``) fixes what the flags leave open; one that
+    contradicts a flag stops here. The choices are recorded in ``args`` (and so in the checkpoints), so a resume
+    checks them."""
+    from ..models import arch_from_checkpoint, variant_options
+    options = variant_options(args.model)
+    given = {k: getattr(args, k, None) for k in ("norm_layer", "act_layer") if getattr(args, k, None)}
+    foreign = [f"--{k.replace('_', '-')}" for k in given if k not in options]
+    if foreign:
+        raise SpachError(f"{' / '.join(foreign)} chooses a ShiftViT variant (shiftvit_* models); {args.model} has no "
+                         f"such option: leave {' and '.join(foreign)} out")
+    if not options:
         return
-    kwargs.update({k: v for k, v in flags.items() if v})
+    kwargs.update(given)
     start = args.finetune if args.finetune and not args.eval else (args.resume if args.eval and args.resume else None)
     if start and not str(start).startswith(("http://", "https://")):
         arch_from_checkpoint(args.model, start, bool(args.eval and args.eval_ema), kwargs,
                              spell=lambda key, value: f"--{key.replace('_', '-')}" + (f" {value}" if value else ""))
-    args.norm_layer = kwargs.setdefault("norm_layer", "GN1")
-    args.act_layer = kwargs.setdefault("act_layer", "GELU")
+    for key, (default, _) in options.items():
+        setattr(args, key, kwargs.setdefault(key, default))
 
 
 def finetune(model, path: str):
