@@ -43,6 +43,17 @@ def seeded_state_dict(model, seed):
     return out
 
 
+def check_grad_checkpointing(model, x):
+    """Gradients with ``set_grad_checkpointing(True)`` equal those without (no random masks in ``model``)."""
+    model(x).square().sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).square().sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 def check_bf16_autocast(model, x):
     """``model`` under CPU bf16 autocast (`spach train`'s default where bf16 is native): bf16 logits close to the
     fp32 ones in eval mode, and a finite gradient for every parameter in train mode."""

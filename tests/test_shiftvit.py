@@ -14,7 +14,8 @@ import spach
 from spach.errors import CheckpointError
 from spach.models import count_flops, count_params, load_pretrained, model_config
 from spach.models.shiftvit import SHIFTVIT_CONFIGS, ShiftViT, shift_channels
-from test_models import check_bf16_autocast, seeded_state_dict
+from test_models import check_bf16_autocast, check_grad_checkpointing, seeded_state_dict
+from test_timm_compat import fx_model
 
 NAMES = list(SHIFTVIT_CONFIGS)
 TINY = "shiftvit_light_tiny"
@@ -250,29 +251,14 @@ def test_features_only_gives_four_nchw_maps_at_strides_4_to_32(files):
 def test_grad_checkpointing_same_output_and_gradients():
     model = spach.create_model(TINY, num_classes=5, drop_path_rate=0.0)  # no random masks between the runs
     model.load_state_dict(seeded_state_dict(model, 3))
-    x = torch.randn(2, 3, 64, 64)
-    model(x).square().sum().backward()
-    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    model.set_grad_checkpointing(True)
-    model(x).square().sum().backward()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref[n], atol=1e-5, rtol=1e-4, msg=n)
-
-
-def fx_graph(model):
-    """The model as an fx graph, traced as timm's feature extraction and generic tests do."""
-    from timm.models import get_notrace_functions, get_notrace_modules
-    from torchvision.models.feature_extraction import create_feature_extractor
-    return create_feature_extractor(model, return_nodes=["head"], tracer_kwargs=dict(
-        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions()))
+    check_grad_checkpointing(model, torch.randn(2, 3, 64, 64))
 
 
 def test_fx_trace_and_torchscript_match_eager():
     from spach.models.base import check_image_batch
     model = seeded_model(TINY, 8, num_classes=10)
     x = torch.randn(2, 3, 64, 64)
-    graph = fx_graph(model)
+    graph = fx_model(model)
     assert any(n.target is check_image_batch for n in graph.graph.nodes)  # the input check runs with the graph
     with torch.no_grad():
         expected = model(x)
@@ -414,7 +400,7 @@ def test_inference_autograd_and_captured_paths_give_the_same_values():
     x = torch.randn(2, 3, 96, 64)
     with torch.no_grad():
         fused = model(x)
-        captured = fx_graph(model)(x)["head"]
+        captured = fx_model(model)(x)["head"]
     for p in model.parameters():
         p.requires_grad_(True)
     with_grad = model(x)

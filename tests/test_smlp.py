@@ -10,7 +10,7 @@ import spach
 from spach.errors import CheckpointError
 from spach.models import count_flops, count_params, default_drop_path_rate, load_pretrained
 from spach.models.smlp import SMLPNET_CONFIGS, SMLPNet
-from test_models import check_bf16_autocast, seeded_state_dict
+from test_models import check_bf16_autocast, check_grad_checkpointing, seeded_state_dict
 
 NAMES = ["smlpnet_tiny", "smlpnet_small", "smlpnet_base"]
 SMALL = dict(img_size=64)  # a 2x2 grid in the last stage: fast, and every code path of 224 runs
@@ -194,14 +194,7 @@ def test_features_only_gives_four_nchw_stages(tmp_path, tiny64):
 def test_grad_checkpointing_same_output_and_gradients():
     model = spach.create_model("smlpnet_tiny", num_classes=5, depths=(1, 1, 2, 1), **SMALL)
     model.load_state_dict(seeded_state_dict(model, 3))
-    x = torch.randn(2, 3, 64, 64)
-    model(x).square().sum().backward()
-    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    model.set_grad_checkpointing(True)
-    model(x).square().sum().backward()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref[n], atol=1e-5, rtol=1e-4, msg=n)
+    check_grad_checkpointing(model, torch.randn(2, 3, 64, 64))
 
 
 def test_torchscript_and_fx_match_eager(tiny64):
