@@ -9,7 +9,8 @@ process per configuration. Ratios are against the first variant.
 
 Variants: plain (fp32, foreach AdamW), fused (fp32, fused AdamW), bf16 (the default: explicit softmax attention in
 bf16 CPU training), compile, bf16-compile, cl (channels-last), bf16-cl, explicit (fp32, explicit softmax attention),
-explicit-bf16 (= bf16 in train mode; inference keeps SDPA), sdpa-bf16 (bf16 with SDPA attention in training too).
+explicit-bf16 (= bf16 in train mode; inference keeps SDPA), sdpa-bf16 (bf16 with SDPA attention in training too),
+plain-mlp (fp32, the channel MLPs' plain addmm + activation in inference instead of oneDNN's fused epilogue).
 """
 import argparse
 import json
@@ -28,6 +29,7 @@ VARIANTS = {
     "cl": dict(amp="off", channels_last=True),
     "bf16-cl": dict(amp="bf16", channels_last=True),
     "explicit": dict(amp="off", fused_attn=False),
+    "plain-mlp": dict(amp="off", fused_mlp=False),
     "explicit-bf16": dict(amp="bf16", fused_attn=False),
 }
 

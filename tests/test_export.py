@@ -124,8 +124,8 @@ def test_torchscript_export_matches_pytorch(trained, tmp_path, capsys):
     files = {"spach.json": ""}
     loaded = torch.jit.load(str(out), _extra_files=files)
     x = _inputs(3)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=1e-5)
+    with torch.no_grad():  # the graph holds the plain layers, eager inference oneDNN's fused MLPs: fp32 rounding
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
     assert json.loads(files["spach.json"])["class_names"] == CLASSES
 
 
@@ -186,4 +186,4 @@ def test_torchscript_falls_back_to_tracing_with_a_note(trained, tmp_path, capsys
     loaded = torch.jit.load(str(out))
     x = _inputs(4)  # another batch size than the trace's example
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)

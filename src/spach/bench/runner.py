@@ -23,6 +23,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..errors import SpachError
+from ..models import fused as fused_mlp
 from ..runtime.cpu_tuning import cpu_model_name
 from ..runtime.device import autocast, requested_index, resolve_amp, resolve_device, synchronize
 from ..train.engine import TrainStep, build_criterion, build_scaler, train_step
@@ -65,6 +66,7 @@ class BenchConfig:
     fused_optimizer: bool = True        # the optimizer kernels `spach train` takes (False: foreach AdamW)
     fused_attn: bool = True             # SDPA attention (False: explicit softmax)
     cpu_bf16_explicit_attn: bool = True  # bf16 CPU training takes the explicit softmax (False: SDPA there too)
+    fused_mlp: bool = True              # channel MLPs' oneDNN inference path (False: addmm + activation)
     data: str = "synthetic"             # synthetic | a folder of JPEGs (ImageFolder, train/ used if present)
     data_pipeline: str = "fast"         # fast | timm | nvjpeg  (only with a data folder)
     workers: int = 2
@@ -259,7 +261,11 @@ class Workload:
 
     def step(self):
         x, y = self.next_batch()
-        return self.train_step(x, y) if self.cfg.mode == "train" else self.infer_step(x, y)
+        previous = fused_mlp.set_enabled(self.cfg.fused_mlp)  # process-wide: set per step for interleaved runs
+        try:
+            return self.train_step(x, y) if self.cfg.mode == "train" else self.infer_step(x, y)
+        finally:
+            fused_mlp.set_enabled(previous)
 
     def warmup(self):
         for _ in range(self.cfg.warmup):

@@ -10,12 +10,14 @@ take non-square and non-224 inputs.
 Module and parameter names mirror the original implementation so that official checkpoints load unchanged.
 """
 from functools import partial
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from timm.layers import register_notrace_function
+
+from .fused import mlp_inference
 
 __all__ = [
     "ToChannelsFirst", "ToChannelsLast", "PatchEmbed", "Conv4PatchEmbed", "STEM_LAYERS", "SpatialAttention",
@@ -181,6 +183,10 @@ class ChannelMLP(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def mlp(self, x):
+        if not torch.jit.is_scripting():
+            y = self._inference(x)
+            if y is not None:
+                return y
         x = self.fc1(x)
         x = self.act(x)
         x = self.drop(x)
@@ -190,6 +196,10 @@ class ChannelMLP(nn.Module):
 
     def forward(self, x):
         return self.mlp(x)
+
+    @torch.jit.unused
+    def _inference(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        return mlp_inference(self, x, self.fc1.weight, self.fc1.bias, self.act, self.fc2.weight, self.fc2.bias)
 
 
 @register_notrace_function  # a leaf of fx graphs: the check runs when the graph runs, never while tracing

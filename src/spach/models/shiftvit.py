@@ -23,6 +23,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
 from .base import WEIGHTS_URL_PREFIX, BaseNet, build_model, model_cfg, register_configs
+from .fused import capturing, mlp_inference
 
 __all__ = ["ShiftViT", "ShiftBlock", "shift_channels", "NORM_LAYERS", "ACT_LAYERS", "SHIFTVIT_CONFIGS",
            "norm_layer_of_state_dict", "checkpoint_model_kwargs", "VARIANT_OPTIONS"]
@@ -48,7 +49,7 @@ def shift_channels(x: torch.Tensor, n_div: int) -> torch.Tensor:
     and, when gradients are needed, the backward pass is the opposite shift written the same way (autograd of
     the original's slice copies builds and sums one zero tensor of the full input size per slice). Graph
     capture (TorchScript, fx, ONNX / torch.export, torch.compile) gets the same math as pure functions."""
-    if torch.jit.is_scripting() or _capturing():
+    if torch.jit.is_scripting() or capturing():
         return _shift_functional(x, n_div)
     return _shift_eager(x, n_div)
 
@@ -112,14 +113,6 @@ class _Shift(torch.autograd.Function):
         return _shift_into(torch.empty_like(grad), grad, ctx.g, False), None
 
 
-@torch.jit.unused
-def _capturing() -> bool:
-    """Tracing or exporting a graph: fx, torch.jit.trace, torch.export / ONNX, torch.compile."""
-    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
-    return (is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting())
-
-
 class ShiftMlp(nn.Module):
     """The channel MLP: two 1x1 convolutions on NCHW maps (the original's ``Mlp``; its parameters), computed
     as linear layers on the channels-last maps."""
@@ -135,8 +128,18 @@ class ShiftMlp(nn.Module):
     def forward(self, x):
         # the maps are channels-last (see forward_stem), so the 1x1 convolutions are matrix products on the
         # (B, H, W, C) view: both ways these cost far less than the convolution kernels' 1x1 path (RESULTS.md)
-        h = self.drop(self.act(F.linear(x.permute(0, 2, 3, 1), self.fc1.weight.flatten(1), self.fc1.bias)))
-        return self.drop(F.linear(h, self.fc2.weight.flatten(1), self.fc2.bias)).permute(0, 3, 1, 2)
+        x = x.permute(0, 2, 3, 1)
+        w1, w2 = self.fc1.weight.flatten(1), self.fc2.weight.flatten(1)
+        if not torch.jit.is_scripting():
+            y = self._inference(x, w1, w2)
+            if y is not None:
+                return y.permute(0, 3, 1, 2)
+        h = self.drop(self.act(F.linear(x, w1, self.fc1.bias)))
+        return self.drop(F.linear(h, w2, self.fc2.bias)).permute(0, 3, 1, 2)
+
+    @torch.jit.unused
+    def _inference(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> Optional[torch.Tensor]:
+        return mlp_inference(self, x, w1, self.fc1.bias, self.act, w2, self.fc2.bias)
 
 
 class ShiftBlock(nn.Module):
@@ -199,7 +202,7 @@ class ShiftStage(nn.Module):
             for blk in self.blocks:
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             return x
-        if not torch.jit.is_scripting() and not torch.is_grad_enabled() and not _capturing():
+        if not torch.jit.is_scripting() and not torch.is_grad_enabled() and not capturing():
             return self._forward_blocks_fused(x)
         return self.blocks(x)
 
