@@ -1,6 +1,6 @@
-"""The channel MLPs' oneDNN inference path (spach.models.fused): the same outputs as the plain layers in every
-family, taken exactly where it may be (fp32 CPU inference) and nowhere else (training, autograd, autocast, graph
-capture, switched off)."""
+"""The fused channel MLPs (spach.models.fused): the same outputs and gradients as the plain layers in every
+family, taken where they may be (fp32 on the CPU) and nowhere else (autocast, active dropout, graph capture,
+switched off)."""
 from functools import partial
 
 import pytest
@@ -19,6 +19,7 @@ FUSED_OP = "mkldnn::_linear_pointwise"
 MODELS = [("shiftvit_light_tiny", {}), ("shiftvit_r2_tiny", dict(norm_layer="BN", act_layer="RELU")),
           ("smlpnet_tiny", dict(img_size=64)), ("spach_ms_xxs_patch4_224_mlp", dict(img_size=64)),
           ("spach_xxs_patch16_224_conv", {})]
+IDS = [n + ("-bn-relu" if k.get("norm_layer") else "") for n, k in MODELS]
 SIZE = 64
 
 
@@ -31,7 +32,8 @@ def ops_run(fn):
 
 def build(name, **kwargs):
     torch.manual_seed(0)
-    model = spach.create_model(name, **kwargs).eval()
+    model = spach.create_model(name, drop_path_rate=0.0, **kwargs).eval()
+    nn.init.normal_(model.get_classifier().weight, std=0.1)  # some families start from a zero head
     for m in model.modules():  # non-trivial norms and biases, so that a misplaced bias would show
         if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
             nn.init.normal_(m.bias, std=0.1)
@@ -41,7 +43,7 @@ def build(name, **kwargs):
     return model
 
 
-@pytest.mark.parametrize("name,kwargs", MODELS, ids=[n for n, _ in MODELS])
+@pytest.mark.parametrize("name,kwargs", MODELS, ids=IDS)
 def test_inference_takes_the_fused_path_with_the_plain_outputs(name, kwargs):
     model = build(name, **kwargs)
     x = torch.randn(2, 3, SIZE, SIZE)
@@ -55,16 +57,54 @@ def test_inference_takes_the_fused_path_with_the_plain_outputs(name, kwargs):
         torch.testing.assert_close(model(x), plain, rtol=1e-5, atol=1e-5)
 
 
+def _grads(model, x, target):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    loss = nn.functional.cross_entropy(model(x), target)
+    loss.backward()
+    return loss.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}
+
+
+def _relative_error(got, want):
+    return ((got - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("name,kwargs", MODELS, ids=IDS)
+def test_training_takes_the_fused_path_with_the_plain_gradients(name, kwargs):
+    model = build(name, **kwargs).train()
+    # BatchNorm statistics of a 2x2 last stage of a few images would turn rounding into real differences (with
+    # ReLU's kinks): a larger input there
+    size = 128 if kwargs.get("norm_layer") == "BN" else SIZE
+    x, target = torch.randn(4, 3, size, size), torch.tensor([1, 5, 7, 2])
+    (loss, gx, grads), ran = ops_run(lambda: _grads(model, x, target))
+    with fused.plain_path():
+        (loss_p, gx_p, grads_p), ran_plain = ops_run(lambda: _grads(model, x, target))
+    assert FUSED_OP in ran and FUSED_OP not in ran_plain
+    torch.testing.assert_close(loss, loss_p, rtol=1e-5, atol=1e-6)
+    assert _relative_error(gx, gx_p) < 1e-4
+    assert grads.keys() == grads_p.keys() and all(g is not None for g in grads.values())
+    # a bias right before a BatchNorm has a zero gradient in exact arithmetic: only rounding is left to compare
+    errors = {n: _relative_error(grads[n], grads_p[n]) for n in grads if grads_p[n].norm() > 1e-5}
+    assert len(errors) > len(grads) // 2 and max(errors.values()) < 1e-4, max(errors.items(), key=lambda kv: kv[1])
+
+
+def test_frozen_weights_and_an_input_without_gradient():
+    mlp = ChannelMLP(16, 64).train()
+    mlp.fc1.weight.requires_grad_(False)
+    x = torch.randn(2, 3, 4, 16)
+    (mlp(x) ** 2).sum().backward()
+    assert mlp.fc1.weight.grad is None and mlp.fc1.bias.grad is not None and mlp.fc2.weight.grad is not None
+    got = {n: p.grad.clone() for n, p in mlp.named_parameters() if p.grad is not None}
+    mlp.zero_grad(set_to_none=True)
+    with fused.plain_path():
+        (mlp(x) ** 2).sum().backward()
+    for n, g in got.items():
+        torch.testing.assert_close(g, mlp.get_parameter(n).grad, rtol=1e-5, atol=1e-6)
+
+
 def test_the_path_is_not_taken_where_it_may_not_be():
     model = build("shiftvit_light_tiny")
     x = torch.randn(2, 3, SIZE, SIZE)
-    _, ran = ops_run(lambda: model(x))  # autograd on
-    assert FUSED_OP not in ran
-    model.train()
-    with torch.no_grad():
-        _, ran = ops_run(lambda: model(x))  # training mode: dropout and drop-path are live
-    assert FUSED_OP not in ran
-    model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         _, ran = ops_run(lambda: model(x))  # bf16 autocast keeps its own kernels
     assert FUSED_OP not in ran
@@ -73,6 +113,16 @@ def test_the_path_is_not_taken_where_it_may_not_be():
     assert "_linear_pointwise" not in str(traced.inlined_graph)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
+    mlp = ChannelMLP(16, 64, drop=0.1)
+    y = torch.randn(2, 3, 4, 16)
+    _, ran = ops_run(lambda: mlp.train()(y))  # live dropout between the layers: the plain path
+    assert FUSED_OP not in ran
+    with torch.no_grad():
+        _, ran = ops_run(lambda: mlp.eval()(y))  # eval: dropout is the identity
+    assert FUSED_OP in ran
+    with torch.no_grad():
+        _, ran = ops_run(lambda: mlp.double()(y.double()))
+    assert FUSED_OP not in ran
 
 
 @pytest.mark.parametrize("act", [partial(nn.GELU, approximate="tanh"), nn.ReLU, nn.SiLU], ids=["gelu-tanh", "relu",
@@ -86,6 +136,16 @@ def test_each_activation_in_its_epilogue_or_the_plain_path(act):
             plain = mlp(x)
     assert (FUSED_OP in ran) == (act is not nn.SiLU)  # oneDNN has no SiLU epilogue here: the plain layers run
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    mlp.train()
+    xg = x.clone().requires_grad_()
+    mlp(xg).square().sum().backward()
+    got = [xg.grad] + [p.grad for p in mlp.parameters()]
+    mlp.zero_grad(set_to_none=True)
+    xp = x.clone().requires_grad_()
+    with fused.plain_path():
+        mlp(xp).square().sum().backward()
+    for g, r in zip(got, [xp.grad] + [p.grad for p in mlp.parameters()]):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
 def test_set_enabled_returns_the_previous_setting():

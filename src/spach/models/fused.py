@@ -1,16 +1,22 @@
-"""The channel MLPs' inference path on the CPU, shared by the three families.
+"""The channel MLP ``fc2(act(fc1(x)))`` on the CPU in fp32, shared by the three families.
 
-Every family's channel MLP is ``fc2(act(fc1(x)))`` on channels-last tokens. In fp32 eager inference PyTorch runs
-each linear layer as ``addmm``, which first copies the bias into the whole output and then accumulates the matrix
-product onto it, and the activation as a separate pass over the hidden tensor, the widest one in the network.
-oneDNN's linear primitive (``torch.ops.mkldnn._linear_pointwise``, the kernel Inductor's CPU backend emits) adds
-the bias and applies GELU or ReLU in the matrix product's epilogue instead: the same math, two passes over the
-hidden tensor fewer (``benchmarks/RESULTS.md``).
+Every family's channel MLP is two linear layers around GELU (ReLU in one ShiftViT variant) on channels-last
+tokens, and in fp32 it is most of a step. Eager PyTorch runs each linear layer as ``addmm``, which first copies
+the bias into the whole output and then accumulates the matrix product onto it, and the activation as its own
+pass over the hidden tensor, the widest one in the network. Here instead:
 
-The path is taken only where nothing can tell the difference: fp32 CPU tensors, eval mode, no autograd, no
-autocast, no graph capture (TorchScript, fx, ``torch.jit.trace``, ``torch.export`` / ONNX and ``torch.compile``
-see the plain layers), no operator-level observer (FlopCounterMode), and a torch built with oneDNN. Everywhere else the modules run their plain layers.
-:func:`set_enabled` switches it off for A/B measurements and tests.
+- **inference**: oneDNN's linear primitive (``torch.ops.mkldnn._linear_pointwise``, the kernel Inductor's CPU
+  backend emits) adds the bias and applies the activation in the matrix product's epilogue;
+- **training**: one autograd function: the forward products take their biases in the epilogue (no bias copy),
+  and the backward writes the activation's gradient over the hidden gradient it reads (one hidden-sized buffer
+  fewer to allocate and fill) between the same four matrix products autograd would run.
+
+The same math in both; measured in ``benchmarks/RESULTS.md``. The path is taken only where nothing else can tell
+the difference: fp32 CPU tensors, a torch built with oneDNN (and ``torch.backends.mkldnn.enabled``), no autocast,
+no dropout left active, no graph capture (TorchScript, fx, ``torch.jit.trace``, ``torch.export`` / ONNX and
+``torch.compile`` see the plain layers) and no operator-level observer (FlopCounterMode). Everywhere else the
+modules run their plain layers. :func:`set_enabled` / :func:`plain_path` switch it off for A/B measurements and
+tests.
 """
 from contextlib import contextmanager
 from typing import Optional, Tuple
@@ -18,14 +24,14 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["capturing", "mlp_inference", "set_enabled", "enabled", "plain_path"]
+__all__ = ["capturing", "channel_mlp", "set_enabled", "enabled", "plain_path"]
 
 _enabled = True
 _available: Optional[bool] = None
 
 
 def set_enabled(flag: bool) -> bool:
-    """Switch the oneDNN inference path on or off for the whole process; returns the previous setting."""
+    """Switch the fused channel MLPs on or off for the whole process; returns the previous setting."""
     global _enabled
     previous, _enabled = _enabled, bool(flag)
     return previous
@@ -37,7 +43,7 @@ def enabled() -> bool:
 
 @contextmanager
 def plain_path():
-    """Run the block with the plain layers (PyTorch's ``addmm`` and activation), as a reference."""
+    """Run the channel MLPs with their plain layers (PyTorch's ``addmm`` and activation), as a reference."""
     previous = set_enabled(False)
     try:
         yield
@@ -52,7 +58,7 @@ def _onednn_linear_available() -> bool:
             _available = bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
         except (AttributeError, RuntimeError):
             _available = False
-    return _available
+    return _available and torch.backends.mkldnn.enabled
 
 
 @torch.jit.unused
@@ -78,18 +84,58 @@ def _epilogue(act: nn.Module) -> Optional[Tuple[str, str]]:
     return None
 
 
-def mlp_inference(module: nn.Module, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
-                  act: nn.Module, w2: torch.Tensor, b2: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """``F.linear(act(F.linear(x, w1, b1)), w2, b2)`` with both biases and the activation in oneDNN's epilogues
-    where ``module`` (the MLP, its dropout the identity in eval mode) may take that path; None where it may not
-    (then the caller runs its plain layers). Callers reach it from a ``torch.jit.unused`` method: TorchScript
-    never sees it."""
-    if not _enabled or module.training or torch.is_grad_enabled() or capturing() or _observed():
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], attr: str = "none",
+            algorithm: str = "") -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
+
+
+class _ChannelMlp(torch.autograd.Function):
+    """``fc2(act(fc1(x)))`` with autograd: saves ``x``, the pre-activation and the activation, as autograd does."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, attr: str, algorithm: str):
+        x2 = x.reshape(-1, x.shape[-1])
+        pre = _linear(x2, w1, b1)
+        hidden = torch.nn.functional.gelu(pre, approximate=algorithm) if attr == "gelu" else torch.relu(pre)
+        out = _linear(hidden, w2, b2)
+        ctx.save_for_backward(x2, pre, hidden, w1, w2)
+        ctx.attr, ctx.algorithm, ctx.x_shape = attr, algorithm, x.shape
+        ctx.has_bias = (b1 is not None, b2 is not None)
+        return out.view(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x2, pre, hidden, w1, w2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        gw2 = g.t().mm(hidden) if need_w2 else None
+        gb2 = g.sum(0) if need_b2 and ctx.has_bias[1] else None
+        gh = g.mm(w2)
+        if ctx.attr == "gelu":  # the activation's gradient, written over the hidden gradient it reads
+            torch.ops.aten.gelu_backward.grad_input(gh, pre, approximate=ctx.algorithm, grad_input=gh)
+        else:
+            torch.ops.aten.threshold_backward.grad_input(gh, hidden, 0, grad_input=gh)
+        gw1 = gh.t().mm(x2) if need_w1 else None
+        gb1 = gh.sum(0) if need_b1 and ctx.has_bias[0] else None
+        gx = gh.mm(w1).view(ctx.x_shape) if need_x else None
+        return gx, gw1, gb1, gw2, gb2, None, None
+
+
+def channel_mlp(module: nn.Module, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], act: nn.Module,
+                w2: torch.Tensor, b2: Optional[torch.Tensor], dropout: float) -> Optional[torch.Tensor]:
+    """``module``'s ``F.linear(act(F.linear(x, w1, b1)), w2, b2)`` (its dropouts, of rate ``dropout``, around
+    them) on the fused path, or None where it may not run there (then the caller runs its plain layers).
+    Callers reach it from a ``torch.jit.unused`` method: TorchScript never sees it."""
+    if not _enabled or capturing() or _observed():
         return None  # graph capture first: under fx, ``x`` is a proxy with no device to ask
     epilogue = _epilogue(act)
-    if (epilogue is None or x.device.type != "cpu" or any(t.dtype != torch.float32 for t in (x, w1, w2))
-            or torch.is_autocast_enabled("cpu") or not _onednn_linear_available()):
+    if (epilogue is None or (module.training and dropout > 0) or x.device.type != "cpu"
+            or any(t.dtype != torch.float32 for t in (x, w1, w2)) or torch.is_autocast_enabled("cpu")
+            or not _onednn_linear_available()):
         return None
     attr, algorithm = epilogue
-    hidden = torch.ops.mkldnn._linear_pointwise(x, w1, b1, attr, [], algorithm)
-    return torch.ops.mkldnn._linear_pointwise(hidden, w2, b2, "none", [], "")
+    params = [t for t in (x, w1, b1, w2, b2) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+        return _ChannelMlp.apply(x, w1, b1, w2, b2, attr, algorithm)
+    return _linear(_linear(x, w1, b1, attr, algorithm), w2, b2)

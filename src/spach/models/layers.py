@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import register_notrace_function
 
-from .fused import mlp_inference
+from .fused import channel_mlp
 
 __all__ = [
     "ToChannelsFirst", "ToChannelsLast", "PatchEmbed", "Conv4PatchEmbed", "STEM_LAYERS", "SpatialAttention",
@@ -184,7 +184,7 @@ class ChannelMLP(nn.Module):
 
     def mlp(self, x):
         if not torch.jit.is_scripting():
-            y = self._inference(x)
+            y = self._fused(x)
             if y is not None:
                 return y
         x = self.fc1(x)
@@ -198,8 +198,9 @@ class ChannelMLP(nn.Module):
         return self.mlp(x)
 
     @torch.jit.unused
-    def _inference(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        return mlp_inference(self, x, self.fc1.weight, self.fc1.bias, self.act, self.fc2.weight, self.fc2.bias)
+    def _fused(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        return channel_mlp(self, x, self.fc1.weight, self.fc1.bias, self.act, self.fc2.weight, self.fc2.bias,
+                           self.drop.p)
 
 
 @register_notrace_function  # a leaf of fx graphs: the check runs when the graph runs, never while tracing

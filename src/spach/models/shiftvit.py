@@ -23,7 +23,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
 from .base import WEIGHTS_URL_PREFIX, BaseNet, build_model, model_cfg, register_configs
-from .fused import capturing, mlp_inference
+from .fused import capturing, channel_mlp
 
 __all__ = ["ShiftViT", "ShiftBlock", "shift_channels", "NORM_LAYERS", "ACT_LAYERS", "SHIFTVIT_CONFIGS",
            "norm_layer_of_state_dict", "checkpoint_model_kwargs", "VARIANT_OPTIONS"]
@@ -131,15 +131,15 @@ class ShiftMlp(nn.Module):
         x = x.permute(0, 2, 3, 1)
         w1, w2 = self.fc1.weight.flatten(1), self.fc2.weight.flatten(1)
         if not torch.jit.is_scripting():
-            y = self._inference(x, w1, w2)
+            y = self._fused(x, w1, w2)
             if y is not None:
                 return y.permute(0, 3, 1, 2)
         h = self.drop(self.act(F.linear(x, w1, self.fc1.bias)))
         return self.drop(F.linear(h, w2, self.fc2.bias)).permute(0, 3, 1, 2)
 
     @torch.jit.unused
-    def _inference(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> Optional[torch.Tensor]:
-        return mlp_inference(self, x, w1, self.fc1.bias, self.act, w2, self.fc2.bias)
+    def _fused(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> Optional[torch.Tensor]:
+        return channel_mlp(self, x, w1, self.fc1.bias, self.act, w2, self.fc2.bias, self.drop.p)
 
 
 class ShiftBlock(nn.Module):

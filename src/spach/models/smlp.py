@@ -32,7 +32,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from .base import BaseNet, build_model, model_cfg, register_configs
-from .fused import mlp_inference
+from .fused import channel_mlp
 
 __all__ = ["SMLPNet", "SparseMLP", "DWConvBlock", "FeedForward", "SMLPNET_CONFIGS"]
 
@@ -54,15 +54,15 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         if not torch.jit.is_scripting():
-            y = self._inference(x)
+            y = self._fused(x)
             if y is not None:
                 return y
         return self.net(x)
 
     @torch.jit.unused
-    def _inference(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        fc1, act, fc2 = self.net[0], self.net[1], self.net[3]
-        return mlp_inference(self, x, fc1.weight, fc1.bias, act, fc2.weight, fc2.bias)
+    def _fused(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        fc1, act, drop, fc2 = self.net[0], self.net[1], self.net[2], self.net[3]
+        return channel_mlp(self, x, fc1.weight, fc1.bias, act, fc2.weight, fc2.bias, drop.p)
 
 
 class BNActConv(nn.Module):
