@@ -7,9 +7,10 @@ pass over the hidden tensor, the widest one in the network. Here instead:
 
 - **inference**: oneDNN's linear primitive (``torch.ops.mkldnn._linear_pointwise``, the kernel Inductor's CPU
   backend emits) adds the bias and applies the activation in the matrix product's epilogue;
-- **training**: one autograd function: the forward products take their biases in the epilogue (no bias copy),
-  and the backward writes the activation's gradient over the hidden gradient it reads (one hidden-sized buffer
-  fewer to allocate and fill) between the same four matrix products autograd would run.
+- **training** (where a family measured it as a gain: ShiftViT): one autograd function: the forward products
+  take their biases in the epilogue (no bias copy), and the backward writes the activation's gradient over the
+  hidden gradient it reads (one hidden-sized buffer fewer to allocate and fill) between the same four matrix
+  products autograd would run.
 
 The same math in both; measured in ``benchmarks/RESULTS.md``. The path is taken only where nothing else can tell
 the difference: fp32 CPU tensors, a torch built with oneDNN (and ``torch.backends.mkldnn.enabled``), no autocast,
@@ -123,9 +124,12 @@ class _ChannelMlp(torch.autograd.Function):
 
 
 def channel_mlp(module: nn.Module, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], act: nn.Module,
-                w2: torch.Tensor, b2: Optional[torch.Tensor], dropout: float) -> Optional[torch.Tensor]:
+                w2: torch.Tensor, b2: Optional[torch.Tensor], dropout: float,
+                autograd: bool = False) -> Optional[torch.Tensor]:
     """``module``'s ``F.linear(act(F.linear(x, w1, b1)), w2, b2)`` (its dropouts, of rate ``dropout``, around
     them) on the fused path, or None where it may not run there (then the caller runs its plain layers).
+    ``autograd``: whether the training function may run for this module too; it is a family's measured choice
+    (a gain for ShiftViT's MLP, a loss for sMLPNet's: ``benchmarks/RESULTS.md``), inference always may.
     Callers reach it from a ``torch.jit.unused`` method: TorchScript never sees it."""
     if not _enabled or capturing() or _observed():
         return None  # graph capture first: under fx, ``x`` is a proxy with no device to ask
@@ -137,5 +141,5 @@ def channel_mlp(module: nn.Module, x: torch.Tensor, w1: torch.Tensor, b1: Option
     attr, algorithm = epilogue
     params = [t for t in (x, w1, b1, w2, b2) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in params):
-        return _ChannelMlp.apply(x, w1, b1, w2, b2, attr, algorithm)
+        return _ChannelMlp.apply(x, w1, b1, w2, b2, attr, algorithm) if autograd else None
     return _linear(_linear(x, w1, b1, attr, algorithm), w2, b2)

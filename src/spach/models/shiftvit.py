@@ -139,7 +139,7 @@ class ShiftMlp(nn.Module):
 
     @torch.jit.unused
     def _fused(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> Optional[torch.Tensor]:
-        return channel_mlp(self, x, w1, self.fc1.bias, self.act, w2, self.fc2.bias, self.drop.p)
+        return channel_mlp(self, x, w1, self.fc1.bias, self.act, w2, self.fc2.bias, self.drop.p, autograd=True)
 
 
 class ShiftBlock(nn.Module):
