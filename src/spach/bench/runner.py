@@ -66,7 +66,7 @@ class BenchConfig:
     fused_optimizer: bool = True        # the optimizer kernels `spach train` takes (False: foreach AdamW)
     fused_attn: bool = True             # SDPA attention (False: explicit softmax)
     cpu_bf16_explicit_attn: bool = True  # bf16 CPU training takes the explicit softmax (False: SDPA there too)
-    fused_mlp: bool = True              # channel MLPs' oneDNN inference path (False: addmm + activation)
+    fused_mlp: bool = True              # fused channel MLPs, spach.models.fused (False: plain layers)
     data: str = "synthetic"             # synthetic | a folder of JPEGs (ImageFolder, train/ used if present)
     data_pipeline: str = "fast"         # fast | timm | nvjpeg  (only with a data folder)
     workers: int = 2

@@ -91,13 +91,17 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
 
 
 class _ChannelMlp(torch.autograd.Function):
-    """``fc2(act(fc1(x)))`` with autograd: saves ``x``, the pre-activation and the activation, as autograd does."""
+    """``fc2(act(fc1(x)))`` with autograd: saves ``x``, the pre-activation (GELU) and the activation, as autograd
+    does."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, attr: str, algorithm: str):
         x2 = x.reshape(-1, x.shape[-1])
         pre = _linear(x2, w1, b1)
-        hidden = torch.nn.functional.gelu(pre, approximate=algorithm) if attr == "gelu" else torch.relu(pre)
+        if attr == "gelu":
+            hidden = torch.nn.functional.gelu(pre, approximate=algorithm)
+        else:  # ReLU's gradient needs only its output: computed in place, one hidden tensor kept, as autograd does
+            hidden = pre.relu_()
         out = _linear(hidden, w2, b2)
         ctx.save_for_backward(x2, pre, hidden, w1, w2)
         ctx.attr, ctx.algorithm, ctx.x_shape = attr, algorithm, x.shape
