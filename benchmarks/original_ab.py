@@ -18,6 +18,7 @@ off`` measures glibc's defaults.
     python benchmarks/original_ab.py --original /path/to/SPACH --model smlpnet_tiny --mode infer --rounds 9
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import spach
+from spach.models import fused
 from spach.runtime.cpu_tuning import apply_cpu_tuning, cpu_flags, cpu_model_name
 
 # model name -> (original module file, class, constructor arguments of the original registry function)
@@ -87,6 +89,9 @@ def main(argv=None):
     p.add_argument("--cpu-tuning", choices=["on", "off"], default="on",
                    help="the allocator settings `spach train` runs with (spach.runtime.cpu_tuning), for both models "
                    "alike; off: glibc's defaults")
+    p.add_argument("--packed-weights", choices=["on", "off"], default="on",
+                   help="inference: run ours inside spach.models.fused.packed_weights, as `spach eval` / `predict` / "
+                   "`benchmark` do (MLP weights reordered once); off: reordered on every call")
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args(argv)
     if args.cpu_tuning == "on":
@@ -110,18 +115,25 @@ def main(argv=None):
         sys.exit(f"outputs differ by {diff:g}: not the same math, nothing to compare")
 
     steps = {"original": make_step(original, args.mode, amp, x, y), "ours": make_step(ours, args.mode, amp, x, y)}
-    for _ in range(args.warmup):
-        for s in steps.values():
-            s()
-    times = {k: [] for k in steps}
-    cpu = {k: [] for k in steps}
-    order = list(steps)
-    for r in range(args.rounds):
-        for k in (order if r % 2 == 0 else order[::-1]):
-            t0, c0 = time.perf_counter(), time.process_time()
-            steps[k]()
-            times[k].append(time.perf_counter() - t0)
-            cpu[k].append(time.process_time() - c0)
+    packed = args.mode == "infer" and args.packed_weights == "on"
+    with fused.packed_weights(ours) if packed else contextlib.nullcontext():
+        if packed:
+            with torch.no_grad():
+                diff = max(diff, (original(x[:2]) - ours(x[:2])).abs().max().item())
+            if diff > 1e-4:
+                sys.exit(f"outputs differ by {diff:g} with packed weights")
+        for _ in range(args.warmup):
+            for s in steps.values():
+                s()
+        times = {k: [] for k in steps}
+        cpu = {k: [] for k in steps}
+        order = list(steps)
+        for r in range(args.rounds):
+            for k in (order if r % 2 == 0 else order[::-1]):
+                t0, c0 = time.perf_counter(), time.process_time()
+                steps[k]()
+                times[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
     med = {k: statistics.median(v) for k, v in times.items()}
     cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
     ratio = med["original"] / med["ours"]
@@ -129,7 +141,7 @@ def main(argv=None):
     per_round = statistics.median(o / u for o, u in zip(times["original"], times["ours"]))
     out = dict(model=args.model, mode=args.mode, amp=args.amp, batch_size=args.batch_size, img_size=args.img_size,
                rounds=args.rounds, threads=torch.get_num_threads(), cpu=cpu_model_name(), cpu_flags=cpu_flags(),
-               allocator=tuning.get("allocator"),
+               allocator=tuning.get("allocator"), packed_weights=packed,
                torch=torch.__version__, max_abs_diff=diff,
                img_per_s={k: args.batch_size / v for k, v in med.items()},
                step_s={k: [round(t, 3) for t in v] for k, v in times.items()},
@@ -137,6 +149,7 @@ def main(argv=None):
                speedup=ratio, speedup_median_of_rounds=per_round, speedup_cpu_time=cpu_ratio)
     print(f"{args.model} {args.mode} batch {args.batch_size} {args.img_size}x{args.img_size} amp {args.amp}, "
           f"{out['threads']} threads, {out['cpu']} [{out['cpu_flags']}], allocator {out['allocator']}, "
+          f"packed weights {'on' if packed else 'off'}, "
           f"torch {torch.__version__}")
     for k in steps:
         print(f"  {k:9s} median {med[k]:.3f} s/step  {args.batch_size / med[k]:7.2f} img/s  "

@@ -170,3 +170,61 @@ def test_set_enabled_returns_the_previous_setting():
         assert not fused.enabled()
     finally:
         fused.set_enabled(True)
+
+
+def _mlp_modules(model):
+    return [m for m in model.modules() if isinstance(m, (ShiftMlp, ChannelMLP)) or type(m).__name__ == "FeedForward"]
+
+
+@pytest.mark.parametrize("name,kwargs", MODELS, ids=IDS)
+def test_packed_weights_give_the_plain_outputs_and_are_released(name, kwargs):
+    model = build(name, **kwargs)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        with fused.plain_path():
+            plain = model(x)
+        with fused.packed_weights(model):
+            packed = model(x)
+            again = model(x)
+            packs = [p for m in _mlp_modules(model) for _, p, _ in fused._packed[id(m)][1].values()]
+    assert packs and all(p.layout == torch._mkldnn for p in packs)  # every MLP ran on its packed weights
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, packed, rtol=0, atol=0)
+    assert not fused._packed  # nothing kept once the scope ends
+
+
+def test_packed_weights_follow_a_weight_changed_in_place_and_stay_with_their_model():
+    model, other = build("shiftvit_light_tiny"), build("shiftvit_light_tiny")
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad(), fused.packed_weights(model):
+        model(x)
+        other(x)  # outside the scope: plain weights, nothing packed for it
+        assert not any(id(m) in fused._packed for m in other.modules())
+        for m in _mlp_modules(model):
+            m.fc1.weight.mul_(1.5)  # through the parameter: seen, repacked
+        changed = model(x)
+        with fused.plain_path():
+            expected = model(x)
+        with fused.packed_weights(model):  # nested: the inner scope's end keeps the outer one's packs
+            model(x)
+        assert id(_mlp_modules(model)[0]) in fused._packed
+        copy = __import__("copy").deepcopy(model)  # nothing unpicklable hangs on the modules
+    torch.testing.assert_close(changed, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(copy(x), expected, rtol=1e-5, atol=1e-5)
+    assert not fused._packed
+
+
+def test_evaluate_runs_on_packed_weights_and_releases_them(monkeypatch):
+    from spach.train.engine import evaluate
+    model = build("shiftvit_light_tiny", num_classes=3)
+    data = [(torch.randn(4, 3, SIZE, SIZE), torch.tensor([0, 1, 2, 0]), torch.zeros(4, dtype=torch.long))]
+    seen = []
+    real = fused._linear
+
+    def spy(x, weight, *args):
+        seen.append(weight.layout)
+        return real(x, weight, *args)
+    monkeypatch.setattr(fused, "_linear", spy)
+    stats = evaluate(data, model, torch.device("cpu"), reduce=False)
+    assert stats["n"] == 4 and seen and set(seen) == {torch._mkldnn}
+    assert not fused._packed

@@ -12,6 +12,7 @@ them) or cross-entropy with label smoothing when mixing is off, autocast with th
 fp16, AdamW with DeiT's weight-decay groups (fused where the device has the kernel), and no host
 synchronisation (no ``.item()``) inside the step.
 """
+import contextlib
 import math
 import os
 import resource
@@ -188,11 +189,13 @@ class Workload:
         self.net = torch.compile(model) if cfg.compile else model
         self.mixup_fn = None
         self.step_pieces: Optional[TrainStep] = None
+        self._scopes = contextlib.ExitStack()
         if cfg.mode == "train":
             model.train()
             self._build_train()
         else:
             model.eval()
+            self._scopes.enter_context(fused_mlp.packed_weights(model))  # as spach eval: fixed weights, packed once
         self._build_data()
 
     # --- training pieces --------------------------------------------------------------------------------
@@ -291,6 +294,7 @@ class Workload:
         return 2.0 * self.macs_per_image * (3 if self.cfg.mode == "train" else 1)
 
     def close(self):
+        self._scopes.close()
         if self.loader is not None:
             self._iter = None
             self.loader = None
@@ -347,20 +351,25 @@ def run_interleaved(cfgs: List[BenchConfig], repeats: int) -> List[Dict]:
     """Several configurations in one process, their timed blocks alternating (A B C A B C ...), so that load
     from other processes on a shared machine hits all of them alike; ratios between them are then fair.
     Peak memory is not separable in one process and is left out (``peak_mem_mb`` None)."""
-    wls = [Workload(c) for c in cfgs]
-    for wl in wls:
-        wl.warmup()
-    times = [[] for _ in wls]
-    cpu_times = [[] for _ in wls]
-    for _ in range(repeats):
-        for i, wl in enumerate(wls):
-            times[i].append(wl.timed_block())
-            cpu_times[i].append(wl.last_cpu_seconds)
-    results = []
-    for wl, ts, cs in zip(wls, times, cpu_times):
-        mem = PeakMemory(wl.device)
-        r = _result(wl, ts, mem, math.nan, None, cs)
-        r["peak_mem_mb"] = None
-        results.append(r)
-        wl.close()
+    wls: List[Workload] = []
+    try:
+        for c in cfgs:
+            wls.append(Workload(c))
+        for wl in wls:
+            wl.warmup()
+        times = [[] for _ in wls]
+        cpu_times = [[] for _ in wls]
+        for _ in range(repeats):
+            for i, wl in enumerate(wls):
+                times[i].append(wl.timed_block())
+                cpu_times[i].append(wl.last_cpu_seconds)
+        results = []
+        for wl, ts, cs in zip(wls, times, cpu_times):
+            mem = PeakMemory(wl.device)
+            r = _result(wl, ts, mem, math.nan, None, cs)
+            r["peak_mem_mb"] = None
+            results.append(r)
+    finally:
+        for wl in wls:
+            wl.close()
     return results

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import DataError, SpachError
 from ..inference import build_model, class_label, eval_transform
+from ..models.fused import packed_weights
 from ._help import use_help_formatter
 
 
@@ -81,7 +82,7 @@ def predict(model, info, paths, topk=5, batch_size=32, device="cpu"):
     k = min(topk, info.num_classes)
     model = model.to(device)
     results = []
-    with torch.no_grad():
+    with torch.no_grad(), packed_weights(model):
         for start in range(0, len(tensors), batch_size):
             batch = torch.stack(tensors[start:start + batch_size]).to(device)
             probs = model(batch).float().softmax(dim=-1).cpu()

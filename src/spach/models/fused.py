@@ -12,7 +12,12 @@ pass over the hidden tensor, the widest one in the network. Here instead:
   hidden gradient it reads (one hidden-sized buffer fewer to allocate and fill) between the same four matrix
   products autograd would run.
 
-The same math in both; measured in ``benchmarks/RESULTS.md``. The path is taken only where nothing else can tell
+The same math in both; measured in ``benchmarks/RESULTS.md``.
+
+Inside :func:`packed_weights` (what ``spach eval`` / ``predict`` / ``benchmark`` and the trainer's validation run
+under) the inference path also keeps each weight in oneDNN's own blocked layout, reordered once instead of on every
+call. That is a promise of the caller: the weights do not change inside the scope (a change through the parameter
+itself is still seen and repacked; one through ``.data`` is not), and the packed copies are dropped when it ends. The path is taken only where nothing else can tell
 the difference: fp32 CPU tensors, a torch built with oneDNN (and ``torch.backends.mkldnn.enabled``), no autocast,
 no dropout left active, no graph capture (TorchScript, fx, ``torch.jit.trace``, ``torch.export`` / ONNX and
 ``torch.compile`` see the plain layers) and no operator-level observer (FlopCounterMode). Everywhere else the
@@ -20,15 +25,19 @@ modules run their plain layers. :func:`set_enabled` / :func:`plain_path` switch 
 tests.
 """
 from contextlib import contextmanager
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["capturing", "channel_mlp", "set_enabled", "enabled", "plain_path"]
+__all__ = ["capturing", "channel_mlp", "set_enabled", "enabled", "plain_path", "packed_weights"]
 
 _enabled = True
 _available: Optional[bool] = None
+_pack_available: Optional[bool] = None
+# id(module) -> [scopes holding it, {weight slot: ((data_ptr, version, shape), packed, source)}], for the modules of the
+# models inside a packed_weights scope
+_packed: Dict[int, list] = {}
 
 
 def set_enabled(flag: bool) -> bool:
@@ -50,6 +59,48 @@ def plain_path():
         yield
     finally:
         set_enabled(previous)
+
+
+@contextmanager
+def packed_weights(model: nn.Module):
+    """Within this scope the channel MLPs of ``model`` run inference with their weights reordered once into oneDNN's
+    blocked layout (the same products, without the per-call reorder). The weights must not change inside it; the
+    packed copies (as large as the MLP weights) are released when it ends. Nested and repeated scopes are fine;
+    where oneDNN cannot pack, or the plain path runs, it changes nothing."""
+    ids = [id(m) for m in model.modules()]
+    for i in ids:
+        _packed.setdefault(i, [0, {}])[0] += 1
+    try:
+        yield model
+    finally:
+        for i in ids:
+            entry = _packed.get(i)
+            if entry is not None:
+                entry[0] -= 1
+                if entry[0] <= 0:
+                    del _packed[i]
+
+
+def _pack(module: nn.Module, slot: int, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in oneDNN's layout if ``module`` is inside a packed_weights scope (packed on first use and again
+    whenever the parameter was changed in place or replaced), else ``weight`` itself."""
+    global _pack_available
+    entry = _packed.get(id(module))
+    if entry is None or _pack_available is False:
+        return weight
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    cached = entry[1].get(slot)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    source = weight.detach()  # kept with the pack: its memory cannot be reused by another tensor meanwhile
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(source)
+    except (AttributeError, RuntimeError):
+        _pack_available = False  # a torch without the op, or oneDNN refusing the weight: plain weights then
+        return weight
+    _pack_available = True
+    entry[1][slot] = (key, packed, source)
+    return packed
 
 
 def _onednn_linear_available() -> bool:
@@ -146,4 +197,4 @@ def channel_mlp(module: nn.Module, x: torch.Tensor, w1: torch.Tensor, b1: Option
     params = [t for t in (x, w1, b1, w2, b2) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in params):
         return _ChannelMlp.apply(x, w1, b1, w2, b2, attr, algorithm) if autograd else None
-    return _linear(_linear(x, w1, b1, attr, algorithm), w2, b2)
+    return _linear(_linear(x, _pack(module, 0, w1), b1, attr, algorithm), _pack(module, 1, w2), b2)

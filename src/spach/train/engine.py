@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError, SpachError
+from ..models.fused import packed_weights
 from ..runtime.device import all_reduce_sum, autocast, synchronize, world_size
 from . import faults
 
@@ -293,24 +294,25 @@ def evaluate(data_loader, model, device, *, amp_dtype=None, channels_last=False,
     n_seen, n_replaced = 0, 0                         # counted on the host: no device round trip per batch
     bar = _progress(len(data_loader), "Test", show_progress and is_main)
     fault = "eval-ema" if header else "eval"
-    for images, target, n_bad in _batches(data_loader):
-        images = images.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            output = model(images)
-        output = output.float()
-        loss = F.cross_entropy(output, target, reduction="sum")
-        k = min(5, output.shape[1])
-        top = output.topk(k, dim=1).indices
-        hit = top.eq(target[:, None])
-        sums += torch.stack([hit[:, :1].sum(), hit.sum(), loss]).to(acc)
-        n_seen += target.numel()
-        n_replaced += int(n_bad.sum())
-        faults.point(fault)
-        if bar is not None:
-            bar.update(1)
+    with packed_weights(model):  # the weights are fixed while evaluating
+        for images, target, n_bad in _batches(data_loader):
+            images = images.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp_dtype):
+                output = model(images)
+            output = output.float()
+            loss = F.cross_entropy(output, target, reduction="sum")
+            k = min(5, output.shape[1])
+            top = output.topk(k, dim=1).indices
+            hit = top.eq(target[:, None])
+            sums += torch.stack([hit[:, :1].sum(), hit.sum(), loss]).to(acc)
+            n_seen += target.numel()
+            n_replaced += int(n_bad.sum())
+            faults.point(fault)
+            if bar is not None:
+                bar.update(1)
     if bar is not None:
         bar.close()
     sums = torch.cat([sums, torch.tensor([n_seen, n_replaced], dtype=acc, device=device)])
@@ -333,7 +335,7 @@ def throughput(data_loader, model, device, *, amp_dtype=None, channels_last=Fals
     images = next(iter(_batches(data_loader)))[0].to(device)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    with autocast(device, amp_dtype):
+    with autocast(device, amp_dtype), packed_weights(model):
         for _ in range(warmup):
             model(images)
         synchronize(device)
