@@ -10,7 +10,9 @@ process per configuration. Ratios are against the first variant.
 Variants: plain (fp32, foreach AdamW), fused (fp32, fused AdamW), bf16 (the default: explicit softmax attention in
 bf16 CPU training), compile, bf16-compile, cl (channels-last), bf16-cl, explicit (fp32, explicit softmax attention),
 explicit-bf16 (= bf16 in train mode; inference keeps SDPA), sdpa-bf16 (bf16 with SDPA attention in training too),
-plain-mlp (fp32, the channel MLPs' plain addmm + activation in inference instead of oneDNN's fused epilogue).
+plain-mlp (fp32, the channel MLPs' plain addmm + activation in inference instead of oneDNN's fused epilogue),
+unpacked (fp32 inference with the fused MLPs' weights reordered on every call instead of once: no
+spach.models.fused.packed_weights scope).
 """
 import argparse
 import json
@@ -30,6 +32,7 @@ VARIANTS = {
     "bf16-cl": dict(amp="bf16", channels_last=True),
     "explicit": dict(amp="off", fused_attn=False),
     "plain-mlp": dict(amp="off", fused_mlp=False),
+    "unpacked": dict(amp="off", packed_weights=False),
     "explicit-bf16": dict(amp="bf16", fused_attn=False),
 }
 

@@ -228,3 +228,21 @@ def test_evaluate_runs_on_packed_weights_and_releases_them(monkeypatch):
     stats = evaluate(data, model, torch.device("cpu"), reduce=False)
     assert stats["n"] == 4 and seen and set(seen) == {torch._mkldnn}
     assert not fused._packed
+
+
+def test_residual_sum_in_the_epilogue_or_the_plain_sum():
+    mlp = build("shiftvit_light_tiny").layers[0].blocks[0].mlp
+    x = torch.randn(2, 96, 8, 8).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn_like(x)
+    with torch.no_grad():
+        with fused.plain_path():
+            expected = residual + mlp(x)
+        got, ran = ops_run(lambda: mlp.forward_residual(x, residual))
+        with fused.plain_path():
+            plain_got, ran_plain = ops_run(lambda: mlp.forward_residual(x, residual))
+        nchw = residual.contiguous()  # its channels-last view is not contiguous: the sum is taken outside
+        strided, _ = ops_run(lambda: mlp.forward_residual(x, nchw))
+    assert FUSED_OP in ran and FUSED_OP not in ran_plain
+    for out in (got, plain_got, strided):
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        assert out.data_ptr() not in (x.data_ptr(), residual.data_ptr(), nchw.data_ptr())  # always a new tensor

@@ -13,7 +13,7 @@ from torch import nn
 import spach
 from spach.errors import CheckpointError
 from spach.models import count_flops, count_params, load_pretrained, model_config
-from spach.models.shiftvit import SHIFTVIT_CONFIGS, ShiftViT, shift_channels
+from spach.models.shiftvit import SHIFTVIT_CONFIGS, ShiftViT, _shift_inplace, shift_channels
 from test_models import check_bf16_autocast, check_grad_checkpointing, seeded_state_dict
 from test_timm_compat import fx_model
 
@@ -89,6 +89,8 @@ def test_shift_is_the_original_zero_filled_one_pixel_shift_with_its_gradient():
     assert torch.equal(got, want)
     cl = x.detach().contiguous(memory_format=torch.channels_last)
     assert torch.equal(shift_channels(cl, 12), expected.detach())
+    for fresh in (x.detach().clone(), cl.clone()):  # inference's in-place shift of a new residual sum
+        assert torch.equal(_shift_inplace(fresh, g), expected.detach())
 
 
 # --- the original's options and its defects fixed ------------------------------------------------------------
@@ -407,6 +409,21 @@ def test_inference_autograd_and_captured_paths_give_the_same_values():
     assert with_grad.requires_grad
     torch.testing.assert_close(with_grad.detach(), fused, atol=1e-6, rtol=0)
     torch.testing.assert_close(captured, fused, atol=1e-6, rtol=0)
+
+
+def test_stochastic_depth_without_autograd_is_the_blocks_own():
+    """Train mode under no_grad (live DropPath) takes the stage's own path: the same draws as running the blocks."""
+    model = seeded_model(TINY, 12, num_classes=10)
+    model.train()
+    stage = model.layers[2]
+    assert all(blk.drop_path.drop_prob > 0 for blk in stage.blocks)
+    x = torch.randn(2, stage.blocks[0].dim, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        fused = stage.forward_blocks(x)
+        torch.manual_seed(3)
+        plain = stage.blocks(x)
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=0)
 
 
 # --- --norm-layer / --act-layer in spach train ----------------------------------------------------------------

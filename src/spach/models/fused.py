@@ -179,13 +179,14 @@ class _ChannelMlp(torch.autograd.Function):
 
 
 def channel_mlp(module: nn.Module, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], act: nn.Module,
-                w2: torch.Tensor, b2: Optional[torch.Tensor], dropout: float,
-                autograd: bool = False) -> Optional[torch.Tensor]:
+                w2: torch.Tensor, b2: Optional[torch.Tensor], dropout: float, autograd: bool = False,
+                residual: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """``module``'s ``F.linear(act(F.linear(x, w1, b1)), w2, b2)`` (its dropouts, of rate ``dropout``, around
     them) on the fused path, or None where it may not run there (then the caller runs its plain layers).
     ``autograd``: whether the training function may run for this module too; it is a family's measured choice
     (a gain for ShiftViT's MLP, a loss for sMLPNet's: ``benchmarks/RESULTS.md``), inference always may.
-    Callers reach it from a ``torch.jit.unused`` method: TorchScript never sees it."""
+    ``residual`` (inference only; a tensor of the output's shape): returns ``residual + mlp(x)``, the sum taken in
+    fc2's epilogue, or None. Callers reach it from a ``torch.jit.unused`` method: TorchScript never sees it."""
     if not _enabled or capturing() or _observed():
         return None  # graph capture first: under fx, ``x`` is a proxy with no device to ask
     epilogue = _epilogue(act)
@@ -195,6 +196,14 @@ def channel_mlp(module: nn.Module, x: torch.Tensor, w1: torch.Tensor, b1: Option
         return None
     attr, algorithm = epilogue
     params = [t for t in (x, w1, b1, w2, b2) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in params):
-        return _ChannelMlp.apply(x, w1, b1, w2, b2, attr, algorithm) if autograd else None
-    return _linear(_linear(x, _pack(module, 0, w1), b1, attr, algorithm), _pack(module, 1, w2), b2)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in params + ([residual] if residual is not None else [])):
+        if residual is not None or not autograd:
+            return None
+        return _ChannelMlp.apply(x, w1, b1, w2, b2, attr, algorithm)
+    if residual is not None and (residual.dtype != torch.float32 or residual.device.type != "cpu"
+                                 or not residual.is_contiguous() or residual.shape != (*x.shape[:-1], w2.shape[0])):
+        return None
+    hidden = _linear(x, _pack(module, 0, w1), b1, attr, algorithm)
+    if residual is None:
+        return _linear(hidden, _pack(module, 1, w2), b2)
+    return torch.ops.mkldnn._linear_pointwise.binary(hidden, residual, _pack(module, 1, w2), b2, "add")

@@ -72,35 +72,33 @@ def _shift_functional(x: torch.Tensor, n_div: int) -> torch.Tensor:
 
 def _shift_into(out: torch.Tensor, x: torch.Tensor, g: int, forward: bool) -> torch.Tensor:
     """``out`` = the shift of ``x`` (``forward``) or its adjoint, the opposite shift (the gradient)."""
-    a, b = (slice(None, -1), slice(1, None)) if forward else (slice(1, None), slice(None, -1))
-    first, last = (-1, 0) if forward else (0, -1)
     # every channel first, then the shifted groups over it: on channels-last maps one contiguous pass costs less
     # than a strided pass over the channels that stay (benchmarks/RESULTS.md)
     out.copy_(x)
-    out[:, :g, :, a] = x[:, :g, :, b]                          # left
+    return _shift_groups(out, x, g, forward)
+
+
+def _shift_groups(out: torch.Tensor, src: torch.Tensor, g: int, forward: bool = True) -> torch.Tensor:
+    """Write the four groups of ``src`` (its first ``4 g`` channels) shifted into ``out``'s, zero-filling the
+    vacated border: the forward shift, or with ``forward=False`` its adjoint."""
+    a, b = (slice(None, -1), slice(1, None)) if forward else (slice(1, None), slice(None, -1))
+    first, last = (-1, 0) if forward else (0, -1)
+    out[:, :g, :, a] = src[:, :g, :, b]                          # left
     out[:, :g, :, first] = 0
-    out[:, g:2 * g, :, b] = x[:, g:2 * g, :, a]                # right
+    out[:, g:2 * g, :, b] = src[:, g:2 * g, :, a]                # right
     out[:, g:2 * g, :, last] = 0
-    out[:, 2 * g:3 * g, a] = x[:, 2 * g:3 * g, b]              # up
+    out[:, 2 * g:3 * g, a] = src[:, 2 * g:3 * g, b]              # up
     out[:, 2 * g:3 * g, first] = 0
-    out[:, 3 * g:4 * g, b] = x[:, 3 * g:4 * g, a]              # down
+    out[:, 3 * g:4 * g, b] = src[:, 3 * g:4 * g, a]              # down
     out[:, 3 * g:4 * g, last] = 0
     return out
 
 
-def _add_shift(x: torch.Tensor, y: torch.Tensor, g: int) -> torch.Tensor:
-    """``shift(x + y)`` without a shift pass of its own: the sum of every channel, then each group's sum written
-    straight to its shifted place."""
-    out = torch.add(x, y)  # every channel, then the shifted groups over it (as _shift_into)
-    torch.add(x[:, :g, :, 1:], y[:, :g, :, 1:], out=out[:, :g, :, :-1])                        # left
-    out[:, :g, :, -1] = 0
-    torch.add(x[:, g:2 * g, :, :-1], y[:, g:2 * g, :, :-1], out=out[:, g:2 * g, :, 1:])         # right
-    out[:, g:2 * g, :, 0] = 0
-    torch.add(x[:, 2 * g:3 * g, 1:], y[:, 2 * g:3 * g, 1:], out=out[:, 2 * g:3 * g, :-1])       # up
-    out[:, 2 * g:3 * g, -1] = 0
-    torch.add(x[:, 3 * g:4 * g, :-1], y[:, 3 * g:4 * g, :-1], out=out[:, 3 * g:4 * g, 1:])      # down
-    out[:, 3 * g:4 * g, 0] = 0
-    return out
+def _shift_inplace(z: torch.Tensor, g: int) -> torch.Tensor:
+    """Shift ``z`` in place (inference, on a fresh tensor): the channels that stay are not moved at all; the four
+    shifted groups go through one small copy."""
+    groups = z[:, :4 * g].clone()
+    return _shift_groups(z, groups, g)
 
 
 class _Shift(torch.autograd.Function):
@@ -142,6 +140,15 @@ class ShiftMlp(nn.Module):
     @torch.jit.unused
     def _fused(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> Optional[torch.Tensor]:
         return channel_mlp(self, x, w1, self.fc1.bias, self.act, w2, self.fc2.bias, self.drop.p, autograd=True)
+
+    @torch.jit.unused
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)`` without autograd; on the fused path the sum is taken in fc2's epilogue (no pass of
+        its own). Always a new tensor."""
+        w1, w2 = self.fc1.weight.flatten(1), self.fc2.weight.flatten(1)
+        y = channel_mlp(self, x.permute(0, 2, 3, 1), w1, self.fc1.bias, self.act, w2, self.fc2.bias, self.drop.p,
+                        residual=residual.permute(0, 2, 3, 1))
+        return residual + self(x) if y is None else y.permute(0, 3, 1, 2)
 
 
 class ShiftBlock(nn.Module):
@@ -210,18 +217,20 @@ class ShiftStage(nn.Module):
 
     @torch.jit.ignore
     def _forward_blocks_fused(self, x):
-        """Without autograd: each residual add is fused with the next block's shift (one pass instead of two
-        over the map); the same sums land in the same places."""
+        """Without autograd: each residual sum is a new tensor (taken in fc2's epilogue on the fused path), so the
+        next block's shift runs in place on it and moves only the shifted groups; the same sums land in the same
+        places."""
         blocks = list(self.blocks)
         if not blocks:
             return x
         x = shift_channels(x, blocks[0].n_div)
         for i, blk in enumerate(blocks):
-            y = blk.drop_path(blk.mlp(blk.norm2(x)))
-            if i + 1 < len(blocks):
-                x = _add_shift(x, y, x.shape[1] // blocks[i + 1].n_div)
+            if blk.drop_path.training and getattr(blk.drop_path, "drop_prob", 0.0) > 0:
+                x = x + blk.drop_path(blk.mlp(blk.norm2(x)))  # stochastic depth live (train mode without autograd)
             else:
-                x = x + y
+                x = blk.mlp.forward_residual(blk.norm2(x), x)
+            if i + 1 < len(blocks):
+                x = _shift_inplace(x, x.shape[1] // blocks[i + 1].n_div)
         return x
 
     def forward(self, x):
