@@ -246,3 +246,28 @@ def test_residual_sum_in_the_epilogue_or_the_plain_sum():
     for out in (got, plain_got, strided):
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         assert out.data_ptr() not in (x.data_ptr(), residual.data_ptr(), nchw.data_ptr())  # always a new tensor
+
+
+def test_smlpnet_channel_mixing_residual_in_the_epilogue():
+    model = build("smlpnet_tiny", img_size=SIZE)
+    ff = model.channel_mix[0][2]
+    x = torch.randn(2, 16, 16, ff.net[0].in_features)
+    residual = torch.randn_like(x)
+    with torch.no_grad():
+        with fused.plain_path():
+            expected = residual + ff(x)
+            assert torch.equal(ff.forward_residual(x, residual), expected)
+        got = ff.forward_residual(x, residual)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # train mode without autograd, stochastic depth live: the same draws as the blocks with autograd
+    model.train()
+    for drop in model.drop_path:
+        if hasattr(drop, "drop_prob"):
+            drop.drop_prob = 0.5
+    img = torch.randn(2, 3, SIZE, SIZE)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        no_grad = model.forward_features(img)
+    torch.manual_seed(5)
+    with_grad = model.forward_features(img).detach()
+    torch.testing.assert_close(no_grad, with_grad, rtol=1e-5, atol=1e-5)

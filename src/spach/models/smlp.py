@@ -32,7 +32,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from .base import BaseNet, build_model, model_cfg, register_configs
-from .fused import channel_mlp
+from .fused import capturing, channel_mlp
 
 __all__ = ["SMLPNet", "SparseMLP", "DWConvBlock", "FeedForward", "SMLPNET_CONFIGS"]
 
@@ -60,9 +60,15 @@ class FeedForward(nn.Module):
         return self.net(x)
 
     @torch.jit.unused
-    def _fused(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+    def _fused(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         fc1, act, drop, fc2 = self.net[0], self.net[1], self.net[2], self.net[3]
-        return channel_mlp(self, x, fc1.weight, fc1.bias, act, fc2.weight, fc2.bias, drop.p)
+        return channel_mlp(self, x, fc1.weight, fc1.bias, act, fc2.weight, fc2.bias, drop.p, residual=residual)
+
+    @torch.jit.unused
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)`` without autograd; on the fused path the sum is taken in fc2's epilogue."""
+        y = self._fused(x, residual)
+        return residual + self(x) if y is None else y
 
 
 class BNActConv(nn.Module):
@@ -219,10 +225,24 @@ class SMLPNet(BaseNet):
                 x = torch.utils.checkpoint.checkpoint(self._block, x, token, channel, drop, use_reentrant=False)
         return x
 
+    @torch.jit.ignore
+    def _stage_inference(self, stage: int, x):
+        """Without autograd: each channel mixing's residual sum is taken in its fc2's epilogue (fused path)."""
+        for index, (token, channel, drop) in enumerate(zip(self.token_mix, self.channel_mix, self.drop_path)):
+            if self.block_stage[index] == stage:
+                x = x + drop(token(x))
+                if drop.training and getattr(drop, "drop_prob", 0.0) > 0:  # stochastic depth live: as in _stage
+                    x = x + drop(channel(x))
+                else:
+                    x = channel[2].forward_residual(channel[1](channel[0](x)), x)
+        return x
+
     def _stage(self, stage: int, x):
         """The blocks of stage ``stage`` (modules are only called here: TorchScript cannot pass them around)."""
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return self._stage_checkpointed(stage, x)
+        if not torch.jit.is_scripting() and not torch.is_grad_enabled() and not capturing():
+            return self._stage_inference(stage, x)
         for index, (token, channel, drop) in enumerate(zip(self.token_mix, self.channel_mix, self.drop_path)):
             if self.block_stage[index] == stage:
                 x = x + drop(token(x))
