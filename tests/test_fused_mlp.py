@@ -271,3 +271,14 @@ def test_smlpnet_channel_mixing_residual_in_the_epilogue():
     torch.manual_seed(5)
     with_grad = model.forward_features(img).detach()
     torch.testing.assert_close(no_grad, with_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_weights_of_a_model_built_under_inference_mode():
+    with torch.inference_mode():
+        model = build("shiftvit_light_tiny")  # its parameters are inference tensors: no version counter
+        x = torch.randn(2, 3, SIZE, SIZE)
+        with fused.plain_path():
+            plain = model(x)
+        with fused.packed_weights(model):
+            packed = model(x)
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)

@@ -12,17 +12,20 @@ pass over the hidden tensor, the widest one in the network. Here instead:
   hidden gradient it reads (one hidden-sized buffer fewer to allocate and fill) between the same four matrix
   products autograd would run.
 
-The same math in both; measured in ``benchmarks/RESULTS.md``.
-
-Inside :func:`packed_weights` (what ``spach eval`` / ``predict`` / ``benchmark`` and the trainer's validation run
-under) the inference path also keeps each weight in oneDNN's own blocked layout, reordered once instead of on every
-call. That is a promise of the caller: the weights do not change inside the scope (a change through the parameter
-itself is still seen and repacked; one through ``.data`` is not), and the packed copies are dropped when it ends. The path is taken only where nothing else can tell
+The same math in both; measured in ``benchmarks/RESULTS.md``. The path is taken only where nothing else can tell
 the difference: fp32 CPU tensors, a torch built with oneDNN (and ``torch.backends.mkldnn.enabled``), no autocast,
 no dropout left active, no graph capture (TorchScript, fx, ``torch.jit.trace``, ``torch.export`` / ONNX and
 ``torch.compile`` see the plain layers) and no operator-level observer (FlopCounterMode). Everywhere else the
 modules run their plain layers. :func:`set_enabled` / :func:`plain_path` switch it off for A/B measurements and
 tests.
+
+Two more inference steps:
+
+- a block's residual sum can be taken in fc2's epilogue (``residual=``), instead of a pass of its own;
+- inside :func:`packed_weights` (what ``spach eval`` / ``predict`` / ``benchmark`` and the trainer's validation run
+  under) each weight is kept in oneDNN's own blocked layout, reordered once instead of on every call. That is a
+  promise of the caller: the weights do not change inside the scope (a change through the parameter itself is
+  still seen and repacked; one through ``.data`` is not), and the packed copies are dropped when it ends.
 """
 from contextlib import contextmanager
 from typing import Dict, Optional, Tuple
@@ -88,7 +91,8 @@ def _pack(module: nn.Module, slot: int, weight: torch.Tensor) -> torch.Tensor:
     entry = _packed.get(id(module))
     if entry is None or _pack_available is False:
         return weight
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    # weights made under torch.inference_mode have no version counter: for them only the caller's promise holds
+    key = (weight.data_ptr(), None if weight.is_inference() else weight._version, tuple(weight.shape))
     cached = entry[1].get(slot)
     if cached is not None and cached[0] == key:
         return cached[1]

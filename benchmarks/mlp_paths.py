@@ -1,0 +1,72 @@
+"""ShiftViT-light-T's channel MLPs in inference, one per stage at batch 32, in the forms of the fused path.
+
+Per stage, in one process with the forms alternating call by call (so that load from other processes hits them
+alike), median milliseconds of ``--repeats`` calls after one warm-up call each:
+
+- ``reorder``: the fused MLP with its weights reordered into oneDNN's layout on every call (outside
+  ``spach.models.fused.packed_weights``);
+- ``packed``: the same inside ``packed_weights`` (reordered once);
+- ``packed + add``: ``residual + mlp(x)``, the sum as a pass of its own;
+- ``packed, sum in epilogue``: ``mlp.forward_residual(x, residual)``, the sum in fc2's epilogue.
+
+The network total weights each stage by its block count (2, 2, 6, 2). Random activations: the products' speed
+does not depend on the values. Run with the allocator setting ``spach train`` applies.
+
+    python benchmarks/mlp_paths.py [--threads 2] [--repeats 15] [--batch 32]
+"""
+import argparse
+import copy
+import statistics
+import sys
+import time
+
+import torch
+
+STAGES = [(96, 56, 2), (192, 28, 2), (384, 14, 6), (768, 7, 2)]  # width, grid, blocks of shiftvit_light_tiny
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args(argv)
+    from spach.models import fused
+    from spach.models.shiftvit import ShiftMlp
+    from spach.runtime.cpu_tuning import apply_cpu_tuning, cpu_flags, cpu_model_name
+    apply_cpu_tuning(args.threads)
+    print(f"# {cpu_model_name()} [{cpu_flags()}], {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"batch {args.batch}")
+    forms = ["reorder", "packed", "packed + add", "packed, sum in epilogue"]
+    print(f"{'stage (width, grid)':22s}" + "".join(f"{f:>25s}" for f in forms))
+    totals = dict.fromkeys(forms, 0.0)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for width, grid, blocks in STAGES:
+            mlp = ShiftMlp(width, 4 * width).eval()
+            x = torch.randn(args.batch, width, grid, grid).contiguous(memory_format=torch.channels_last)
+            residual = torch.randn_like(x)
+            outside = copy.deepcopy(mlp)  # the same weights, not in the packed_weights scope
+            calls = {"reorder": lambda: outside(x), "packed": lambda: mlp(x), "packed + add": lambda: residual + mlp(x),
+                     "packed, sum in epilogue": lambda: mlp.forward_residual(x, residual)}
+            times = {f: [] for f in forms}
+            with fused.packed_weights(mlp):
+                for r in range(args.repeats + 1):
+                    for f in (forms if r % 2 == 0 else forms[::-1]):
+                        t = time.perf_counter()
+                        calls[f]()
+                        dt = time.perf_counter() - t
+                        if r:  # the first round is the warm-up (the packing included)
+                            times[f].append(dt)
+            med = {f: statistics.median(v) * 1e3 for f, v in times.items()}
+            for f in forms:
+                totals[f] += med[f] * blocks
+            print(f"{f'{width}, {grid}x{grid} (x{blocks})':22s}" + "".join(f"{med[f]:25.2f}" for f in forms))
+    print(f"{'network (ms)':22s}" + "".join(f"{totals[f]:25.1f}" for f in forms))
+    print(f"packed / reorder: {totals['reorder'] / totals['packed']:.3f}x faster; sum in epilogue / own pass: "
+          f"{totals['packed + add'] / totals['packed, sum in epilogue']:.3f}x faster")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
