@@ -12,6 +12,9 @@ alike), median milliseconds of ``--repeats`` calls after one warm-up call each:
 The network total weights each stage by its block count (2, 2, 6, 2). Random activations: the products' speed
 does not depend on the values. Run with the allocator setting ``spach train`` applies.
 
+A second table gives each stage's fc1 product (packed weights) with GELU in its epilogue and without, in GFLOP/s,
+beside a square product (``--square``, 4096): what the products reach on this CPU, and what the activation costs.
+
     python benchmarks/mlp_paths.py [--threads 2] [--repeats 15] [--batch 32]
 """
 import argparse
@@ -30,6 +33,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--square", type=int, default=4096, help="size of the square reference product")
     args = ap.parse_args(argv)
     from spach.models import fused
     from spach.models.shiftvit import ShiftMlp
@@ -65,7 +69,39 @@ def main(argv=None):
     print(f"{'network (ms)':22s}" + "".join(f"{totals[f]:25.1f}" for f in forms))
     print(f"packed / reorder: {totals['reorder'] / totals['packed']:.3f}x faster; sum in epilogue / own pass: "
           f"{totals['packed + add'] / totals['packed, sum in epilogue']:.3f}x faster")
+    products(args)
     return 0
+
+
+def products(args):
+    lp = torch.ops.mkldnn._linear_pointwise
+    cases = []
+    for width, grid, _ in STAGES:
+        x = torch.randn(args.batch * grid * grid, width)
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(4 * width, width) * 0.05)
+        b = torch.randn(4 * width)
+        flops = 2 * x.shape[0] * width * 4 * width
+        cases.append((f"fc1 {width} -> {4 * width}, {grid}x{grid}", flops, {
+            "no activation": lambda x=x, w=w, b=b: lp(x, w, b, "none", [], ""),
+            "GELU in epilogue": lambda x=x, w=w, b=b: lp(x, w, b, "gelu", [], "none")}))
+    n = args.square
+    a = torch.randn(n, n)
+    w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, n))
+    cases.append((f"{n} x {n} x {n}", 2 * n ** 3, {"no activation": lambda: lp(a, w, None, "none", [], "")}))
+    print(f"{'product (packed weights)':28s}{'no activation':>24s}{'GELU in epilogue':>24s}")
+    with torch.inference_mode():
+        for label, flops, forms in cases:
+            times = {f: [] for f in forms}
+            for r in range(args.repeats + 1):
+                for f, call in forms.items():
+                    t = time.perf_counter()
+                    call()
+                    if r:
+                        times[f].append(time.perf_counter() - t)
+            med = {f: statistics.median(v) for f, v in times.items()}
+            cells = [f"{med[f] * 1e3:8.1f} ms {flops / med[f] / 1e9:5.0f} GF/s" if f in med else ""
+                     for f in ("no activation", "GELU in epilogue")]
+            print(f"{label:28s}" + "".join(f"{c:>24s}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -350,6 +350,26 @@ def test_gemm_rates_script_reports_every_shape():
     assert "median bf16/fp32:" in proc.stdout
 
 
+def test_mlp_paths_script_reports_every_form_and_product():
+    """benchmarks/mlp_paths.py runs the fused MLP's inference forms per stage and the products' rates."""
+    import subprocess
+    import sys
+    from spach.models import fused
+    if not fused._onednn_linear_available():
+        pytest.skip("this torch has no oneDNN linear")
+    path = os.path.join(ROOT, "benchmarks", "mlp_paths.py")
+    proc = subprocess.run([sys.executable, path, "--batch", "1", "--repeats", "1", "--threads", "1", "--square", "256"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    stage_rows = [line for line in out.splitlines() if "x2)" in line or "x6)" in line]
+    assert len(stage_rows) == 4 and all(len(line.split()) == 7 for line in stage_rows)
+    assert "packed / reorder:" in out and "sum in epilogue / own pass:" in out
+    products = [line for line in out.splitlines() if line.startswith("fc1 ")]
+    assert len(products) == 4 and all(line.count("GF/s") == 2 for line in products)
+    assert "256 x 256 x 256" in out
+
+
 def test_benchmark_times_the_training_step_of_spach_train(monkeypatch):
     """The benchmark's step is train_step with training's optimizer (same kernels, same weight-decay groups) and
     loss, so its figures are those of `spach train`."""
