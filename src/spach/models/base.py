@@ -33,7 +33,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq
 from timm.models._features import feature_take_indices  # timm's own models import it from here too
 
 __all__ = ["WEIGHTS_URL_PREFIX", "BaseNet", "check_image_batch", "MODEL_CONFIGS", "register_configs", "model_cfg",
-           "build_model", "META_KEYS"]
+           "build_model", "META_KEYS", "stochastic_depth_live"]
 
 
 @register_notrace_function  # a leaf of fx graphs: its Python checks run when the graph runs, never while tracing
@@ -189,6 +189,11 @@ META_KEYS = ("paper_name", "top1", "weights")
 
 # where the original repository's release files live (SPACH, sMLPNet and ShiftViT alike)
 WEIGHTS_URL_PREFIX = "https://github.com/microsoft/SPACH/releases/download/v1.0/"
+
+
+def stochastic_depth_live(drop: nn.Module) -> bool:
+    """Whether ``drop`` (a block's DropPath, or the Identity that stands for rate 0) would drop anything now."""
+    return drop.training and getattr(drop, "drop_prob", 0.0) > 0
 
 
 def register_configs(table: Dict[str, dict]) -> Dict[str, dict]:

@@ -199,11 +199,9 @@ def channel_mlp(module: nn.Module, x: torch.Tensor, w1: torch.Tensor, b1: Option
             or not _onednn_linear_available()):
         return None
     attr, algorithm = epilogue
-    params = [t for t in (x, w1, b1, w2, b2) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in params + ([residual] if residual is not None else [])):
-        if residual is not None or not autograd:
-            return None
-        return _ChannelMlp.apply(x, w1, b1, w2, b2, attr, algorithm)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2, residual)):
+        # with autograd: the training function, where the family chose it (it takes no residual)
+        return _ChannelMlp.apply(x, w1, b1, w2, b2, attr, algorithm) if autograd and residual is None else None
     if residual is not None and (residual.dtype != torch.float32 or residual.device.type != "cpu"
                                  or not residual.is_contiguous() or residual.shape != (*x.shape[:-1], w2.shape[0])):
         return None

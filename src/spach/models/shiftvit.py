@@ -22,7 +22,7 @@ from torch import nn
 from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
-from .base import WEIGHTS_URL_PREFIX, BaseNet, build_model, model_cfg, register_configs
+from .base import WEIGHTS_URL_PREFIX, BaseNet, build_model, model_cfg, register_configs, stochastic_depth_live
 from .fused import capturing, channel_mlp
 
 __all__ = ["ShiftViT", "ShiftBlock", "shift_channels", "NORM_LAYERS", "ACT_LAYERS", "SHIFTVIT_CONFIGS",
@@ -138,16 +138,17 @@ class ShiftMlp(nn.Module):
         return self.drop(F.linear(h, w2, self.fc2.bias)).permute(0, 3, 1, 2)
 
     @torch.jit.unused
-    def _fused(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> Optional[torch.Tensor]:
-        return channel_mlp(self, x, w1, self.fc1.bias, self.act, w2, self.fc2.bias, self.drop.p, autograd=True)
+    def _fused(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+               residual: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        return channel_mlp(self, x, w1, self.fc1.bias, self.act, w2, self.fc2.bias, self.drop.p, autograd=True,
+                           residual=residual)
 
     @torch.jit.unused
     def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + self(x)`` without autograd; on the fused path the sum is taken in fc2's epilogue (no pass of
         its own). Always a new tensor."""
-        w1, w2 = self.fc1.weight.flatten(1), self.fc2.weight.flatten(1)
-        y = channel_mlp(self, x.permute(0, 2, 3, 1), w1, self.fc1.bias, self.act, w2, self.fc2.bias, self.drop.p,
-                        residual=residual.permute(0, 2, 3, 1))
+        y = self._fused(x.permute(0, 2, 3, 1), self.fc1.weight.flatten(1), self.fc2.weight.flatten(1),
+                        residual.permute(0, 2, 3, 1))
         return residual + self(x) if y is None else y.permute(0, 3, 1, 2)
 
 
@@ -225,7 +226,7 @@ class ShiftStage(nn.Module):
             return x
         x = shift_channels(x, blocks[0].n_div)
         for i, blk in enumerate(blocks):
-            if blk.drop_path.training and getattr(blk.drop_path, "drop_prob", 0.0) > 0:
+            if stochastic_depth_live(blk.drop_path):
                 x = x + blk.drop_path(blk.mlp(blk.norm2(x)))  # stochastic depth live (train mode without autograd)
             else:
                 x = blk.mlp.forward_residual(blk.norm2(x), x)

@@ -31,7 +31,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from timm.models._features import feature_take_indices
 
-from .base import BaseNet, build_model, model_cfg, register_configs
+from .base import BaseNet, build_model, model_cfg, register_configs, stochastic_depth_live
 from .fused import capturing, channel_mlp
 
 __all__ = ["SMLPNet", "SparseMLP", "DWConvBlock", "FeedForward", "SMLPNET_CONFIGS"]
@@ -231,7 +231,7 @@ class SMLPNet(BaseNet):
         for index, (token, channel, drop) in enumerate(zip(self.token_mix, self.channel_mix, self.drop_path)):
             if self.block_stage[index] == stage:
                 x = x + drop(token(x))
-                if drop.training and getattr(drop, "drop_prob", 0.0) > 0:  # stochastic depth live: as in _stage
+                if stochastic_depth_live(drop):  # as in _stage
                     x = x + drop(channel(x))
                 else:
                     x = channel[2].forward_residual(channel[1](channel[0](x)), x)
