@@ -187,6 +187,30 @@ def test_eval_predict_and_export_build_the_files_normalization(files):
         torch.testing.assert_close(model(x), ref(x), atol=0, rtol=0)
 
 
+def test_a_checkpoint_is_read_from_disk_once_per_model_built(files, monkeypatch, tmp_path):
+    # ShiftViT's file is asked for its recorded options, for the normalization its weights fix and for the
+    # weights: one torch.load, and nothing of the file is held once the model is built
+    import spach.weights
+    from spach.inference import build_model
+    ref, path = files["BN"]
+    loads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    model = spach.create_model(TINY, checkpoint_path=str(path)).eval()
+    assert loads == [str(path)]
+    build_model(TINY, str(path))  # spach eval / predict / export
+    assert len(loads) == 2 and spach.weights._read_scope is None
+    copy = tmp_path / "copy.pth"
+    torch.save({"model": ref.state_dict()}, copy)
+    with spach.weights.read_once():
+        first = spach.weights.read_checkpoint_file(copy)
+        assert spach.weights.read_checkpoint_file(copy) is first and len(loads) == 3
+        torch.save({"model": ref.state_dict(), "epoch": 1}, copy)  # rewritten meanwhile: read again
+        assert "epoch" in spach.weights.read_checkpoint_file(copy) and len(loads) == 4
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=0, rtol=0)
+
+
 def test_checkpoint_of_another_model_is_refused_with_the_keys(files, tmp_path):
     _, path = files["GN1"]
     with pytest.raises(CheckpointError) as e:

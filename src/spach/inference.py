@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .errors import SpachError
-from .weights import (ARCH_OPTIONS, local_weights, read_checkpoint_file, safetensors_metadata, safetensors_shape,
-                      stored_facts, strip_prefixes, unwrap_state_dict)
+from .weights import (ARCH_OPTIONS, local_weights, read_checkpoint_file, read_once, safetensors_metadata,
+                      safetensors_shape, stored_facts, strip_prefixes, unwrap_state_dict)
 
 __all__ = ["ModelInfo", "read_checkpoint_metadata", "build_model", "eval_transform", "class_label",
            "imagenet_class_names", "warn"]
@@ -129,6 +129,7 @@ def read_checkpoint_metadata(path: str, use_ema: bool = False) -> dict:
     return meta
 
 
+@read_once()  # the checkpoint is asked for its facts, its variant and its weights: read from disk once
 def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img_size=None,
                 use_ema: bool = False, num_classes: Optional[int] = None,
                 crop_pct: Optional[float] = None) -> Tuple[nn.Module, ModelInfo]:

@@ -16,6 +16,7 @@ import re
 import urllib.parse
 import urllib.request
 import warnings
+from contextlib import contextmanager
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -25,7 +26,7 @@ from .files import regular_file_problem
 
 __all__ = ["read_checkpoint_file", "stored_facts", "unwrap_state_dict", "strip_prefixes", "read_state_dict", "safetensors_metadata",
            "safetensors_shape", "is_url", "url_file_name", "local_weights", "release_file", "ARCH_OPTIONS",
-           "stored_model_options", "state_dict_of"]
+           "stored_model_options", "state_dict_of", "read_once"]
 
 # architecture options a file records beside its weights (a training run's flags, an export's metadata) that
 # rebuild the right variant: keys that differ (stems, shared mixers) and ones that do not (ShiftViT's activation)
@@ -61,12 +62,52 @@ def _last_line(text: str) -> str:
 _GLOBAL = re.compile(r"GLOBAL ([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+) (?:was|whose)")
 
 
+# while a read_once() scope is open: (real path, kind) -> ((mtime_ns, size), what the file held)
+_read_scope: Optional[dict] = None
+
+
+@contextmanager
+def read_once():
+    """Within this scope each weights file is read from disk once. Building a model from a file asks it in turn
+    for the options it records, the variant its weights fix and the weights themselves; a training checkpoint
+    carries the optimizer state too, several times the model's size. What a file held is shared by the
+    readers (none of them changes it) and dropped when the outermost scope ends; a file rewritten meanwhile is
+    read again."""
+    global _read_scope
+    outer = _read_scope is None
+    if outer:
+        _read_scope = {}
+    try:
+        yield
+    finally:
+        if outer:
+            _read_scope = None
+
+
+def _read_shared(path: str, kind: str, read):
+    """``read()`` of the file ``path``, shared within a :func:`read_once` scope."""
+    if _read_scope is None:
+        return read()
+    st = os.stat(path)
+    key, stamp = (os.path.realpath(path), kind), (st.st_mtime_ns, st.st_size)
+    cached = _read_scope.get(key)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    value = read()
+    _read_scope[key] = (stamp, value)
+    return value
+
+
 def read_checkpoint_file(path) -> object:
     """``torch.load(path, weights_only=True)`` on the CPU. A pickle holding anything but tensors and plain
     containers is refused (loading it could run code); any other failure, whatever the bytes, is one
-    :class:`CheckpointError` too."""
+    :class:`CheckpointError` too. Within a :func:`read_once` scope the file is loaded once."""
     path = os.fspath(path)
     _exists(path)
+    return _read_shared(path, "pth", lambda: _load_pth(path))
+
+
+def _load_pth(path: str) -> object:
     with warnings.catch_warnings():  # a raw pickle's protocol warning would add lines to the one-line error
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
         try:
@@ -228,12 +269,16 @@ def read_state_dict(path, use_ema: bool = False) -> Dict[str, torch.Tensor]:
         if use_ema:  # one set of weights per file: --use-ema would silently give the plain ones
             raise CheckpointError(f"{path} holds one set of weights (safetensors files carry no EMA copy): drop "
                                   f"--ema / --use-ema (export the EMA weights with spach export --use-ema)")
-        try:
-            from safetensors.torch import load_file
-            return load_file(path, device="cpu")
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+        return dict(_read_shared(path, "safetensors", lambda: _load_safetensors(path)))
     return state_dict_of(read_checkpoint_file(path), path, use_ema)
+
+
+def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+        return load_file(path, device="cpu")
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
 
 
 def state_dict_of(ckpt, path, use_ema: bool = False) -> Dict[str, torch.Tensor]:

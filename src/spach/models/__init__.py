@@ -7,7 +7,7 @@ share (the timm model API, the config table, timm registration), ``flops`` the F
 import timm as _timm
 
 from ..errors import CheckpointError, SpachError
-from ..weights import read_checkpoint_file, read_state_dict, state_dict_of, stored_model_options
+from ..weights import read_checkpoint_file, read_once, read_state_dict, state_dict_of, stored_model_options
 from .flops import count_flops, count_params
 from .pretrained import checkpoint_filter_fn, load_pretrained, safetensors_model_kwargs
 from .spach import MixingBlock, Spach, SpachMS  # registers the SPACH family (first: `spach models` lists it first)
@@ -21,7 +21,7 @@ from .variants import (MODEL_CONFIGS, default_drop_path_rate, list_models, model
 __all__ = ["create_model", "list_models", "load_pretrained", "read_state_dict", "checkpoint_filter_fn",
            "MixingBlock", "Spach", "SpachMS", "SMLPNet", "ShiftViT", "MODEL_CONFIGS", "model_config", "count_flops",
            "count_params", "UnknownModelError", "default_drop_path_rate", "arch_from_checkpoint",
-           "variant_options"]
+           "variant_options", "variant_choices"]
 
 
 class UnknownModelError(SpachError, KeyError):
@@ -38,13 +38,14 @@ def create_model(model_name: str, pretrained: bool = False, checkpoint_path: str
     ``.pth``, training checkpoint, bare state_dict or ``.safetensors``) with strict key/shape checks."""
     if model_name not in MODEL_CONFIGS:
         raise UnknownModelError(unknown_model_message(model_name))
-    if checkpoint_path and str(checkpoint_path).endswith(".safetensors"):
-        for key, value in safetensors_model_kwargs(checkpoint_path).items():
-            kwargs.setdefault(key, value)  # explicit arguments win over the file's metadata
-    if checkpoint_path:
+    if not checkpoint_path:
+        return _timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    with read_once():  # the file is asked for its options, its variant and its weights: read from disk once
+        if str(checkpoint_path).endswith(".safetensors"):
+            for key, value in safetensors_model_kwargs(checkpoint_path).items():
+                kwargs.setdefault(key, value)  # explicit arguments win over the file's metadata
         arch_from_checkpoint(model_name, checkpoint_path, use_ema, kwargs)
-    model = _timm.create_model(model_name, pretrained=pretrained, **kwargs)
-    if checkpoint_path:
+        model = _timm.create_model(model_name, pretrained=pretrained, **kwargs)
         pruned = kwargs.get("features_only") or kwargs.get("num_classes", 1) == 0
         load_pretrained(model, checkpoint_path, use_ema=use_ema, strict=not pruned)
     return model
@@ -62,6 +63,11 @@ def variant_options(model_name: str) -> dict:
     return dict(_VARIANTS.get(model_name, {}))
 
 
+def variant_choices(option: str) -> tuple:
+    """Every value a variant option (``norm_layer``, ``act_layer``) takes in some family: a command line's choices."""
+    return tuple(dict.fromkeys(c for options in _VARIANTS.values() if option in options for c in options[option][1]))
+
+
 def arch_from_checkpoint(model_name, path, use_ema, kwargs, spell=None):
     """Fill ``kwargs`` with the architecture arguments the weights file fixes: the options it records for this
     model (a training run's ``--stem-type``, ``--act-layer`` ...; an export's metadata) and what its weights tell
@@ -70,7 +76,7 @@ def arch_from_checkpoint(model_name, path, use_ema, kwargs, spell=None):
     command-line flag, say); by default ``key=value`` and ``key``."""
     spell = spell or (lambda key, value: key if value is None else f"{key}={value!r}")
     safetensors = str(path).endswith(".safetensors")
-    ckpt = None if safetensors else read_checkpoint_file(path)  # a .pth is read once, for options and weights
+    ckpt = None if safetensors else read_checkpoint_file(path)
     stored = stored_model_options(path, ckpt)
     found = {k: v for k, v in stored.items() if k != "model"} if stored.get("model") in (None, model_name) else {}
     if model_name in _CHECKPOINT_ARCH:

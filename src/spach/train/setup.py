@@ -28,6 +28,7 @@ from ..data.demo import DEMO_NAME
 from ..errors import CheckpointError, DataError, SpachError
 from ..runtime import device as devices
 from ..runtime.device import DistInfo
+from ..weights import read_once
 from .checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, set_rng_state
 from .ema import ModelEma
 from .engine import TrainStep, build_criterion, build_scaler
@@ -142,12 +143,13 @@ def build_run(args, dist: DistInfo, device_kind: str, lock: Optional[OutputDirLo
     data = build_data(args, dist, eval_only)
     logger.info(f"Creating model: {args.model} ({len(data.class_names)} classes, input {args.input_size})")
     logger.info(f"drop path rate {args.drop_path:g} ({getattr(args, '_drop_path_source', '--drop-path')})")
-    model = build_model(args, len(data.class_names))
-    if args.finetune and not args.eval:
-        finetune(model, args.finetune)
-    if eval_only and args.resume:
-        from ..models import load_pretrained
-        load_pretrained(model, args.resume, use_ema=args.eval_ema)
+    with read_once():  # a --finetune / --resume file fixes the variant, then gives the weights: read once
+        model = build_model(args, len(data.class_names))
+        if args.finetune and not args.eval:
+            finetune(model, args.finetune)
+        if eval_only and args.resume:
+            from ..models import load_pretrained
+            load_pretrained(model, args.resume, use_ema=args.eval_ema)
     model.to(dist.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
