@@ -9,6 +9,8 @@ Flags whose default is ``None`` below take the DeiT value with ``--data-path`` a
 """
 import argparse
 
+from ..models import variant_choices
+
 __all__ = ["add_train_arguments", "check_flag_combinations", "DEIT_DEFAULTS", "DEMO_DEFAULTS", "DEFAULT_MODEL", "DEMO_MODEL"]
 
 DEFAULT_MODEL = "spach_ms_s_patch4_224_conv"
@@ -199,10 +201,10 @@ def _model_flags(parser, dd):
           help="patch-embedding stem (default: the model's own; conv4 on the hybrid MS-S gives Hybrid-MS-S+)")
     _flag(g, "--shared-spatial-func", dest="shared_spatial_func", action="store_true",
           help="share one spatial mixer between the blocks of a stage (single-kind stages only)")
-    _flag(g, "--norm-layer", dest="norm_layer", default=None, choices=["GN1", "BN"],
+    _flag(g, "--norm-layer", dest="norm_layer", default=None, choices=variant_choices("norm_layer"),
           help="ShiftViT's normalization: GN1 (GroupNorm, one group) or BN (BatchNorm) (default: the one the "
           "--finetune / --resume file holds, else GN1)")
-    _flag(g, "--act-layer", dest="act_layer", default=None, choices=["GELU", "RELU"],
+    _flag(g, "--act-layer", dest="act_layer", default=None, choices=variant_choices("act_layer"),
           help="ShiftViT's activation (default: GELU)")
     _flag(g, "--model-ema-decay", dest="model_ema_decay", type=_in_range(0, 1, True, True), default=0.99996)
     _flag(g, "--model-ema-force-cpu", dest="model_ema_force_cpu", action="store_true")
