@@ -62,6 +62,107 @@ class _Skipped:
             logger.warning(f"{split_dir}: skipped {len(items)} {reason}: {'; '.join(items[:3])}{more}")
 
 
+class _SplitScan:
+    """The class folders of one split, walked as :func:`scan_split` describes; ``skipped`` collects what was left
+    out."""
+
+    def __init__(self, split_dir: str, classes: Sequence[str]):
+        self.skipped = _Skipped()
+        self.class_dirs = [os.path.join(split_dir, name) for name in classes]
+        self.reals = [os.path.realpath(d) for d in self.class_dirs]
+        self.owner: Dict[str, int] = {}  # real path of a class folder -> its class index
+        for idx, real in enumerate(self.reals):
+            if real in self.owner:
+                raise DataError(f"class folders {self.class_dirs[self.owner[real]]} and {self.class_dirs[idx]} are "
+                                f"the same folder ({real}): every image would get two labels; give each class its "
+                                f"own folder")
+            self.owner[real] = idx
+
+    def class_of(self, real_path: str) -> Optional[int]:
+        """The class whose folder holds ``real_path`` (None: outside every class folder of this split)."""
+        folder = os.path.dirname(real_path)
+        while True:
+            if folder in self.owner:
+                return self.owner[folder]
+            parent = os.path.dirname(folder)
+            if parent == folder:
+                return None
+            folder = parent
+
+    def images(self, idx: int) -> List[Tuple[str, str]]:
+        """``(path, real path)`` of every image of class ``idx``, depth first in name order."""
+        files, seen, visited = [], set(), {self.reals[idx]}
+        stack = [(self.class_dirs[idx], self.reals[idx])]
+        while stack:
+            folder, real_folder = stack.pop()
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError as e:
+                _raise_walk_error(e if e.filename else OSError(e.errno, e.strerror, folder))
+            subdirs = []
+            for entry in entries:
+                if entry.is_dir():  # follows links
+                    sub = self._subfolder(idx, entry, real_folder, visited)
+                    if sub is not None:
+                        subdirs.append(sub)
+                    continue
+                real = self._image(idx, entry, real_folder)
+                if real is None:
+                    continue
+                if real in seen:
+                    self.skipped.add("images reached twice in one class folder (through a link), counted once",
+                                     entry.path)
+                    continue
+                seen.add(real)
+                files.append((entry.path, real))
+            stack.extend(reversed(subdirs))  # depth first, in name order
+        return files
+
+    def _subfolder(self, idx: int, entry, real_folder: str, visited: set) -> Optional[Tuple[str, str]]:
+        """``(path, real path)`` of a folder entry to walk into, or None (left out, and why recorded)."""
+        link = entry.is_symlink()
+        real = os.path.realpath(entry.path) if link else os.path.join(real_folder, entry.name)
+        other = self.owner.get(real)
+        if other is not None and other != idx:
+            self.skipped.add("links to another class's folder", f"{entry.path} -> {self.class_dirs[other]}")
+        elif link and not _inside(real, self.reals[idx]):
+            self.skipped.add("folder links leading out of their class folder", f"{entry.path} -> {real}")
+        elif real in visited:
+            if link:
+                self.skipped.add("folder links to a folder already scanned (a cycle or a duplicate)",
+                                 f"{entry.path} -> {real}")
+        else:
+            visited.add(real)
+            return entry.path, real
+        return None
+
+    def _image(self, idx: int, entry, real_folder: str) -> Optional[str]:
+        """The real path of a file entry that is an image of class ``idx``, or None (not an image name, or left
+        out and why recorded)."""
+        name = entry.name
+        if name.startswith(".") or not name.lower().endswith(IMG_EXTENSIONS):
+            return None
+        if not entry.is_symlink():
+            if entry.is_file(follow_symlinks=False):
+                return os.path.join(real_folder, name)
+            self.skipped.add("special files named like images (FIFO, socket, device): never opened", entry.path)
+            return None
+        try:
+            st = os.stat(entry.path)
+        except OSError:
+            self.skipped.add("broken links", entry.path)
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            self.skipped.add("links to special files (FIFO, socket, device)", entry.path)
+            return None
+        real = os.path.realpath(entry.path)
+        other = self.class_of(real)
+        if other is not None and other != idx:
+            self.skipped.add("links to another class's image", f"{entry.path} -> {real}")
+            return None
+        return real
+
+
 def scan_split(split_dir: str, classes: Sequence[str]) -> Tuple[List[Tuple[str, int]], Dict[str, int]]:
     """All image files of a split as ``(path, class_index)``, and the per-class count.
 
@@ -72,86 +173,8 @@ def scan_split(split_dir: str, classes: Sequence[str]) -> Tuple[List[Tuple[str, 
     label at all rather than two. FIFOs, sockets and devices named like images are never opened. Whatever is
     left out is logged, one warning line per reason.
     """
-    skipped = _Skipped()
-    class_dirs = [os.path.join(split_dir, name) for name in classes]
-    reals = [os.path.realpath(d) for d in class_dirs]
-    owner = {}  # real path of a class folder -> its class index
-    for idx, real in enumerate(reals):
-        if real in owner:
-            raise DataError(f"class folders {class_dirs[owner[real]]} and {class_dirs[idx]} are the same folder "
-                            f"({real}): every image would get two labels; give each class its own folder")
-        owner[real] = idx
-
-    def class_of(real_path: str) -> Optional[int]:
-        """The class whose folder holds ``real_path`` (None: outside every class folder of this split)."""
-        folder = os.path.dirname(real_path)
-        while True:
-            if folder in owner:
-                return owner[folder]
-            parent = os.path.dirname(folder)
-            if parent == folder:
-                return None
-            folder = parent
-
-    per_class: List[List[Tuple[str, str]]] = []  # (path, real path) per class
-    for idx, class_dir in enumerate(class_dirs):
-        files, seen, visited = [], set(), {reals[idx]}
-        stack = [(class_dir, reals[idx])]
-        while stack:
-            folder, real_folder = stack.pop()
-            try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
-            except OSError as e:
-                _raise_walk_error(e if e.filename else OSError(e.errno, e.strerror, folder))
-            subdirs = []
-            for entry in entries:
-                link = entry.is_symlink()
-                if entry.is_dir():  # follows links
-                    real = os.path.realpath(entry.path) if link else os.path.join(real_folder, entry.name)
-                    other = owner.get(real)
-                    if other is not None and other != idx:
-                        skipped.add("links to another class's folder", f"{entry.path} -> {class_dirs[other]}")
-                    elif link and not _inside(real, reals[idx]):
-                        skipped.add("folder links leading out of their class folder", f"{entry.path} -> {real}")
-                    elif real in visited:
-                        if link:
-                            skipped.add("folder links to a folder already scanned (a cycle or a duplicate)",
-                                        f"{entry.path} -> {real}")
-                    else:
-                        visited.add(real)
-                        subdirs.append((entry.path, real))
-                    continue
-                name = entry.name
-                if name.startswith(".") or not name.lower().endswith(IMG_EXTENSIONS):
-                    continue
-                if link:
-                    try:
-                        st = os.stat(entry.path)
-                    except OSError:
-                        skipped.add("broken links", entry.path)
-                        continue
-                    if not stat.S_ISREG(st.st_mode):
-                        skipped.add("links to special files (FIFO, socket, device)", entry.path)
-                        continue
-                    real = os.path.realpath(entry.path)
-                    other = class_of(real)
-                    if other is not None and other != idx:
-                        skipped.add("links to another class's image", f"{entry.path} -> {real}")
-                        continue
-                elif entry.is_file(follow_symlinks=False):
-                    real = os.path.join(real_folder, name)
-                else:
-                    skipped.add("special files named like images (FIFO, socket, device): never opened", entry.path)
-                    continue
-                if real in seen:
-                    skipped.add("images reached twice in one class folder (through a link), counted once",
-                                entry.path)
-                    continue
-                seen.add(real)
-                files.append((entry.path, real))
-            stack.extend(reversed(subdirs))  # depth first, in name order
-        per_class.append(files)
-
+    scan = _SplitScan(split_dir, classes)
+    per_class = [scan.images(idx) for idx in range(len(classes))]
     claims: Dict[str, int] = {}
     for files in per_class:
         for _, real in files:
@@ -161,12 +184,13 @@ def scan_split(split_dir: str, classes: Sequence[str]) -> Tuple[List[Tuple[str, 
         kept = []
         for path, real in files:
             if claims[real] > 1:
-                skipped.add("images linked from more than one class folder (no label is right)", f"{path} -> {real}")
+                scan.skipped.add("images linked from more than one class folder (no label is right)",
+                                 f"{path} -> {real}")
             else:
                 kept.append((path, idx))
         counts[name] = len(kept)
         samples.extend(kept)
-    skipped.report(split_dir)
+    scan.skipped.report(split_dir)
     return samples, counts
 
 
