@@ -308,7 +308,8 @@ class ShardDataset(IterableDataset):
                             f"to skip and count bad samples")
         if (s.shard, s.reason) not in self._reported:
             self._reported.add((s.shard, s.reason))
-            logger.warning("skipping %s in shard %s (%s)", s.member, s.shard, s.reason)
+            logger.warning("skipping %s in shard %s (%s); more samples of this shard with the same problem are "
+                           "skipped and counted without a line each", s.member, s.shard, s.reason)
         return s.count
 
     def _open(self, path: str):
