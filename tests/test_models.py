@@ -226,8 +226,9 @@ def test_checkpoint_of_another_model_is_refused_with_the_keys(tmp_path):
     assert "\n" not in msg
     path2 = tmp_path / "head.pth"
     torch.save({"model": spach.create_model("spach_ms_xxs_patch4_224_conv", num_classes=10).state_dict()}, path2)
+    assert spach.create_model("spach_ms_xxs_patch4_224_conv", checkpoint_path=str(path2)).num_classes == 10
     with pytest.raises(CheckpointError, match=r"head.weight \(10, 512\) vs model \(1000, 512\)"):
-        spach.create_model("spach_ms_xxs_patch4_224_conv", checkpoint_path=str(path2))
+        spach.create_model("spach_ms_xxs_patch4_224_conv", checkpoint_path=str(path2), num_classes=1000)
 
 
 class _Exploit:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import spach
+from spach.errors import CheckpointError
 from spach.cli import main
 from train_helpers import fast_flags, make_shapes_folder
 from test_launchers import TINY, launch, summary
@@ -92,6 +93,13 @@ def test_export_round_trips(trained, tmp_path, capsys):
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(x)
+    # the training checkpoint alone: its 3-class head and its 32x32 training input (sMLPNet takes no other)
+    from_file = spach.create_model("smlpnet_tiny", checkpoint_path=str(ckpt)).eval()
+    assert from_file.num_classes == 3 and tuple(from_file.img_size) == (32, 32)
+    with torch.no_grad():
+        assert torch.equal(from_file(x), expected)
+    with pytest.raises(CheckpointError, match=r"mlp_head.0.weight \(3, 640\) vs model \(1000, 640\)"):
+        spach.create_model("smlpnet_tiny", num_classes=1000, img_size=32, checkpoint_path=str(ckpt))
 
     st = tmp_path / "w.safetensors"
     assert main(["export", "--checkpoint", str(ckpt), "--format", "safetensors", "--output", str(st)]) == 0

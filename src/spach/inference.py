@@ -82,21 +82,10 @@ def _as_crop_pct(value) -> Optional[float]:
 
 
 def _classifier_keys():
-    """``<classifier>.weight`` of every registered model family (``head``, sMLPNet's ``mlp_head.0``), read from
-    the models' pretrained cfgs."""
-    from timm.models import get_pretrained_cfg
-
+    """``<classifier>.weight`` of every registered model family (``head``, sMLPNet's ``mlp_head.0``)."""
     from .models import list_models
-    return sorted({(getattr(get_pretrained_cfg(n), "classifier", None) or "head") + ".weight" for n in list_models()})
-
-
-def _head_classes(state_dict: dict) -> Optional[int]:
-    sd = strip_prefixes(state_dict)
-    for key in _classifier_keys():
-        w = sd.get(key)
-        if isinstance(w, torch.Tensor) and w.dim() == 2:
-            return int(w.shape[0])
-    return None
+    from .models.pretrained import classifier_keys
+    return classifier_keys(list_models())
 
 
 def read_checkpoint_metadata(path: str, use_ema: bool = False) -> dict:
@@ -123,7 +112,8 @@ def read_checkpoint_metadata(path: str, use_ema: bool = False) -> dict:
     args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     meta.update(stored_facts(args, path))
     meta.update(stored_facts({"class_names": ckpt.get("class_names"), "epoch": ckpt.get("epoch")}, path))
-    n = _head_classes(sd)
+    from .models.pretrained import head_classes
+    n = head_classes(sd, _classifier_keys())
     if n is not None:
         meta["num_classes"] = n
     return meta

@@ -9,7 +9,7 @@ import timm as _timm
 from ..errors import CheckpointError, SpachError
 from ..weights import read_checkpoint_file, read_once, read_state_dict, state_dict_of, stored_model_options
 from .flops import count_flops, count_params
-from .pretrained import checkpoint_filter_fn, load_pretrained, safetensors_model_kwargs
+from .pretrained import checkpoint_filter_fn, file_model_kwargs, load_pretrained
 from .spach import MixingBlock, Spach, SpachMS  # registers the SPACH family (first: `spach models` lists it first)
 from .smlp import SMLPNet  # registers the sMLPNet family
 from .shiftvit import SHIFTVIT_CONFIGS, ShiftViT  # noqa: I001 - registers the ShiftViT family
@@ -35,15 +35,16 @@ def create_model(model_name: str, pretrained: bool = False, checkpoint_path: str
                  **kwargs):
     """Build a model by name (timm keyword arguments: ``num_classes``, ``drop_path_rate``,
     ``img_size``, ``features_only`` ...). ``checkpoint_path`` loads a local file (official release
-    ``.pth``, training checkpoint, bare state_dict or ``.safetensors``) with strict key/shape checks."""
+    ``.pth``, training checkpoint, bare state_dict or ``.safetensors``) with strict key/shape checks; unless given,
+    ``num_classes`` and ``img_size`` are the file's (its classifier rows, a training run's input size, an export's
+    metadata)."""
     if model_name not in MODEL_CONFIGS:
         raise UnknownModelError(unknown_model_message(model_name))
     if not checkpoint_path:
         return _timm.create_model(model_name, pretrained=pretrained, **kwargs)
-    with read_once():  # the file is asked for its options, its variant and its weights: read from disk once
-        if str(checkpoint_path).endswith(".safetensors"):
-            for key, value in safetensors_model_kwargs(checkpoint_path).items():
-                kwargs.setdefault(key, value)  # explicit arguments win over the file's metadata
+    with read_once():  # the file is asked for its shape, its options, its variant and its weights: read once
+        for key, value in file_model_kwargs(model_name, checkpoint_path, use_ema).items():
+            kwargs.setdefault(key, value)  # explicit arguments win over what the file fixes
         arch_from_checkpoint(model_name, checkpoint_path, use_ema, kwargs)
         model = _timm.create_model(model_name, pretrained=pretrained, **kwargs)
         pruned = kwargs.get("features_only") or kwargs.get("num_classes", 1) == 0

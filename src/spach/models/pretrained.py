@@ -2,18 +2,19 @@
 safetensors (all read by :mod:`spach.weights`). Anything that does not fit the model is refused with the missing /
 unexpected / mis-shaped keys listed.
 """
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..weights import (read_state_dict, release_file, safetensors_metadata, stored_facts, strip_prefixes,
-                       url_file_name)
+from ..weights import (read_checkpoint_file, read_state_dict, release_file, safetensors_metadata, state_dict_of,
+                       stored_facts, strip_prefixes, url_file_name)
 
 from .base import BaseNet
 
-__all__ = ["load_pretrained", "load_pretrained_release", "checkpoint_filter_fn", "safetensors_model_kwargs"]
+__all__ = ["load_pretrained", "load_pretrained_release", "checkpoint_filter_fn", "safetensors_model_kwargs",
+           "file_model_kwargs", "classifier_keys", "head_classes"]
 
 
 def safetensors_model_kwargs(path: str) -> dict:
@@ -31,6 +32,41 @@ def safetensors_model_kwargs(path: str) -> dict:
     if "img_size" in facts:
         h, w = facts["img_size"]
         out["img_size"] = h if h == w and isinstance(raw.get("img_size"), int) else (h, w)
+    return out
+
+
+def classifier_keys(model_names: Sequence[str]) -> list:
+    """``<classifier>.weight`` of the named models (``head``, sMLPNet's ``mlp_head.0``), from their pretrained cfgs."""
+    from timm.models import get_pretrained_cfg
+    return sorted({(getattr(get_pretrained_cfg(n), "classifier", None) or "head") + ".weight" for n in model_names})
+
+
+def head_classes(state_dict: Dict[str, torch.Tensor], keys: Sequence[str]) -> Optional[int]:
+    """The class count of the first classifier weight among ``keys`` that ``state_dict`` holds (prefixes ignored)."""
+    sd = strip_prefixes(state_dict)
+    for key in keys:
+        w = sd.get(key)
+        if isinstance(w, torch.Tensor) and w.dim() == 2:
+            return int(w.shape[0])
+    return None
+
+
+def file_model_kwargs(model_name: str, path: str, use_ema: bool = False) -> dict:
+    """``num_classes`` / ``img_size`` that the weights file fixes for ``model_name``, so that the file alone rebuilds
+    the model it holds: a ``.safetensors`` file's metadata; a ``.pth``'s classifier rows and, for a training
+    checkpoint, the input size it was trained at (a 10-class run at 64x64 builds a 10-class model for 64x64)."""
+    if str(path).endswith(".safetensors"):
+        return safetensors_model_kwargs(path)
+    ckpt = read_checkpoint_file(path)
+    out = {}
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    if isinstance(args, dict):  # untrusted: an out-of-range size is refused (one line), never built
+        size = stored_facts({k: args.get(k) for k in ("input_size", "img_size")}, path).get("img_size")
+        if size is not None:
+            out["img_size"] = size[0] if size[0] == size[1] else size
+    n = head_classes(state_dict_of(ckpt, path, use_ema), classifier_keys([model_name]))
+    if n is not None:
+        out["num_classes"] = n
     return out
 
 
