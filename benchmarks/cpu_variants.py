@@ -17,7 +17,6 @@ spach.models.fused.packed_weights scope).
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 

@@ -10,9 +10,9 @@ from torch import nn
 
 import spach
 from spach.errors import CheckpointError
-from spach.models import MODEL_CONFIGS, count_flops, count_params, load_pretrained, model_config
+from spach.models import MODEL_CONFIGS, count_flops, count_params, load_pretrained
 from spach.models.layers import DownsampleConv, SpatialAttention
-from spach.models.spach import MixingBlock, SpachMS
+from spach.models.spach import MixingBlock
 
 ALL = [n for n in MODEL_CONFIGS if n.startswith("spach_")]  # the SPACH family (others: test_smlp.py)
 XXS = [n for n in ALL if "_xxs_" in n]

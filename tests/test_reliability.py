@@ -378,7 +378,7 @@ def test_corrupt_checkpoint_is_refused_without_running_code(shapes, tmp_path, mo
     for name, write in cases.items():
         out = str(tmp_path / name)
         os.makedirs(out)
-        bad = os.path.join(out if mode == "auto-resume" else str(tmp_path), f"checkpoint.pth" if mode == "auto-resume"
+        bad = os.path.join(out if mode == "auto-resume" else str(tmp_path), "checkpoint.pth" if mode == "auto-resume"
                            else f"{name}.pth")
         write(bad)
         before = open(bad, "rb").read()

@@ -9,7 +9,7 @@ from torch import nn
 import spach
 from spach.errors import CheckpointError
 from spach.models import count_flops, count_params, default_drop_path_rate, load_pretrained
-from spach.models.smlp import SMLPNET_CONFIGS, SMLPNet
+from spach.models.smlp import SMLPNet
 from test_models import check_bf16_autocast, check_grad_checkpointing, seeded_state_dict
 
 NAMES = ["smlpnet_tiny", "smlpnet_small", "smlpnet_base"]

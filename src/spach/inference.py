@@ -11,12 +11,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-import torch
 from torch import nn
 
 from .errors import SpachError
 from .weights import (ARCH_OPTIONS, local_weights, read_checkpoint_file, read_once, safetensors_metadata,
-                      safetensors_shape, stored_facts, strip_prefixes, unwrap_state_dict)
+                      safetensors_shape, stored_facts, unwrap_state_dict)
 
 __all__ = ["ModelInfo", "read_checkpoint_metadata", "build_model", "eval_transform", "class_label",
            "imagenet_class_names", "warn"]

@@ -9,7 +9,7 @@ here, in the benchmark, never in the trainer's readers.
 import io
 import statistics
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from ..errors import SpachError
 

@@ -15,7 +15,7 @@ from .smlp import SMLPNet  # registers the sMLPNet family
 from .shiftvit import SHIFTVIT_CONFIGS, ShiftViT  # noqa: I001 - registers the ShiftViT family
 from .shiftvit import VARIANT_OPTIONS as _SHIFTVIT_VARIANTS
 from .shiftvit import checkpoint_model_kwargs as _shiftvit_checkpoint_kwargs
-from .variants import (MODEL_CONFIGS, default_drop_path_rate, list_models, model_config, suggest_model_names,
+from .variants import (MODEL_CONFIGS, default_drop_path_rate, list_models, model_config,
                        unknown_model_message)
 
 __all__ = ["create_model", "list_models", "load_pretrained", "read_state_dict", "checkpoint_filter_fn",

@@ -24,7 +24,6 @@ their weights are sized by the grid's width and height respectively.
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
