@@ -251,6 +251,38 @@ def test_pickle_carrying_code_is_refused_and_never_runs(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+def _mapped_file(address: int):
+    """The file mapped at ``address`` in this process (Linux), else None."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            start, end = (int(v, 16) for v in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5] if len(fields) > 5 else None
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc")
+def test_checkpoints_are_memory_mapped_and_the_old_format_still_loads(tmp_path):
+    from spach.weights import read_checkpoint_file
+    model = spach.create_model("spach_ms_xxs_patch4_224_conv", num_classes=10).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(x)
+    # a training checkpoint: its optimizer state is only mapped, never read, when the weights are what is wanted
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": model.state_dict(), "optimizer": {"state": {0: {"exp_avg": torch.zeros(1000, 1000)}}}}, path)
+    ckpt = read_checkpoint_file(path)
+    assert _mapped_file(ckpt["optimizer"]["state"][0]["exp_avg"].data_ptr()) == os.path.realpath(path)
+    del ckpt
+    old = tmp_path / "old_format.pth"  # torch < 1.6's format cannot be mapped: read whole
+    torch.save({"model": model.state_dict()}, old, _use_new_zipfile_serialization=False)
+    for file in (path, old):
+        with torch.no_grad():
+            assert torch.equal(spach.create_model("spach_ms_xxs_patch4_224_conv", checkpoint_path=str(file)).eval()(x),
+                               expected)
+
+
 @pytest.mark.parametrize("content", [b"", b"\x00garbage" * 10, None])
 def test_truncated_or_random_checkpoint_is_refused(tmp_path, content):
     path = tmp_path / "bad.pth"

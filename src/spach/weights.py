@@ -107,11 +107,25 @@ def read_checkpoint_file(path) -> object:
     return _read_shared(path, "pth", lambda: _load_pth(path))
 
 
+def _torch_load(path: str) -> object:
+    """``torch.load`` memory-mapped: a tensor is read from the file when it is used, so the parts of a training
+    checkpoint a caller does not need (optimizer state, EMA weights when it wants the plain ones) are never read
+    into memory. The mapping is private (nothing is ever written back to the file) and stays valid when the
+    trainer replaces the file, which it does by renaming a new one over it. Files in the pre-1.6 format, which
+    cannot be mapped, are read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _load_pth(path: str) -> object:
     with warnings.catch_warnings():  # a raw pickle's protocol warning would add lines to the one-line error
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return _torch_load(path)
         except pickle.UnpicklingError as e:
             detail = str(e)
             name = _GLOBAL.search(detail)
