@@ -274,7 +274,9 @@ def test_checkpoints_are_memory_mapped_and_the_old_format_still_loads(tmp_path):
     torch.save({"model": model.state_dict(), "optimizer": {"state": {0: {"exp_avg": torch.zeros(1000, 1000)}}}}, path)
     ckpt = read_checkpoint_file(path)
     assert _mapped_file(ckpt["optimizer"]["state"][0]["exp_avg"].data_ptr()) == os.path.realpath(path)
-    del ckpt
+    whole = read_checkpoint_file(path, mapped=False)  # what resuming reads: the optimizer keeps these tensors
+    assert _mapped_file(whole["optimizer"]["state"][0]["exp_avg"].data_ptr()) != os.path.realpath(path)
+    del ckpt, whole
     old = tmp_path / "old_format.pth"  # torch < 1.6's format cannot be mapped: read whole
     torch.save({"model": model.state_dict()}, old, _use_new_zipfile_serialization=False)
     for file in (path, old):

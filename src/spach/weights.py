@@ -98,34 +98,36 @@ def _read_shared(path: str, kind: str, read):
     return value
 
 
-def read_checkpoint_file(path) -> object:
+def read_checkpoint_file(path, mapped: bool = True) -> object:
     """``torch.load(path, weights_only=True)`` on the CPU. A pickle holding anything but tensors and plain
     containers is refused (loading it could run code); any other failure, whatever the bytes, is one
-    :class:`CheckpointError` too. Within a :func:`read_once` scope the file is loaded once."""
+    :class:`CheckpointError` too. Within a :func:`read_once` scope the file is loaded once.
+
+    ``mapped``: the file is memory-mapped, privately (nothing is ever written back to it), so a tensor is read when
+    it is used and the parts a caller does not need (a training checkpoint's optimizer state, when a model is
+    built from it) are never read. For callers that keep the loaded tensors (a resumed optimizer keeps its state
+    tensors as loaded) ``mapped=False`` reads the file whole, so no mapping outlives the call. Files in torch's
+    pre-1.6 format, which cannot be mapped, are always read whole."""
     path = os.fspath(path)
     _exists(path)
-    return _read_shared(path, "pth", lambda: _load_pth(path))
+    return _read_shared(path, "pth" if mapped else "pth, whole", lambda: _load_pth(path, mapped))
 
 
-def _torch_load(path: str) -> object:
-    """``torch.load`` memory-mapped: a tensor is read from the file when it is used, so the parts of a training
-    checkpoint a caller does not need (optimizer state, EMA weights when it wants the plain ones) are never read
-    into memory. The mapping is private (nothing is ever written back to the file) and stays valid when the
-    trainer replaces the file, which it does by renaming a new one over it. Files in the pre-1.6 format, which
-    cannot be mapped, are read whole."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
+def _torch_load(path: str, mapped: bool) -> object:
+    if mapped:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _load_pth(path: str) -> object:
+def _load_pth(path: str, mapped: bool) -> object:
     with warnings.catch_warnings():  # a raw pickle's protocol warning would add lines to the one-line error
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
         try:
-            return _torch_load(path)
+            return _torch_load(path, mapped)
         except pickle.UnpicklingError as e:
             detail = str(e)
             name = _GLOBAL.search(detail)

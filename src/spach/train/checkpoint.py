@@ -83,7 +83,7 @@ def load_checkpoint(path: str) -> dict:
     problem = regular_file_problem(path)
     if problem:  # the weights reader's hint would offer .safetensors, which cannot resume
         raise CheckpointError(f"checkpoint {path} {problem}: pass the path of a checkpoint.pth / best.pth")
-    ckpt = read_checkpoint_file(path)
+    ckpt = read_checkpoint_file(path, mapped=False)  # the optimizer keeps its state tensors as loaded
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint (no 'model' entry): use --finetune or "
                               f"--checkpoint for a bare weights file")
