@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -19,10 +20,12 @@ def _free_port():
 
 
 def torchrun(*argv, nproc=2, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), "-m", "spach", *map(str, argv)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    # torchrun leaves a torchelastic_* log folder in the temporary directory: give it one that goes afterwards
+    with tempfile.TemporaryDirectory(prefix="spach-torchrun-") as tmp:
+        env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=tmp)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(_free_port()), "-m", "spach", *map(str, argv)]
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _eval_line(text):

@@ -537,7 +537,9 @@ def test_non_finite_loss_names_step_lr_and_checkpoint_and_resume_works(shapes, t
 def test_torchrun_restarts_the_group_after_a_rank_is_killed(shapes, tmp_path):
     out = str(tmp_path / "ddp")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = dict(os.environ, OMP_NUM_THREADS="1", SPACH_FAULT_AT="step:1:1", SPACH_FAULT_RANK="1")
+    tmp = tmp_path / "tmp"  # torchrun's torchelastic_* log folder (and the killed rank's leftovers) land here
+    tmp.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", SPACH_FAULT_AT="step:1:1", SPACH_FAULT_RANK="1", TMPDIR=str(tmp))
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", "-m", "spach",
            *flags(shapes, out, epochs=2)[:]]
     log = tmp_path / "torchrun.log"
