@@ -55,21 +55,22 @@ def test_short_run_learns_and_names_its_drop_path_rate(trained):
 
 
 def test_drop_path_default_per_model_and_explicit_flag_wins(shapes, tmp_path, capsys):
-    from spach.train.args import add_train_arguments
-    from spach.train.runner import resolve_defaults
-    import argparse
+    from spach.cli import build_parser
+    from spach.train.config import resolve_config
 
     def resolved(*argv):
-        parser = argparse.ArgumentParser()
-        add_train_arguments(parser)
-        args = resolve_defaults(parser.parse_args(list(argv)))
-        return args.drop_path, args._drop_path_source
+        argv = ["train", *argv, "--device", "cpu"]
+        args = build_parser("train").parse_args(argv)
+        args._argv = argv
+        cfg = resolve_config(args)
+        return cfg.model.drop_path, cfg.sources["drop_path"]
 
     assert resolved("--model", MODEL, "--data-path", shapes) == (0.2, f"{MODEL}'s own default")
     assert resolved("--model", "smlpnet_base") == (0.3, "smlpnet_base's own default")   # demo data too
-    assert resolved("--model", MODEL, "--drop-path", "0.05") == (0.05, "--drop-path")
-    assert resolved("--model", "spach_ms_s_patch4_224_conv", "--data-path", shapes) == (0.1, "recipe default")
-    assert resolved("--data-path", shapes) == (0.1, "recipe default")
+    assert resolved("--model", MODEL, "--drop-path", "0.05") == (0.05, "command line")
+    assert resolved("--model", "spach_ms_s_patch4_224_conv", "--data-path", shapes) == (0.1, "DeiT recipe")
+    assert resolved("--data-path", shapes) == (0.1, "DeiT recipe")
+    assert resolved("--model", MODEL, "--drop-path", "0.1") == (0.1, "command line")  # the recipe's value, named
 
 
 def test_eval_predict_and_checkpoint_of_the_run(trained, shapes, tmp_path, capsys):

@@ -329,7 +329,7 @@ def test_ema_averages_shared_mixer_tensors_once_per_step():
 def test_resumed_optimizer_keeps_this_runs_kernels():
     """A checkpoint written with foreach AdamW (e.g. on a CPU) resumes into fused AdamW (e.g. on a GPU) as fused,
     with its moments and step count, and the reverse; a state of another group layout is refused."""
-    from spach.train.setup import with_current_kernels
+    from spach.train.resume import with_current_kernels
     w = torch.nn.Parameter(torch.ones(4))
     writer = torch.optim.AdamW([w], lr=0.1, foreach=True)
     w.grad = torch.ones(4)

@@ -75,6 +75,7 @@ def main(argv=None):
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # reported by the sub-command, whose --help lists its flags
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args._argv = argv  # the command line as typed: the run's configuration tells flags given from defaults
     try:
         return int(args._run(args) or 0)
     except SpachError as e:

@@ -14,6 +14,7 @@ import platform
 import sys
 
 from ..errors import SpachError
+from ..train.args import add_shared_flags
 
 __all__ = ["add_arguments", "run", "configs_from_args"]
 
@@ -22,16 +23,8 @@ def add_arguments(parser):
     parser.add_argument("--model", default=None,
                         help="model name, or several separated by commas (see `spach models`); not with --loader")
     parser.add_argument("--mode", default="train", choices=["train", "infer", "both"])
-    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
-                        help="images per step; None: 128 on cuda, 16 on cpu")
-    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps; None: cuda if available, else cpu")
-    parser.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
-                        help="autocast dtype; None: bf16 on cuda and on CPUs with native bf16 (AVX512-BF16 / AMX), else off")
-    parser.add_argument("--channels-last", dest="channels_last", action="store_true",
-                        help="NHWC input and parameters")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (compile time excluded)")
-    parser.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_true",
-                        help="recompute each block in the backward pass (less memory)")
+    # shared with `spach train`: one spelling, default and validation (compile time is excluded from the timing)
+    add_shared_flags(parser, ("batch_size", "device", "amp", "channels_last", "compile", "grad_checkpointing"))
     parser.add_argument("--data", default="synthetic",
                         help="'synthetic' (random tensors on the device) or a folder of JPEGs (ImageFolder; "
                              "its train/ split if present) read through the real DataLoader")

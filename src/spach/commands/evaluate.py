@@ -8,15 +8,15 @@ from ..train.args import add_train_arguments
 
 def add_arguments(parser):
     parser.usage = "spach eval [options]   (spach eval --help lists them)"
-    parser.add_argument("--checkpoint", dest="resume", default="", metavar="CKPT",
+    parser.add_argument("--checkpoint", "--resume", dest="resume", default="", metavar="CKPT",
                         help="weights to evaluate (training checkpoint, official .pth, or .safetensors; a file or "
                              "an http(s) URL)")
-    add_train_arguments(parser)
-    parser.add_argument("--ema", dest="eval_ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    add_train_arguments(parser, mode="eval")
+    parser.add_argument("--ema", "--eval-ema", "--eval_ema", dest="eval_ema", action="store_true",
+                        help="evaluate the checkpoint's EMA weights")
     parser.set_defaults(eval=True)
 
 
 def run(args) -> int:
     from ..train.runner import run as run_training
-    args.eval = True
-    return run_training(args)
+    return run_training(args, mode="eval")

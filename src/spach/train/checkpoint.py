@@ -22,7 +22,7 @@ from ..files import regular_file_problem
 from ..weights import read_checkpoint_file
 from . import faults
 
-__all__ = ["atomic_save", "load_checkpoint", "get_rng_state", "set_rng_state", "CHECKPOINT_NAME", "BEST_NAME"]
+__all__ = ["atomic_save", "atomic_write", "load_checkpoint", "get_rng_state", "set_rng_state", "CHECKPOINT_NAME", "BEST_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pth"
 BEST_NAME = "best.pth"
@@ -31,19 +31,28 @@ BEST_NAME = "best.pth"
 def atomic_save(obj, path: str):
     """``torch.save`` to ``path`` atomically. On failure the previous file is untouched and a
     :class:`CheckpointError` says so."""
+    def write(f):
+        name = os.path.basename(path)
+        if faults.armed(f"write:{name}"):  # test hook: die with half the bytes on disk
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            f.write(buf.getbuffer()[:buf.tell() // 2])
+            f.flush()
+            faults.point(f"write:{name}")
+        torch.save(obj, f)
+    atomic_write(path, write)
+
+
+def atomic_write(path: str, write, what: str = "checkpoint"):
+    """``write(f)`` into a temporary file beside ``path`` (binary), fsync'ed and renamed over ``path``. On failure
+    the previous file is untouched and a :class:`CheckpointError` names ``what`` failed and why."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
+    name = os.path.basename(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-        name = os.path.basename(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "wb") as f:
-            if faults.armed(f"write:{name}"):  # test hook: die with half the bytes on disk
-                buf = io.BytesIO()
-                torch.save(obj, buf)
-                f.write(buf.getbuffer()[:buf.tell() // 2])
-                f.flush()
-                faults.point(f"write:{name}")
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -66,8 +75,8 @@ def atomic_save(obj, path: str):
     except (OSError, RuntimeError) as e:
         while not isinstance(e, OSError) and isinstance(e.__context__, (OSError, RuntimeError)):
             e = e.__context__  # torch.save reports a full disk as "unexpected pos"; the OSError is its context
-        kept = f"the previous {path} is kept" if os.path.exists(path) else f"no earlier {os.path.basename(path)} exists"
-        raise CheckpointError(f"could not write checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        kept = f"the previous {path} is kept" if os.path.exists(path) else f"no earlier {name} exists"
+        raise CheckpointError(f"could not write {what} {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                               f"{kept}. Free disk space or fix the folder's permissions, then rerun the same "
                               f"command to resume.") from None
     finally:

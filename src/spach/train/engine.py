@@ -86,7 +86,7 @@ def build_scaler(device: torch.device, amp_dtype: Optional[torch.dtype]):
 
 @dataclass
 class TrainStep:
-    """What one optimizer step uses, built once per run (:mod:`spach.train.setup`) or per benchmark workload.
+    """What one optimizer step uses, built once per run (:mod:`spach.train.model`) or per benchmark workload.
 
     ``model`` is the bare module (what the EMA averages and checkpoints hold); ``net`` is what runs the forward
     pass: the model itself, or the DistributedDataParallel / torch.compile wrapper around it.

@@ -10,18 +10,36 @@ number of processes ...) are not compared.
 The checkpoint is untrusted input: every field the resume reads is type- and range-checked first, so a
 malformed field is one line naming it, never a traceback from deep inside ``load_state_dict``.
 """
+import contextlib
+import json
+import logging
 import math
-from typing import List, Sequence
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 import torch
 
 from ..errors import CheckpointError
+from ..runtime.device import DistInfo
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, set_rng_state
+from .config import RESUME_IDENTITY, RunConfig
 
-__all__ = ["IDENTITY_FLAGS", "check_same_run", "check_resume_fields"]
+__all__ = ["Resumed", "continue_from", "resume", "check_same_run", "check_resume_fields", "with_current_kernels",
+           "sync_log"]
 
-# the flags a checkpoint's weights and optimizer state depend on (beyond the class names): the model and
-# its shape options, the input size (position-dependent weights, fixed-size token MLPs) and the optimizer kind
-IDENTITY_FLAGS = ("model", "input_size", "stem_type", "shared_spatial_func", "norm_layer", "act_layer", "opt")
+logger = logging.getLogger("spach.train")
+
+
+@dataclass
+class Resumed:
+    start_epoch: int = 0
+    max_accuracy: float = 0.0
+    last_good: str = ""  # the checkpoint a failed run would restart from ("" before the first save)
+
+
+def _flag_name(dotted: str) -> str:
+    return "--" + dotted.split(".")[1].replace("_", "-")
 
 
 def _names(names: Sequence[str]) -> str:
@@ -29,7 +47,7 @@ def _names(names: Sequence[str]) -> str:
     return f"{len(names)} classes: {shown}"
 
 
-def _differences(ckpt: dict, args, class_names: Sequence[str]) -> List[str]:
+def _differences(ckpt: dict, cfg: RunConfig, class_names: Sequence[str]) -> List[str]:
     diffs = []
     stored = ckpt.get("class_names")
     if isinstance(stored, (list, tuple)) and list(stored) != list(class_names):
@@ -38,32 +56,36 @@ def _differences(ckpt: dict, args, class_names: Sequence[str]) -> List[str]:
         else:
             diffs.append(f"other classes (checkpoint {_names(list(stored))}; this run's data {_names(list(class_names))})")
     stored_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    for flag in IDENTITY_FLAGS:
-        if flag not in stored_args:
+    for dotted in RESUME_IDENTITY:
+        key = dotted.split(".")[1]
+        if key not in stored_args:
             continue
-        before, now = stored_args[flag], getattr(args, flag, None)
+        before, now = stored_args[key], cfg.get(dotted)
         if before in (None, False) and now in (None, False):
             continue
         if before != now:
-            diffs.append(f"--{flag.replace('_', '-')} {before} in the checkpoint, {now} now")
+            diffs.append(f"{_flag_name(dotted)} {before} in the checkpoint, {now} now")
     return diffs
 
 
-def check_same_run(ckpt: dict, path: str, args, class_names: Sequence[str], auto: bool):
-    """Refuse to resume ``ckpt`` (read from ``path``) unless it continues the run these ``args`` and data
-    describe; ``auto``: it was found in --output_dir rather than named by --resume."""
-    diffs = _differences(ckpt, args, class_names)
+def check_same_run(ckpt: dict, path: str, cfg: RunConfig, class_names: Sequence[str], auto: bool):
+    """Refuse to resume ``ckpt`` (read from ``path``) unless it continues the run ``cfg`` and the data describe:
+    the same classes and the same :data:`RESUME_IDENTITY` fields; ``auto``: it was found in --output_dir rather
+    than named by --resume."""
+    diffs = _differences(ckpt, cfg, class_names)
     if not diffs:
         return
     what = "; ".join(diffs)
+    kept = ", ".join(_flag_name(d) for d in RESUME_IDENTITY)
     if auto:
         raise CheckpointError(
-            f"{path} belongs to another run ({what}), so this command cannot resume it: pass another --output_dir "
-            f"for a new run (add --finetune {path} to start from its weights), or rerun with that run's flags "
-            f"and data to continue it")
+            f"{path} belongs to another run ({what}; a resume keeps the classes and {kept}), so this command cannot "
+            f"resume it: pass another --output_dir for a new run (add --finetune {path} to start from its weights), "
+            f"or rerun with that run's flags and data to continue it")
     raise CheckpointError(
-        f"--resume {path} is a checkpoint of another run ({what}): to start from its weights, pass --finetune "
-        f"{path} instead of --resume (a classifier head that does not fit is re-initialised)")
+        f"--resume {path} is a checkpoint of another run ({what}; a resume keeps the classes and {kept}): to start "
+        f"from its weights, pass --finetune {path} instead of --resume (a classifier head that does not fit is "
+        f"re-initialised)")
 
 
 def _bad(path, field, detail) -> CheckpointError:
@@ -127,3 +149,130 @@ def check_resume_fields(ckpt: dict, path: str, world: int):
                 _check_rng(state, path, "rng_per_rank")
     if "rng" in ckpt and world == 1:
         _check_rng(ckpt["rng"], path, "rng")
+
+
+def continue_from(cfg: RunConfig, owned: bool):
+    """The checkpoint this run continues, decided once: ``(path, auto)``. ``auto``: it is --output_dir's own
+    checkpoint.pth (auto-resume), looked for only in a folder this run owned from its start (one created since is
+    another run's, which the lock then refuses). An explicit --resume names what the user wants; when the folder
+    holds another run state of its own, continuing either would overwrite the other, so the conflict is refused
+    in one line naming both files."""
+    out = cfg.output
+    auto = os.path.join(out.output_dir, CHECKPOINT_NAME) if owned and out.auto_resume else ""
+    has_auto = bool(auto) and os.path.isfile(auto)
+    if out.resume and has_auto:
+        try:
+            same = os.path.samefile(out.resume, auto)
+        except OSError:
+            same = False
+        if not same:
+            raise CheckpointError(
+                f"--resume {out.resume} and {auto} (this folder's own checkpoint) are two runs to continue: drop "
+                f"--resume to continue {auto}, pass another --output_dir to continue {out.resume} there, or add "
+                f"--no-auto-resume to continue {out.resume} here, replacing {auto}")
+        return auto, True
+    if has_auto:
+        return auto, True
+    return out.resume, False
+
+
+def resume(cfg: RunConfig, step, dist: DistInfo, owned: bool, class_names) -> Resumed:
+    """The checkpoint of :func:`continue_from`: weights, optimizer, EMA, scaler, best accuracy and each rank's RNG
+    state. The checkpoint must continue this run (:func:`check_same_run`) and its fields are checked before use
+    (:func:`check_resume_fields`)."""
+    out = Resumed(start_epoch=cfg.output.start_epoch)
+    path, auto = continue_from(cfg, owned)
+    if auto:
+        logger.info(f"auto resume from {path}")
+    out.last_good = path if path and os.path.isfile(path) else ""
+    if not path:
+        return out
+    ckpt = load_checkpoint(path)
+    check_same_run(ckpt, path, cfg, class_names, auto=auto)
+    from ..models import load_pretrained
+    load_pretrained(step.model, path)
+    check_resume_fields(ckpt, path, dist.world_size)
+    if "optimizer" in ckpt and "epoch" in ckpt:
+        _restore_training_state(ckpt, path, step, dist, out)
+        if auto and dist.is_main:
+            sync_log(os.path.join(cfg.output.output_dir, "log.txt"), out.start_epoch - 1, ckpt.get("log_stats"))
+    del ckpt
+    return out
+
+
+def _restore_training_state(ckpt: dict, path: str, step, dist: DistInfo, out: Resumed):
+    with _field(path, "optimizer"):
+        step.optimizer.load_state_dict(with_current_kernels(ckpt["optimizer"], step.optimizer))
+    out.start_epoch = int(ckpt["epoch"]) + 1
+    if step.ema is not None:
+        if isinstance(ckpt.get("model_ema"), dict):
+            with _field(path, "model_ema"):
+                step.ema.module.load_state_dict(ckpt["model_ema"])
+        else:  # the run did not keep an EMA until now: it starts from the resumed weights, not the initial ones
+            step.ema.module.load_state_dict(step.model.state_dict())
+            logger.info(f"{path} holds no EMA weights: the EMA starts from its weights")
+    if step.scaler is not None and isinstance(ckpt.get("scaler"), dict) and ckpt["scaler"]:
+        with _field(path, "scaler"):
+            step.scaler.load_state_dict(ckpt["scaler"])
+    out.max_accuracy = float(ckpt.get("max_accuracy", 0.0))
+    per_rank = ckpt.get("rng_per_rank")
+    with _field(path, "rng"):
+        if per_rank and len(per_rank) == dist.world_size:
+            set_rng_state(per_rank[dist.rank])
+        elif "rng" in ckpt and dist.world_size == 1:
+            set_rng_state(ckpt["rng"])
+    logger.info(f"resumed {path} at epoch {out.start_epoch} (max accuracy so far {out.max_accuracy:.2f}%)")
+
+
+@contextlib.contextmanager
+def _field(path: str, field: str):
+    """A checkpoint field that passed the type checks but still does not load is one line naming it."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        detail = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint {path}: its '{field}' entry does not load into this run ({detail}): "
+                              f"the file is damaged or was written by another setup; resume from another "
+                              f"checkpoint, or start from its weights with --finetune") from None
+
+
+def with_current_kernels(saved: dict, optimizer) -> dict:
+    """A saved optimizer state with this run's kernel choice (``fused`` / ``foreach`` / ``capturable``):
+    ``load_state_dict`` would otherwise bring back the settings of the device that wrote it (foreach AdamW from a
+    CPU run resumed on a GPU, or fused kernels on a device without them)."""
+    saved_groups = saved.get("param_groups", [])
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"the checkpoint's optimizer state has {len(saved_groups)} parameter groups, this run's "
+                              f"optimizer {len(optimizer.param_groups)}: it was written by another optimizer setup; "
+                              f"start from its weights with --finetune instead of --resume")
+    groups = []
+    for saved_group, group in zip(saved_groups, optimizer.param_groups):
+        saved_group = dict(saved_group)
+        for key in ("fused", "foreach", "capturable"):
+            if key in group:
+                saved_group[key] = group[key]
+        groups.append(saved_group)
+    return dict(saved, param_groups=groups) if groups else saved
+
+
+def sync_log(path: str, epoch: int, stats: Optional[dict]):
+    """Make log.txt end with the line of the checkpoint's ``epoch``: a kill after the checkpoint was written but
+    before its line was appended (or in the middle of appending it) would otherwise leave a gap."""
+    lines = []
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a kill
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] <= epoch:
+            kept.append(line)
+    if stats and not any(json.loads(line)["epoch"] == epoch for line in kept):
+        kept.append(json.dumps(stats))
+    if kept != lines:
+        with open(path + ".tmp", "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+        os.replace(path + ".tmp", path)

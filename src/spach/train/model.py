@@ -1,0 +1,118 @@
+"""The run's networks and its training step: the model (fine-tuned from a file when asked), the distillation
+teacher, and the step around them (EMA, DDP / compile, optimizer, schedule, grad scaler, mixup, loss)."""
+import logging
+
+import torch
+
+from ..errors import CheckpointError, SpachError
+from ..runtime.device import DistInfo
+from .config import AugConfig, DistillConfig, ModelConfig, OptimConfig, RunConfig
+from .ema import ModelEma
+from .engine import TrainStep, build_criterion, build_scaler
+from .optim import CosineSchedule, build_optimizer
+
+__all__ = ["build_model", "finetune", "build_teacher", "build_train_step"]
+
+logger = logging.getLogger("spach.train")
+
+
+def build_model(m: ModelConfig, input_size: int, num_classes: int, grad_checkpointing: bool = False):
+    """The network the configuration names, for ``num_classes`` classes at ``input_size``."""
+    from ..models import create_model, variant_options
+    kwargs = dict(num_classes=num_classes, drop_rate=m.drop, drop_path_rate=m.drop_path, img_size=input_size)
+    if m.stem_type:
+        kwargs["stem_type"] = m.stem_type
+    if m.shared_spatial_func:
+        kwargs["shared_spatial_func"] = True
+    for key in variant_options(m.model):  # resolved by the configuration (flag, weights file, or default)
+        kwargs[key] = getattr(m, key)
+    try:
+        model = create_model(m.model, **kwargs)
+    except ValueError as e:  # an option the architecture cannot take (e.g. --shared-spatial-func on a hybrid)
+        raise SpachError(f"--model {m.model}: {e}") from None
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    from ..models.sizes import input_size_problem
+    problem = input_size_problem(model, (input_size, input_size), "--input-size")
+    if problem:
+        raise SpachError(problem)
+    return model
+
+
+def finetune(model, path: str):
+    """Start from the weights in ``path``; a classifier head of another size is re-initialised."""
+    from ..weights import read_state_dict
+    from ..models.pretrained import checkpoint_filter_fn
+    sd = checkpoint_filter_fn(read_state_dict(path), model)
+    own = model.state_dict()
+    head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head") + "."  # sMLPNet: mlp_head.0
+    for k in [k for k in sd if k.startswith(head)]:
+        if k in own and sd[k].shape != own[k].shape:
+            logger.info(f"finetune: re-initialising {k} ({tuple(sd[k].shape)} in {path}, {tuple(own[k].shape)} here)")
+            del sd[k]
+    mis = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if mis:
+        raise CheckpointError(f"--finetune {path} does not fit {type(model).__name__}: mis-shaped {', '.join(mis[:4])}; "
+                              f"use the same --model (and --input-size for fixed-size MLP models)")
+    result = model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(head)]
+    if missing:
+        raise CheckpointError(f"--finetune {path} lacks {len(missing)} weights of the model ({', '.join(missing[:4])}): "
+                              f"it was trained with another --model")
+
+
+def build_teacher(d: DistillConfig, num_classes, device):
+    import timm
+    from ..weights import read_state_dict
+    try:
+        teacher = timm.create_model(d.teacher_model, pretrained=False, num_classes=num_classes)
+    except RuntimeError as e:
+        raise SpachError(f"unknown --teacher-model {d.teacher_model!r}: {e}") from None
+    sd = read_state_dict(d.teacher_path)
+    try:
+        teacher.load_state_dict(sd)
+    except RuntimeError as e:
+        raise CheckpointError(f"--teacher-path {d.teacher_path} does not fit {d.teacher_model}: "
+                              f"{str(e).splitlines()[0][:300]}") from None
+    return teacher.to(device).eval()
+
+
+def _mixup(aug: AugConfig, num_classes: int):
+    if not aug.mixup_active:
+        return None
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, cutmix_minmax=aug.cutmix_minmax,
+                 prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob, mode=aug.mixup_mode,
+                 label_smoothing=aug.smoothing, num_classes=num_classes)
+
+
+def _schedule(o: OptimConfig) -> CosineSchedule:
+    return CosineSchedule(o.effective_lr, o.epochs, o.warmup_epochs, o.warmup_lr, o.min_lr, o.cooldown_epochs,
+                          per_step=o.sched_per_step)
+
+
+def build_train_step(cfg: RunConfig, model, num_classes: int, dist: DistInfo, amp_dtype):
+    """EMA, the DDP / compile wrappers, the optimizer (at the configuration's scaled lr), its schedule, the grad
+    scaler, mixup and the loss. Returns ``(TrainStep, CosineSchedule)``."""
+    device, o = dist.device, cfg.optim
+    ema = None
+    if cfg.model.model_ema:
+        ema = ModelEma(model, decay=cfg.model.model_ema_decay,
+                       device=torch.device("cpu") if cfg.model.model_ema_force_cpu else None)
+    wrapped = model
+    if dist.distributed:
+        ids = [device.index] if device.type in ("cuda", "npu") else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    net = torch.compile(wrapped) if cfg.device.compile else wrapped
+    logger.info(f"lr {o.lr:g} x global batch {o.global_batch} / 512 = {o.effective_lr:g}")
+    optimizer = build_optimizer(model, device, name=o.opt, lr=o.effective_lr, weight_decay=o.weight_decay,
+                                eps=o.opt_eps, betas=o.opt_betas, momentum=o.momentum)
+    mixup_fn = _mixup(cfg.aug, num_classes)
+    d = cfg.distill
+    teacher = build_teacher(d, num_classes, device) if d.distillation_type != "none" else None
+    criterion = build_criterion(mixup_fn is not None, cfg.aug.smoothing, teacher, d.distillation_type,
+                                d.distillation_alpha, d.distillation_tau)
+    step = TrainStep(model=model, net=net, criterion=criterion, optimizer=optimizer, device=device,
+                     amp_dtype=amp_dtype, scaler=build_scaler(device, amp_dtype), mixup_fn=mixup_fn,
+                     clip_grad=o.clip_grad, ema=ema)
+    return step, _schedule(o)

@@ -1,0 +1,158 @@
+"""The run's output folder: its checks, its owner (the lock), the logs and ``config.yaml``.
+
+A folder that exists may be another run's: its lock is taken first (:func:`prepare_output`), so a second run
+is refused before any work. A new folder is created and locked only once the configuration, the data, the model
+and the checkpoint to resume have been checked (:func:`take_output_dir`): a failed check leaves nothing behind.
+"""
+import logging
+import os
+import sys
+from typing import Optional
+
+from ..errors import SpachError
+from ..runtime import device as devices
+from ..runtime.device import DistInfo
+from .checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_write
+from .config import OutputConfig, RunConfig
+from .config_file import config_yaml
+from .output_lock import OutputDirLock
+
+__all__ = ["setup_logging", "attach_log_file", "prepare_output", "take_output_dir", "on_main", "write_config",
+           "CONFIG_NAME"]
+
+CONFIG_NAME = "config.yaml"
+
+
+class _EarlyLines(logging.Handler):
+    """Keeps the lines logged before the output folder exists, for :func:`attach_log_file` to write first."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def setup_logging(is_main: bool, log_file: Optional[str] = None, defer_file: bool = False):
+    """Log to stdout (rank 0) / stderr (warnings of other ranks), and on rank 0 to ``log_file``; with
+    ``defer_file`` the file is opened later by :func:`attach_log_file`, with the lines logged until then."""
+    root = logging.getLogger("spach")
+    for h in list(root.handlers):
+        if getattr(h, "_spach", False):
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    out = logging.StreamHandler(sys.stdout if is_main else sys.stderr)
+    out.setLevel(logging.INFO if is_main else logging.WARNING)
+    out.setFormatter(logging.Formatter("%(message)s"))
+    out._spach = True
+    root.addHandler(out)
+    if log_file and is_main:
+        if defer_file:
+            early = _EarlyLines()
+            early._spach = True
+            root.addHandler(early)
+        else:
+            attach_log_file(log_file)
+
+
+def attach_log_file(log_file: str):
+    root = logging.getLogger("spach")
+    fh = logging.FileHandler(log_file)
+    fh.setFormatter(logging.Formatter("[%(asctime)s] %(message)s"))
+    fh._spach = True
+    for h in list(root.handlers):
+        if isinstance(h, _EarlyLines):
+            for record in h.records:
+                fh.handle(record)
+            root.removeHandler(h)
+    root.addHandler(fh)
+
+
+def prepare_output(out: OutputConfig, dist: DistInfo, eval_only: bool, lock: Optional[OutputDirLock] = None):
+    """Check ``--output_dir`` and start logging; returns (whether the run writes checkpoints, whether it owns the
+    folder already)."""
+    save = bool(out.output_dir) and not eval_only
+    setup_logging(dist.is_main, os.path.join(out.output_dir, "log_rank0.txt") if save else None, defer_file=save)
+    owned = False
+    if save:
+        _check_output_dir(out.output_dir, create=False)
+        lock = lock if lock is not None else OutputDirLock(out.output_dir)
+        owned = on_main(dist, lambda: os.path.isdir(out.output_dir) and bool(lock.acquire()))
+    return save, bool(owned)
+
+
+def _check_output_dir(path: str, create: bool = True):
+    """Refuse an --output_dir that cannot be used; create it only with ``create``."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SpachError(f"--output_dir {path} is a file: pass a folder path (it is created if missing)")
+    if not create:
+        parent = os.path.abspath(path)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise SpachError(f"cannot create --output_dir {path}: {parent} is a file; pick another folder")
+        if not os.access(parent, os.W_OK):
+            what = "is not writable" if parent == os.path.abspath(path) else f"cannot be created in {parent}"
+            raise SpachError(f"--output_dir {path} {what}: fix the permissions or pick another folder")
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise SpachError(f"cannot create --output_dir {path} ({e.strerror}): pick a writable folder") from None
+    if not os.access(path, os.W_OK):
+        raise SpachError(f"--output_dir {path} is not writable: fix its permissions or pick another folder")
+
+
+def on_main(dist: DistInfo, fn):
+    """``fn()`` on rank 0 (the rank that owns the folder); its result, or the SpachError it raises, reaches every
+    rank (the others would otherwise wait forever)."""
+    error = result = None
+    if dist.is_main:
+        try:
+            result = fn()
+        except SpachError as e:
+            error = str(e)
+    error, result = devices.broadcast_object((error, result))
+    if error:
+        raise SpachError(error)
+    return result
+
+
+def take_output_dir(cfg: RunConfig, dist: DistInfo, lock: Optional[OutputDirLock]):
+    """Create --output_dir and make this run its owner; remove the temp files of a killed write (only the
+    owner may: they could be another live run's); start writing log_rank0.txt; write config.yaml."""
+    folder = cfg.output.output_dir
+    lock = lock if lock is not None else OutputDirLock(folder)
+
+    def take():
+        _check_output_dir(folder)
+        lock.acquire()
+        _remove_stale_temp_files(folder)
+        attach_log_file(os.path.join(folder, "log_rank0.txt"))
+        write_config(cfg, os.path.join(folder, CONFIG_NAME))
+    on_main(dist, take)
+
+
+def _remove_stale_temp_files(folder: str):
+    """Temp files of a write that was killed midway (the file itself is intact)."""
+    for name in os.listdir(folder):
+        if name.endswith(".tmp") and name.startswith(tuple(f".{n}." for n in (CHECKPOINT_NAME, BEST_NAME, CONFIG_NAME))):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def write_config(cfg: RunConfig, path: str):
+    """``config.yaml``: the whole resolved configuration, atomically, under a header naming the versions and the
+    command; ``spach train --config path --output_dir NEW`` reruns the run."""
+    import torch
+    from .. import __version__
+    header = [f"spach {__version__}, torch {torch.__version__}: the resolved configuration of this run",
+              "command: " + (" ".join(cfg.command) or "(not from the command line)"),
+              f"rerun: spach train --config {path} --output_dir NEW_FOLDER"]
+    text = config_yaml(cfg, header)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")), what="config file")
