@@ -8,7 +8,8 @@ import torch
 
 from spach.cli import build_parser, main
 from spach.errors import SpachError
-from spach.train.config import RESUME_IDENTITY, RunConfig, resolve_config
+from spach.train.config import RESUME_IDENTITY, RunConfig
+from spach.train.resolve import resolve_config
 from train_helpers import fast_flags, make_shapes_folder
 
 

@@ -56,7 +56,7 @@ def test_short_run_learns_and_names_its_drop_path_rate(trained):
 
 def test_drop_path_default_per_model_and_explicit_flag_wins(shapes, tmp_path, capsys):
     from spach.cli import build_parser
-    from spach.train.config import resolve_config
+    from spach.train.resolve import resolve_config
 
     def resolved(*argv):
         argv = ["train", *argv, "--device", "cpu"]

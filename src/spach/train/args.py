@@ -10,8 +10,11 @@ Flags whose default is ``None`` below take the DeiT value with ``--data-path`` a
 import argparse
 
 from ..models import variant_choices
+from .flag_types import (aa_policy, in_range, input_size, nonneg_float, nonneg_int, number, positive_float,
+                         positive_int)
 
-__all__ = ["add_train_arguments", "check_flag_combinations", "DEIT_DEFAULTS", "DEMO_DEFAULTS", "DEFAULT_MODEL", "DEMO_MODEL"]
+__all__ = ["add_train_arguments", "add_shared_flags", "SECTIONS", "SECTION_OF", "EVAL_FLAGS", "DEIT_DEFAULTS",
+           "DEMO_DEFAULTS", "DEFAULT_MODEL", "DEMO_MODEL"]
 
 DEFAULT_MODEL = "spach_ms_s_patch4_224_conv"
 DEMO_MODEL = "spach_ms_xxs_patch4_224_conv"
@@ -42,96 +45,7 @@ def _flag(parser, *names, **kwargs):
     parser.add_argument(*spellings, **kwargs)
 
 
-def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
-
-
-def _nonneg_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def _number(text) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-    if v != v or v in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return v
-
-
-def _in_range(low, high, low_open=False, high_open=False):
-    """A float flag in [low, high] (an end excluded where open): a value outside fails at parse time, not
-    epochs later inside an augmentation or an optimizer."""
-    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-
-    def parse(text):
-        v = _number(text)
-        if v < low or v > high or (low_open and v == low) or (high_open and v == high):
-            raise argparse.ArgumentTypeError(f"must be in {lo}{low:g}, {high:g}{hi}, got {text}")
-        return v
-    parse.__name__ = f"number in {lo}{low:g}, {high:g}{hi}"
-    return parse
-
-
-def _input_size(text):
-    from ..models.sizes import MAX_INPUT_SIZE
-    v = _positive_int(text)
-    if v > MAX_INPUT_SIZE:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_INPUT_SIZE}, got {v}")
-    return v
-
-
-def _aa(text):
-    from ..data.transforms import check_aa_policy
-    try:
-        check_aa_policy(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e))
-    return text
-
-
 INTERPOLATIONS = ["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming", "random"]
-
-
-def check_flag_combinations(args):
-    """What one flag's parser cannot see: multi-value flags and flags that constrain each other. Runs before
-    anything is built or written; raises ``ValueError`` with the flag named."""
-    if args.opt_betas is not None and not (len(args.opt_betas) == 2 and all(0 <= b < 1 for b in args.opt_betas)):
-        raise ValueError(f"--opt-betas takes two numbers in [0, 1) (e.g. 0.9 0.999), got {args.opt_betas}")
-    if args.cutmix_minmax is not None and not (len(args.cutmix_minmax) == 2
-                                               and 0 < args.cutmix_minmax[0] < args.cutmix_minmax[1] <= 1):
-        raise ValueError(f"--cutmix-minmax takes two fractions MIN MAX with 0 < MIN < MAX <= 1, got "
-                         f"{args.cutmix_minmax}")
-
-
-def _positive_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-    if not v > 0 or v != v or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return v
-
-
-def _nonneg_float(text):
-    v = _number(text)
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
 
 
 def _bool_pair(parser, name, dest, default, help_on, help_off, **kwargs):
@@ -225,8 +139,8 @@ def _data_flags(parser, dd):
                "`pip install 'spach[shards]'` (docs/TRAINING.md). CIFAR / INAT / INAT19 are refused with how to "
                "convert them", ev=True)
     _flag(g, "--inat-category", dest="inat_category", default="name", help=argparse.SUPPRESS, ev=True)  # with --data-set
-    _flag(g, "--input-size", dest="input_size", type=_input_size, default=None, help="image size " + dd("input_size"), ev=True)
-    _flag(g, "--num_workers", dest="num_workers", type=_nonneg_int, default=None,
+    _flag(g, "--input-size", dest="input_size", type=input_size, default=None, help="image size " + dd("input_size"), ev=True)
+    _flag(g, "--num_workers", dest="num_workers", type=nonneg_int, default=None,
           help="data loader worker processes per rank " + dd("num_workers"), ev=True)
     _bool_pair(g, "pin-mem", "pin_mem", True, "pin host memory for faster copies to the device", "do not pin memory", ev=True)
     _flag(g, "--strict-data", dest="strict_data", action="store_true",
@@ -243,8 +157,8 @@ def _model_flags(parser, dd):
     g = _group(parser, "model")
     _flag(g, "--model", dest="model", default=None, metavar="MODEL",
           help="model name (`spach models` lists them; eval: read from the checkpoint) " + dd("model"), ev=True)
-    _flag(g, "--drop", dest="drop", type=_in_range(0, 1, high_open=True), default=0.0, help="dropout rate")
-    _flag(g, "--drop-path", dest="drop_path", type=_in_range(0, 1, high_open=True), default=None,
+    _flag(g, "--drop", dest="drop", type=in_range(0, 1, high_open=True), default=0.0, help="dropout rate")
+    _flag(g, "--drop-path", dest="drop_path", type=in_range(0, 1, high_open=True), default=None,
           help="stochastic depth rate (default: the model's own where its original registry fixed one, as for "
           f"sMLPNet and ShiftViT, shown by `spach models --json`; else DeiT {DEIT_DEFAULTS['drop_path']} / demo "
           f"{DEMO_DEFAULTS['drop_path']})%(default).0s")
@@ -259,20 +173,20 @@ def _model_flags(parser, dd):
           "--finetune / --resume file holds, else GN1)", ev=True)
     _flag(g, "--act-layer", dest="act_layer", default=None, choices=variant_choices("act_layer"),
           help="ShiftViT's activation (default: GELU)", ev=True)
-    _flag(g, "--model-ema-decay", dest="model_ema_decay", type=_in_range(0, 1, True, True), default=0.99996)
+    _flag(g, "--model-ema-decay", dest="model_ema_decay", type=in_range(0, 1, True, True), default=0.99996)
     _flag(g, "--model-ema-force-cpu", dest="model_ema_force_cpu", action="store_true")
 
 
 def _optimizer_flags(parser, dd):
     g = _group(parser, "optim")
     _flag(g, *_SHARED["batch_size"][0], **_SHARED["batch_size"][1], ev=True)
-    _flag(g, "--epochs", dest="epochs", type=_positive_int, default=None, help="epochs " + dd("epochs"))
+    _flag(g, "--epochs", dest="epochs", type=positive_int, default=None, help="epochs " + dd("epochs"))
     _flag(g, "--opt", dest="opt", default="adamw", choices=["adamw", "sgd"])
-    _flag(g, "--opt-eps", dest="opt_eps", type=_in_range(0, 1, low_open=True), default=1e-8)
-    _flag(g, "--opt-betas", dest="opt_betas", type=_number, nargs="+", default=None)
-    _flag(g, "--clip-grad", dest="clip_grad", type=_positive_float, default=None, help="clip the gradient norm")
-    _flag(g, "--momentum", dest="momentum", type=_in_range(0, 1), default=0.9)
-    _flag(g, "--weight-decay", dest="weight_decay", type=_nonneg_float, default=0.05,
+    _flag(g, "--opt-eps", dest="opt_eps", type=in_range(0, 1, low_open=True), default=1e-8)
+    _flag(g, "--opt-betas", dest="opt_betas", type=number, nargs="+", default=None)
+    _flag(g, "--clip-grad", dest="clip_grad", type=positive_float, default=None, help="clip the gradient norm")
+    _flag(g, "--momentum", dest="momentum", type=in_range(0, 1), default=0.9)
+    _flag(g, "--weight-decay", dest="weight_decay", type=nonneg_float, default=0.05,
           help="AdamW weight decay (not applied to norms and biases)")
     _flag(g, "--sched", dest="sched", default="cosine", choices=["cosine"])
     _flag(g, "--lr-noise", dest="lr_noise", type=float, nargs="+", default=None,
@@ -284,12 +198,12 @@ def _optimizer_flags(parser, dd):
     _flag(g, "--decay-epochs", dest="decay_epochs", type=float, default=30, help=argparse.SUPPRESS)
     _flag(g, "--patience-epochs", dest="patience_epochs", type=int, default=10, help=argparse.SUPPRESS)
     _flag(g, "--decay-rate", "--dr", dest="decay_rate", type=float, default=0.1, help=argparse.SUPPRESS)
-    _flag(g, "--lr", dest="lr", type=_positive_float, default=None,
+    _flag(g, "--lr", dest="lr", type=positive_float, default=None,
           help="learning rate for a global batch of 512, scaled linearly by batch x processes / 512 " + dd("lr"))
-    _flag(g, "--warmup-lr", dest="warmup_lr", type=_nonneg_float, default=1e-6)
-    _flag(g, "--min-lr", dest="min_lr", type=_nonneg_float, default=1e-5)
-    _flag(g, "--warmup-epochs", dest="warmup_epochs", type=_nonneg_float, default=None, help=dd("warmup_epochs"))
-    _flag(g, "--cooldown-epochs", dest="cooldown_epochs", type=_nonneg_float, default=None,
+    _flag(g, "--warmup-lr", dest="warmup_lr", type=nonneg_float, default=1e-6)
+    _flag(g, "--min-lr", dest="min_lr", type=nonneg_float, default=1e-5)
+    _flag(g, "--warmup-epochs", dest="warmup_epochs", type=nonneg_float, default=None, help=dd("warmup_epochs"))
+    _flag(g, "--cooldown-epochs", dest="cooldown_epochs", type=nonneg_float, default=None,
           help="final epochs at --min-lr " + dd("cooldown_epochs"))
     _bool_pair(g, "sched-per-step", "sched_per_step", None, "update the lr every step " + dd("sched_per_step"),
                "update the lr once per epoch (DeiT)")
@@ -297,22 +211,22 @@ def _optimizer_flags(parser, dd):
 
 def _augmentation_flags(parser, dd):
     g = _group(parser, "aug")
-    _flag(g, "--color-jitter", dest="color_jitter", type=_nonneg_float, default=None, help=dd("color_jitter"))
-    _flag(g, "--aa", dest="aa", type=_aa, default=None, help="RandAugment policy, 'none' to disable " + dd("aa"))
-    _flag(g, "--smoothing", dest="smoothing", type=_in_range(0, 1, high_open=True), default=None, help="label smoothing " + dd("smoothing"))
+    _flag(g, "--color-jitter", dest="color_jitter", type=nonneg_float, default=None, help=dd("color_jitter"))
+    _flag(g, "--aa", dest="aa", type=aa_policy, default=None, help="RandAugment policy, 'none' to disable " + dd("aa"))
+    _flag(g, "--smoothing", dest="smoothing", type=in_range(0, 1, high_open=True), default=None, help="label smoothing " + dd("smoothing"))
     _flag(g, "--train-interpolation", dest="train_interpolation", default="bicubic", choices=INTERPOLATIONS)
-    _flag(g, "--hflip", dest="hflip", type=_in_range(0, 1), default=None, help="horizontal flip probability " + dd("hflip"))
-    _flag(g, "--crop-pct", dest="crop_pct", type=_in_range(0, 1, low_open=True), default=None,
+    _flag(g, "--hflip", dest="hflip", type=in_range(0, 1), default=None, help="horizontal flip probability " + dd("hflip"))
+    _flag(g, "--crop-pct", dest="crop_pct", type=in_range(0, 1, low_open=True), default=None,
           help="eval centre-crop fraction (default 0.875: resize 256, crop 224; demo 1.0)%(default).0s", ev=True)
-    _flag(g, "--reprob", dest="reprob", type=_in_range(0, 1), default=None, help="random erasing " + dd("reprob"))
+    _flag(g, "--reprob", dest="reprob", type=in_range(0, 1), default=None, help="random erasing " + dd("reprob"))
     _flag(g, "--remode", dest="remode", default="pixel", choices=["pixel", "rand", "const"])
-    _flag(g, "--recount", dest="recount", type=_positive_int, default=1)
+    _flag(g, "--recount", dest="recount", type=positive_int, default=1)
     _flag(g, "--resplit", dest="resplit", action="store_true", help=argparse.SUPPRESS)  # needs aug splits (unused)
-    _flag(g, "--mixup", dest="mixup", type=_nonneg_float, default=None, help="mixup alpha " + dd("mixup"))
-    _flag(g, "--cutmix", dest="cutmix", type=_nonneg_float, default=None, help="cutmix alpha " + dd("cutmix"))
-    _flag(g, "--cutmix-minmax", dest="cutmix_minmax", type=_number, nargs="+", default=None)
-    _flag(g, "--mixup-prob", dest="mixup_prob", type=_in_range(0, 1), default=1.0)
-    _flag(g, "--mixup-switch-prob", dest="mixup_switch_prob", type=_in_range(0, 1), default=0.5)
+    _flag(g, "--mixup", dest="mixup", type=nonneg_float, default=None, help="mixup alpha " + dd("mixup"))
+    _flag(g, "--cutmix", dest="cutmix", type=nonneg_float, default=None, help="cutmix alpha " + dd("cutmix"))
+    _flag(g, "--cutmix-minmax", dest="cutmix_minmax", type=number, nargs="+", default=None)
+    _flag(g, "--mixup-prob", dest="mixup_prob", type=in_range(0, 1), default=1.0)
+    _flag(g, "--mixup-switch-prob", dest="mixup_switch_prob", type=in_range(0, 1), default=0.5)
     _flag(g, "--mixup-mode", dest="mixup_mode", default="batch", choices=["batch", "pair", "elem"])
 
 
@@ -322,8 +236,8 @@ def _distillation_flags(parser, dd):
     _flag(g, "--teacher-path", dest="teacher_path", default="",
           help="teacher weights: a file or an http(s) URL (downloaded once into torch hub's cache)")
     _flag(g, "--distillation-type", dest="distillation_type", default="none", choices=["none", "soft", "hard"])
-    _flag(g, "--distillation-alpha", dest="distillation_alpha", type=_in_range(0, 1), default=0.5)
-    _flag(g, "--distillation-tau", dest="distillation_tau", type=_in_range(0, 1e6, low_open=True), default=1.0)
+    _flag(g, "--distillation-alpha", dest="distillation_alpha", type=in_range(0, 1), default=0.5)
+    _flag(g, "--distillation-tau", dest="distillation_tau", type=in_range(0, 1e6, low_open=True), default=1.0)
     _flag(g, "--finetune", dest="finetune", default="",
           help="start from these weights, a file or an http(s) URL (a mismatched classifier head is re-initialised)")
 
@@ -337,7 +251,7 @@ def _run_flags(parser, dd):
           help="resume from (or, with --eval, evaluate) this checkpoint: a file or an http(s) URL")
     _bool_pair(g, "auto-resume", "auto_resume", True, "resume from <output_dir>/checkpoint.pth when it exists",
                "always start afresh")
-    _flag(g, "--start_epoch", dest="start_epoch", type=_nonneg_int, default=0)
+    _flag(g, "--start_epoch", dest="start_epoch", type=nonneg_int, default=0)
     _flag(g, "--eval", dest="eval", action="store_true", help="only evaluate (--resume CKPT)")
     _flag(g, "--eval-ema", dest="eval_ema", action="store_true", help="with --eval: evaluate the checkpoint's EMA weights")
     _flag(g, "--dist-eval", dest="dist_eval", action="store_true", help="shard evaluation over the processes", ev=True)
@@ -345,7 +259,7 @@ def _run_flags(parser, dd):
     _flag(g, "--seed", dest="seed", type=int, default=0, ev=True)
     _flag(g, "--deterministic", dest="deterministic", action="store_true",
           help="deterministic algorithms (bit-reproducible CPU runs and resumes)", ev=True)
-    _flag(g, "--print-freq", dest="print_freq", type=_positive_int, default=10, help="log every N steps", ev=True)
+    _flag(g, "--print-freq", dest="print_freq", type=positive_int, default=10, help="log every N steps", ev=True)
     _flag(g, "--tensorboard", dest="tensorboard", action="store_true",
           help="also write each epoch's stats as TensorBoard scalars to <output_dir>/tensorboard "
                "(pip install 'spach[tensorboard]')")
@@ -353,7 +267,7 @@ def _run_flags(parser, dd):
 
 # flags `spach benchmark` takes too: declared once (spellings, default, validation), help included
 _SHARED = {
-    "batch_size": (("--batch-size",), dict(dest="batch_size", type=_positive_int, default=None,
+    "batch_size": (("--batch-size",), dict(dest="batch_size", type=positive_int, default=None,
                                            help="batch size per process (default: spach train: DeiT 128 / demo 128; "
                                                 "spach benchmark: 128 on cuda, 16 on cpu)%(default).0s")),
     "device": (("--device",), dict(dest="device", default=None,

@@ -23,7 +23,8 @@ from ..runtime.device import DistInfo
 from ..weights import read_once
 from . import faults
 from .checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_save, get_rng_state
-from .config import RunConfig, resolve_config
+from .config import RunConfig
+from .resolve import resolve_config
 from .engine import TrainStep, evaluate, throughput, train_one_epoch
 from .loaders import Data, Reading, build_data
 from .model import build_model, build_train_step, finetune
