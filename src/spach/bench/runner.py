@@ -6,7 +6,7 @@ synchronise and stops behind another, and the images counted are exactly ``steps
 The reported rate is the median over blocks.
 
 The training step is the one ``spach train`` runs, :func:`spach.train.engine.train_step`, built from the same
-pieces (:func:`~spach.train.optim.build_optimizer`, :func:`~spach.train.engine.build_criterion`,
+pieces (:func:`~spach.train.optim.build_optimizer`, :func:`~spach.train.losses.build_criterion`,
 :func:`~spach.train.engine.build_scaler`): mixup/cutmix on the device with soft targets (label smoothing inside
 them) or cross-entropy with label smoothing when mixing is off, autocast with the chosen dtype, a GradScaler for
 fp16, AdamW with DeiT's weight-decay groups (fused where the device has the kernel), and no host
@@ -27,7 +27,8 @@ from ..errors import SpachError
 from ..models import fused as fused_mlp
 from ..runtime.cpu_tuning import cpu_model_name
 from ..runtime.device import autocast, requested_index, resolve_amp, resolve_device, synchronize
-from ..train.engine import TrainStep, build_criterion, build_scaler, train_step
+from ..train.engine import TrainStep, build_scaler, train_step
+from ..train.losses import build_criterion
 from ..train.optim import build_optimizer, optimizer_kind
 
 __all__ = ["BenchConfig", "Workload", "run_benchmark", "run_interleaved", "peak_bf16_tflops", "device_name",

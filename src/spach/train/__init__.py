@@ -2,7 +2,8 @@
 from it (output, loaders, model, resume, process), the engine (one training step, epochs, evaluation), optimizer
 and schedule, EMA, checkpoints, and the runner: resolve the configuration, build, loop."""
 from .checkpoint import atomic_save, load_checkpoint
-from .engine import (DistillationLoss, NonFiniteLossError, TrainStep, evaluate, throughput, train_one_epoch,
+from .losses import DistillationLoss
+from .engine import (NonFiniteLossError, TrainStep, evaluate, throughput, train_one_epoch,
                      train_step)
 from .optim import CosineSchedule, build_optimizer, param_groups
 

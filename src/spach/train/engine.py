@@ -24,8 +24,8 @@ from ..models.fused import packed_weights
 from ..runtime.device import all_reduce_sum, autocast, synchronize, world_size
 from . import faults
 
-__all__ = ["TrainStep", "train_step", "build_criterion", "build_scaler", "train_one_epoch", "evaluate", "throughput",
-           "NonFiniteLossError", "DistillationLoss"]
+__all__ = ["TrainStep", "train_step", "build_scaler", "train_one_epoch", "evaluate", "throughput",
+           "NonFiniteLossError"]
 
 logger = logging.getLogger("spach.train")
 
@@ -36,47 +36,6 @@ class NonFiniteLossError(SpachError):
     def __init__(self, msg, epoch=None, step=None, lr=None):
         super().__init__(msg)
         self.epoch, self.step, self.lr = epoch, step, lr
-
-
-class DistillationLoss(torch.nn.Module):
-    """DeiT's distillation loss with a timm teacher: ``none`` (base criterion only), ``soft`` (KL to the
-    teacher's temperature-scaled distribution) or ``hard`` (cross-entropy to the teacher's argmax). SPACH
-    models have one head, so its output serves both terms."""
-
-    def __init__(self, base_criterion, teacher=None, distillation_type="none", alpha=0.5, tau=1.0):
-        super().__init__()
-        self.base_criterion = base_criterion
-        self.teacher = teacher
-        self.distillation_type = distillation_type
-        self.alpha = alpha
-        self.tau = tau
-
-    def forward(self, inputs, outputs, labels):
-        base = self.base_criterion(outputs, labels)
-        if self.distillation_type == "none":
-            return base
-        with torch.no_grad():
-            teacher_out = self.teacher(inputs)
-        if self.distillation_type == "soft":
-            T = self.tau
-            kd = F.kl_div(F.log_softmax(outputs / T, dim=1), F.log_softmax(teacher_out / T, dim=1),
-                          reduction="sum", log_target=True) * (T * T) / outputs.numel()
-        else:
-            kd = F.cross_entropy(outputs, teacher_out.argmax(dim=1))
-        return base * (1 - self.alpha) + kd * self.alpha
-
-
-def build_criterion(soft_targets: bool, smoothing: float, teacher=None, distillation_type: str = "none",
-                    alpha: float = 0.5, tau: float = 1.0) -> DistillationLoss:
-    """The training loss, called as ``criterion(samples, outputs, targets)``: soft-target cross-entropy when
-    mixup/cutmix make the targets (label smoothing is already inside them), else cross-entropy with label
-    smoothing; wrapped in DeiT's distillation loss (``distillation_type`` none: the base loss alone)."""
-    if soft_targets:
-        from timm.loss import SoftTargetCrossEntropy
-        base = SoftTargetCrossEntropy()
-    else:
-        base = torch.nn.CrossEntropyLoss(label_smoothing=smoothing)
-    return DistillationLoss(base, teacher, distillation_type, alpha, tau)
 
 
 def build_scaler(device: torch.device, amp_dtype: Optional[torch.dtype]):
@@ -93,7 +52,7 @@ class TrainStep:
     """
     model: nn.Module
     net: nn.Module
-    criterion: Callable                      # criterion(samples, outputs, targets), see build_criterion
+    criterion: Callable                      # criterion(samples, outputs, targets), see losses.build_criterion
     optimizer: torch.optim.Optimizer
     device: torch.device
     amp_dtype: Optional[torch.dtype] = None  # autocast dtype; None: fp32

@@ -8,7 +8,8 @@ from ..errors import CheckpointError, SpachError
 from ..runtime.device import DistInfo
 from .config import AugConfig, DistillConfig, ModelConfig, OptimConfig, RunConfig
 from .ema import ModelEma
-from .engine import TrainStep, build_criterion, build_scaler
+from .engine import TrainStep, build_scaler
+from .losses import build_criterion
 from .optim import CosineSchedule, build_optimizer
 
 __all__ = ["build_model", "finetune", "build_teacher", "build_train_step"]
