@@ -1,12 +1,42 @@
-"""Reading files a user names: only regular files, so no command can block on a FIFO or read a device.
+"""Files a user names, and the project's own files: the one place paths are opened.
 
-``open()`` of a FIFO waits for a writer forever, and a character device (``/dev/zero``, a tty) never ends; a
-path naming either, or a folder, is refused with one line that says what the path really is.
+Reading: only regular files, so no command can block on a FIFO or read a device. ``open()`` of a FIFO waits for
+a writer forever, and a character device (``/dev/zero``, a tty) never ends; a path naming either, or a folder,
+is refused with one line that says what the path really is.
+
+Writing the project's own files (the output folder's lock, logs, config): :func:`open_own` never follows a
+symbolic link (a link planted at ``out/log.txt`` would otherwise have the run overwrite whatever it points to) and
+opens only a regular file. Files replaced atomically (checkpoints, ``config.yaml``) are safe by construction: a
+new temporary file is created exclusively and renamed over the name, replacing a link rather than its target.
+Every ``OSError`` on such a path becomes one line naming the path and the reason (:func:`os_error_reason`).
 """
+import errno
 import os
 import stat
 
-__all__ = ["NotARegularFile", "path_kind", "open_regular", "regular_file_problem"]
+__all__ = ["NotARegularFile", "path_kind", "open_regular", "regular_file_problem", "open_own", "os_error_reason",
+           "inside"]
+
+# OSError kinds a user's path can cause, as the words that follow the path in a message
+_REASONS = {
+    errno.ELOOP: "is a symbolic link (or a loop of them)",
+    errno.ENAMETOOLONG: "is too long a path for this system",
+    errno.EACCES: "is not accessible (permission denied)",
+    errno.EPERM: "may not be changed (operation not permitted: an immutable or protected file)",
+    errno.EROFS: "is on a read-only file system",
+    errno.ENOSPC: "cannot be written: the disk is full",
+    errno.EDQUOT: "cannot be written: the disk quota is exceeded",
+    errno.EISDIR: "is a folder",
+    errno.ENOTDIR: "has a file where a folder is expected on its path",
+    errno.ENOENT: "does not exist",
+    errno.ENXIO: "is a FIFO or device with no other end",
+    errno.ETXTBSY: "is busy",
+}
+
+
+def os_error_reason(e: OSError) -> str:
+    """The words that follow a path in a one-line message about ``e`` (any ``OSError``)."""
+    return _REASONS.get(e.errno) or f"cannot be used ({e.strerror or type(e).__name__})"
 
 
 class NotARegularFile(OSError):
@@ -28,14 +58,16 @@ def _kind(mode: int) -> str:
 
 
 def path_kind(path) -> str:
-    """'regular file', 'folder', 'FIFO (named pipe)', 'socket', 'character device', 'block device', or
-    'missing' (a broken link included)."""
+    """'regular file', 'folder', 'FIFO (named pipe)', 'socket', 'character device', 'block device', 'missing' (a
+    broken link included), or for a path that cannot be looked at, the reason (see :func:`os_error_reason`)."""
     try:
         return _kind(os.stat(path).st_mode)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return "missing"
-    except NotADirectoryError:
-        return "missing"
+    except OSError as e:  # a link loop, a name too long, a folder on the way that may not be entered ...
+        return os_error_reason(e)
+    except ValueError:  # a NUL byte in the name
+        return "is not a valid path (it holds a NUL character)"
 
 
 def regular_file_problem(path) -> str:
@@ -45,7 +77,40 @@ def regular_file_problem(path) -> str:
         return ""
     if kind == "missing":
         return "does not exist"
+    if kind.startswith(("is ", "cannot ", "has ", "may ", "does ")):
+        return kind
     return f"is a {kind}, not a file"
+
+
+def inside(path, folder) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it, links resolved (``path`` need not exist yet)."""
+    try:
+        real, base = os.path.realpath(path), os.path.realpath(folder)
+    except (OSError, ValueError):
+        return False
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def open_own(path, flags: int, perm: int = 0o644, what: str = "file") -> int:
+    """A file descriptor of one of the project's own files, opened with ``flags`` (``os.O_WRONLY | os.O_APPEND |
+    os.O_CREAT``, ...): never through a symbolic link, and only a regular file (a folder, FIFO, device or socket at
+    the path is refused without blocking). Any failure is :class:`~spach.errors.SpachError` naming ``what``, the
+    path and the reason."""
+    from .errors import SpachError
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), perm)
+    except OSError as e:
+        if e.errno == errno.ELOOP or (e.errno == errno.EEXIST and os.path.islink(path)):
+            raise SpachError(f"{what} {path} is a symbolic link: spach writes its own files only where it made them; "
+                             f"remove the link (or pass another folder)") from None
+        raise SpachError(f"{what} {path} {os_error_reason(e)}: fix it or pass another folder") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise SpachError(f"{what} {path} is a {_kind(mode)}, not a file spach wrote: remove it (or pass another "
+                         f"folder)")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def open_regular(path):

@@ -22,8 +22,18 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from ..data.pack import pack_imagefolder
-    info = pack_imagefolder(args.src, args.out, shard_size=args.shard_size, seed=args.seed, splits=args.splits,
-                            show_progress=sys.stderr.isatty())
+    from ..errors import SpachError
+    from ..files import inside
+    from ..train.output_lock import OutputDirLock
+    if inside(args.out, args.src):
+        raise SpachError(f"OUT {args.out} is inside DIR {args.src}: the shards would become part of the data they are "
+                         f"packed from; pass an OUT outside {args.src}")
+    lock = OutputDirLock(args.out, label="spach pack OUT")  # one pack per OUT: two would remove each other's files
+    try:
+        info = pack_imagefolder(args.src, args.out, shard_size=args.shard_size, seed=args.seed, splits=args.splits,
+                                show_progress=sys.stderr.isatty(), claim=lambda out: lock.acquire())
+    finally:
+        lock.release()
     for name, split in info["splits"].items():
         print(f"{name}: {split['num_samples']} images in {len(split['filenames'])} shards")
     print(f"{len(info['classes'])} classes; index {args.out}/_info.json (train or eval with --data-path {args.out} "

@@ -82,15 +82,23 @@ def read_log(path: str) -> List[dict]:
         if not isinstance(entry, dict):
             bad.append(i + 1)
             continue
-        epoch = entry.get("epoch")
-        epoch = int(epoch) if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) else len(by_epoch)
+        epoch = entry.get("epoch", len(by_epoch))
+        if not _is_epoch(epoch):  # NaN, 1e400 (inf), -3, 2.5, "x": not an epoch a run wrote
+            bad.append(i + 1)
+            continue
+        epoch = int(epoch)
         by_epoch[epoch] = dict(entry, epoch=epoch)
     if bad:
         from ..inference import warn
-        warn(f"{path}: skipped {len(bad)} line(s) that are not JSON objects (line {', '.join(map(str, bad[:5]))})")
+        warn(f"{path}: skipped {len(bad)} line(s) that are not JSON objects with a valid epoch (line {', '.join(map(str, bad[:5]))})")
     if not by_epoch:
         raise DataError(f"{path} has no epochs yet (no JSON lines): wait for the first epoch of training to end")
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _is_epoch(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value == int(value) and 0 <= value < 10 ** 7)
 
 
 def run_labels(runs: List[str]) -> List[str]:

@@ -17,6 +17,7 @@ import random
 from typing import Dict, List, Sequence, Tuple
 
 from ..errors import DataError
+from ..files import open_own, open_regular, os_error_reason
 from .folder import check_dataset
 from .shards import INFO_NAME, require_shards_extra
 
@@ -40,7 +41,7 @@ def _plan(src: str, classes: List[str], samples: Dict[str, list], shard_size: in
 
 def _atomic_json(obj, path: str):
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with os.fdopen(open_own(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, what="pack index"), "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
@@ -50,13 +51,18 @@ def _atomic_json(obj, path: str):
 def _write_shard(path: str, items: Sequence[Tuple[int, str, int]], progress):
     from webdataset import TarWriter
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with os.fdopen(open_own(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, what="shard"), "wb") as f:
         # an integer mtime keeps each member to one 512-byte header (a float one adds a PAX header that readers
         # parse in Python for every member) and makes a rerun write the same bytes
         with TarWriter(f, encoder=False, mtime=0) as sink:
             for key, file, target in items:
-                with open(file, "rb") as img:
-                    data = img.read()
+                try:
+                    with open_regular(file) as img:
+                        data = img.read()
+                except OSError as e:  # deleted, replaced or made unreadable since the scan
+                    raise DataError(f"source image {file} {os_error_reason(e) if e.errno else str(e)} (it changed "
+                                    f"while packing): restore it or rescan, then rerun the same command to finish "
+                                    f"the pack") from None
                 ext = os.path.splitext(file)[1].lower().lstrip(".")
                 sink.write({"__key__": f"{key:08d}", ext: data, "cls": str(target).encode()})
                 if progress is not None:
@@ -67,8 +73,9 @@ def _write_shard(path: str, items: Sequence[Tuple[int, str, int]], progress):
 
 
 def pack_imagefolder(src: str, out: str, shard_size: int = 1000, seed: int = 0, splits=("train", "val"),
-                     show_progress: bool = True) -> dict:
-    """Pack ``src/{train,val}/<class>/*`` into ``out``; returns the index written to ``out/_info.json``."""
+                     show_progress: bool = True, claim=None) -> dict:
+    """Pack ``src/{train,val}/<class>/*`` into ``out``; returns the index written to ``out/_info.json``.
+    ``claim(out)`` runs once ``out`` exists, before anything in it is read or written (the caller's lock)."""
     require_shards_extra("webdataset")
     if shard_size < 1:
         raise DataError(f"--shard-size must be at least 1 image (got {shard_size})")
@@ -76,6 +83,8 @@ def pack_imagefolder(src: str, out: str, shard_size: int = 1000, seed: int = 0, 
     if os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"{out} is a file: pass a folder for the shards (it is created if missing)")
     os.makedirs(out, exist_ok=True)
+    if claim is not None:
+        claim(out)
     plan = _plan(src, classes, samples, shard_size, seed)
     plan_path = os.path.join(out, PLAN_NAME)
     if os.path.isfile(plan_path):

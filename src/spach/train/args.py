@@ -11,7 +11,7 @@ import argparse
 
 from ..models import variant_choices
 from .flag_types import (aa_policy, in_range, input_size, nonneg_float, nonneg_int, number, positive_float,
-                         positive_int)
+                         positive_int, seed)
 
 __all__ = ["add_train_arguments", "add_shared_flags", "SECTIONS", "SECTION_OF", "EVAL_FLAGS", "DEIT_DEFAULTS",
            "DEMO_DEFAULTS", "DEFAULT_MODEL", "DEMO_MODEL"]
@@ -256,7 +256,7 @@ def _run_flags(parser, dd):
     _flag(g, "--eval-ema", dest="eval_ema", action="store_true", help="with --eval: evaluate the checkpoint's EMA weights")
     _flag(g, "--dist-eval", dest="dist_eval", action="store_true", help="shard evaluation over the processes", ev=True)
     _flag(g, "--throughput", dest="throughput", action="store_true", help="only measure inference images/s", ev=True)
-    _flag(g, "--seed", dest="seed", type=int, default=0, ev=True)
+    _flag(g, "--seed", dest="seed", type=seed, default=0, ev=True)
     _flag(g, "--deterministic", dest="deterministic", action="store_true",
           help="deterministic algorithms (bit-reproducible CPU runs and resumes)", ev=True)
     _flag(g, "--print-freq", dest="print_freq", type=positive_int, default=10, help="log every N steps", ev=True)

@@ -2,7 +2,7 @@
 which goes through the same parser), so a value out of range fails before anything is built."""
 import argparse
 
-__all__ = ["positive_int", "nonneg_int", "number", "in_range", "input_size", "aa_policy", "positive_float",
+__all__ = ["seed", "positive_int", "nonneg_int", "number", "in_range", "input_size", "aa_policy", "positive_float",
            "nonneg_float"]
 
 
@@ -81,4 +81,12 @@ def nonneg_float(text):
     v = number(text)
     if not v >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def seed(text):
+    """A seed: an integer torch, numpy and Python all take (rank added), not a 23-digit number that fails later."""
+    v = nonneg_int(text)
+    if v > 2 ** 32 - 1 - 65536:
+        raise argparse.ArgumentTypeError(f"must be at most {2 ** 32 - 1 - 65536} (a seed + the process rank), got {v}")
     return v

@@ -10,6 +10,7 @@ import sys
 from typing import Optional
 
 from ..errors import SpachError
+from ..files import open_own, os_error_reason, regular_file_problem
 from ..runtime import device as devices
 from ..runtime.device import DistInfo
 from .checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_write
@@ -58,9 +59,24 @@ def setup_logging(is_main: bool, log_file: Optional[str] = None, defer_file: boo
             attach_log_file(log_file)
 
 
+class _OwnFileHandler(logging.StreamHandler):
+    """A log file opened by :func:`~spach.files.open_own` (appending; never through a link)."""
+
+    def __init__(self, path: str):
+        fd = open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, what="log file")
+        super().__init__(os.fdopen(fd, "a", encoding="utf-8"))
+
+    def close(self):
+        try:
+            self.flush()
+            self.stream.close()
+        finally:
+            super().close()
+
+
 def attach_log_file(log_file: str):
     root = logging.getLogger("spach")
-    fh = logging.FileHandler(log_file)
+    fh = _OwnFileHandler(log_file)
     fh.setFormatter(logging.Formatter("[%(asctime)s] %(message)s"))
     fh._spach = True
     for h in list(root.handlers):
@@ -80,12 +96,16 @@ def prepare_output(out: OutputConfig, dist: DistInfo, eval_only: bool, lock: Opt
     if save:
         _check_output_dir(out.output_dir, create=False)
         lock = lock if lock is not None else OutputDirLock(out.output_dir)
-        owned = on_main(dist, lambda: os.path.isdir(out.output_dir) and bool(lock.acquire()))
+        owned = on_main(dist, lambda: os.path.isdir(out.output_dir) and bool(lock.acquire())
+                        and _check_own_files(out.output_dir) is None)
     return save, bool(owned)
 
 
 def _check_output_dir(path: str, create: bool = True):
     """Refuse an --output_dir that cannot be used; create it only with ``create``."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise SpachError(f"--output_dir {path} is a symbolic link to {os.readlink(path)}, which does not exist: "
+                         f"create that folder, remove the link, or pass another folder")
     if os.path.exists(path) and not os.path.isdir(path):
         raise SpachError(f"--output_dir {path} is a file: pass a folder path (it is created if missing)")
     if not create:
@@ -101,7 +121,7 @@ def _check_output_dir(path: str, create: bool = True):
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise SpachError(f"cannot create --output_dir {path} ({e.strerror}): pick a writable folder") from None
+        raise SpachError(f"cannot create --output_dir {path}: it {os_error_reason(e)}; pick a writable folder") from None
     if not os.access(path, os.W_OK):
         raise SpachError(f"--output_dir {path} is not writable: fix its permissions or pick another folder")
 
@@ -129,11 +149,29 @@ def take_output_dir(cfg: RunConfig, dist: DistInfo, lock: Optional[OutputDirLock
 
     def take():
         _check_output_dir(folder)
+        _check_own_files(folder)
         lock.acquire()
         _remove_stale_temp_files(folder)
         attach_log_file(os.path.join(folder, "log_rank0.txt"))
         write_config(cfg, os.path.join(folder, CONFIG_NAME))
     on_main(dist, take)
+
+
+# the files a run writes in its folder: each is absent or a regular file this project wrote, never a link
+OWN_NAMES = (CHECKPOINT_NAME, BEST_NAME, CONFIG_NAME, "log.txt", "log_rank0.txt")
+
+
+def _check_own_files(folder: str):
+    """Refuse, before any work is written, a folder where one of the run's own names is a link or not a file
+    (written through or over, a user's file or folder would be lost)."""
+    for name in OWN_NAMES:
+        path = os.path.join(folder, name)
+        if os.path.islink(path):
+            raise SpachError(f"{path} is a symbolic link: spach writes its own files only where it made them; "
+                             f"remove the link (or pass another --output_dir)")
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise SpachError(f"{path} {regular_file_problem(path)}: a run writes its {name} there; move it away "
+                             f"(or pass another --output_dir)")
 
 
 def _remove_stale_temp_files(folder: str):

@@ -30,6 +30,7 @@ import time
 from typing import Optional
 
 from ..errors import SpachError
+from ..files import open_own, os_error_reason
 
 __all__ = ["LOCK_NAME", "HEARTBEAT_S", "STALE_S", "OutputDirLock"]
 
@@ -84,7 +85,7 @@ def _server_now(folder: str) -> float:
     """The file server's current time: the mtime of a probe file written now (falls back to the local clock)."""
     probe = os.path.join(folder, f"{LOCK_NAME}.now.{socket.gethostname()}.{os.getpid()}")
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
             os.write(fd, b"x")
             return os.fstat(fd).st_mtime
@@ -103,8 +104,8 @@ class OutputDirLock:
     """``acquire()`` makes this process the owner of ``folder`` (which must exist) or raises a one-line
     :class:`SpachError` naming the folder and the process holding it; ``release()`` gives it up."""
 
-    def __init__(self, folder: str):
-        self.folder = folder
+    def __init__(self, folder: str, label: str = "--output_dir"):
+        self.folder, self.label = folder, label
         self.path = os.path.join(folder, LOCK_NAME)
         self._fd = None
         self._stop = threading.Event()
@@ -118,7 +119,8 @@ class OutputDirLock:
         if self._fd is not None:
             return self
         for _ in range(20):  # the file may be released (removed) between our open and our lock: try again
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            existed = os.path.lexists(self.path)
+            fd = open_own(self.path, os.O_RDWR | os.O_CREAT, what=f"{self.label} {self.folder}: its lock file")
             try:
                 enforced = self._try_lock(fd)
                 if enforced is None:  # locked by a live process (this host, or a file system that shares locks)
@@ -139,15 +141,15 @@ class OutputDirLock:
                         raise SpachError(self._in_use(holder, why))
                     logger.info(f"{self.folder}: taking over the lock of an earlier run that did not release it "
                                 f"({describe(holder)}; {why})")
-                self._write(fd, _me())
+                self._write_record(fd, existed)
                 self._fd, fd = fd, None
                 self._start_heartbeat()
                 return self
             finally:
                 if fd is not None:
                     os.close(fd)
-        raise SpachError(f"--output_dir {self.folder}: could not take its lock {self.path} (it keeps being replaced "
-                         f"by another process): make sure no other run uses the folder, or pass another --output_dir")
+        raise SpachError(f"{self.label} {self.folder}: could not take its lock {self.path} (it keeps being replaced "
+                         f"by another process): make sure no other run uses the folder, or pass another folder")
 
     def release(self):
         if self._fd is None:
@@ -197,6 +199,18 @@ class OutputDirLock:
         except (OSError, ValueError, UnicodeDecodeError):
             return {}  # a record torn by a crash mid-write: no live owner wrote it
 
+    def _write_record(self, fd, existed: bool):
+        try:
+            self._write(fd, _me())
+        except OSError as e:  # a full disk, a quota: leave no empty lock file behind that was not there before
+            if not existed:
+                try:
+                    os.remove(self.path)
+                except OSError:
+                    pass
+            raise SpachError(f"{self.label} {self.folder}: its lock file {self.path} {os_error_reason(e)}; nothing "
+                             f"was started: free space or fix the folder, then rerun") from None
+
     @staticmethod
     def _write(fd, record: dict):
         data = (json.dumps(record) + "\n").encode()
@@ -209,6 +223,9 @@ class OutputDirLock:
         """Whether the process recorded in ``holder`` may still own the folder, and why."""
         me = _me()
         pid = holder.get("pid")
+        if not (isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2 ** 31):
+            # os.kill(-1 or 0, 0) would test every process or the process group: no process is named here
+            return False, f"its record names no process that can exist (pid {pid!r:.20})"
         if holder.get("host") == me["host"] and holder.get("boot_id") == me["boot_id"] and isinstance(pid, int):
             if pid == me["pid"] and holder.get("start_ticks") == me["start_ticks"]:
                 return False, "it is this process"
@@ -225,8 +242,8 @@ class OutputDirLock:
 
     def _in_use(self, holder: dict, why: str) -> str:
         who = describe(holder) if holder else "a process that has not written its record yet"
-        return (f"--output_dir {self.folder} is in use by another run ({who}; {why}): wait for it to finish or "
-                f"stop it, or pass another --output_dir")
+        return (f"{self.label} {self.folder} is in use by another run ({who}; {why}): wait for it to finish or "
+                f"stop it, or pass another folder")
 
     def _start_heartbeat(self):
         self._stop.clear()

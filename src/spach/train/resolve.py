@@ -10,6 +10,7 @@ import os
 import types
 
 from ..errors import SpachError
+from ..files import inside
 from ..runtime import device as devices
 from .args import DEIT_DEFAULTS, DEMO_DEFAULTS
 from .config import LR_BATCH, SECTION_TYPES, RunConfig
@@ -131,6 +132,9 @@ def _check(v: _Values, mode: str):
     if training and (v["mixup"] > 0 or v["cutmix"] > 0 or v["cutmix_minmax"] is not None) and v["batch_size"] % 2:
         raise SpachError(f"mixup/cutmix need an even --batch-size (got {v['batch_size']}): use {v['batch_size'] + 1}"
                          f" or --mixup 0 --cutmix 0")
+    if training and v["start_epoch"] >= v["epochs"]:
+        raise SpachError(f"--start_epoch {v['start_epoch']} is not below --epochs {v['epochs']}: nothing would be "
+                         f"trained; lower --start_epoch or raise --epochs")
     if training and v["distillation_type"] != "none" and not v["teacher_path"]:
         raise SpachError("--distillation-type soft/hard needs --teacher-path (weights of --teacher-model)")
 
@@ -189,6 +193,11 @@ def _output_dir(v: _Values):
     if v["output_dir"] is None:
         data = os.path.basename(os.path.normpath(v["data_path"])) if v["data_path"] else "mnist5k"
         v.set("output_dir", os.path.join("output", f"{v['model']}-{data}"), "default: output/<model>-<data>")
+    out, data = v["output_dir"], v["data_path"]
+    if out and data and not (v["eval"] or v["throughput"]) and inside(out, data):
+        # its checkpoints and logs would be read as a class folder (or an image) by the next run on that data
+        raise SpachError(f"--output_dir {out} is inside --data-path {data}: the next run on that data would read the "
+                         f"run's files as data; pass an --output_dir outside {data}")
 
 
 def resolve_config(ns, mode: str = "train") -> RunConfig:

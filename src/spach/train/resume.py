@@ -22,7 +22,8 @@ import torch
 
 from ..errors import CheckpointError
 from ..runtime.device import DistInfo
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, set_rng_state
+from ..files import open_own
+from .checkpoint import CHECKPOINT_NAME, atomic_write, load_checkpoint, set_rng_state
 from .config import RESUME_IDENTITY, RunConfig
 
 __all__ = ["Resumed", "continue_from", "resume", "check_same_run", "check_resume_fields", "with_current_kernels",
@@ -259,20 +260,21 @@ def sync_log(path: str, epoch: int, stats: Optional[dict]):
     """Make log.txt end with the line of the checkpoint's ``epoch``: a kill after the checkpoint was written but
     before its line was appended (or in the middle of appending it) would otherwise leave a gap."""
     lines = []
-    if os.path.exists(path):
-        with open(path) as f:
+    if os.path.lexists(path):
+        fd = open_own(path, os.O_RDONLY, what="log file")
+        with os.fdopen(fd, "rb") as f:
             lines = f.read().splitlines()
     kept = []
     for line in lines:
         try:
+            line = line.decode("utf-8")
             row = json.loads(line)
-        except ValueError:
-            continue  # a line torn by a kill
+        except ValueError:  # a line torn by a kill, or bytes that are not a line spach wrote (not UTF-8)
+            continue
         if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] <= epoch:
             kept.append(line)
     if stats and not any(json.loads(line)["epoch"] == epoch for line in kept):
         kept.append(json.dumps(stats))
-    if kept != lines:
-        with open(path + ".tmp", "w") as f:
-            f.write("".join(line + "\n" for line in kept))
-        os.replace(path + ".tmp", path)
+    if len(kept) != len(lines) or any(k.encode("utf-8") != line for k, line in zip(kept, lines)):
+        text = "".join(line + "\n" for line in kept).encode("utf-8")
+        atomic_write(path, lambda f: f.write(text), what="log file")

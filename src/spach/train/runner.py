@@ -18,6 +18,7 @@ import torch
 from timm.utils import distribute_bn
 
 from ..errors import CheckpointError, SpachError
+from ..files import open_own
 from ..runtime import device as devices
 from ..runtime.device import DistInfo
 from ..weights import read_once
@@ -265,7 +266,8 @@ def _save_epoch(run: Run, epoch, train_stats, test_stats, ema_stats, max_accurac
     if error:
         raise CheckpointError(error + " Training stopped so that no epoch goes unsaved.")
     if run.dist.is_main:
-        with open(os.path.join(folder, "log.txt"), "a") as f:
+        log = os.path.join(folder, "log.txt")
+        with os.fdopen(open_own(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, what="log file"), "a") as f:
             f.write(json.dumps(log_stats) + "\n")
         if run.cfg.output.tensorboard:
             from ..tb import write_tensorboard_scalars
