@@ -45,7 +45,8 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from . import cv_augment as _cv
-from .folder import TolerantImageFolder, to_rgb
+from ..files import open_regular
+from .folder import TolerantImageFolder, check_image_shape, to_rgb
 from .transforms import eval_resize_size, patch_posterize
 
 __all__ = ["FastTrainTransform", "FastEvalTransform", "build_fast_train_transform", "build_fast_eval_transform",
@@ -84,7 +85,8 @@ def _open(src) -> Image.Image:
         return src
     if isinstance(src, (bytes, bytearray, memoryview)):
         return Image.open(io.BytesIO(src))
-    return Image.open(src)
+    with open_regular(src) as f:  # a FIFO or device named like an image is unreadable, not a hang
+        return Image.open(io.BytesIO(f.read()))
 
 
 def _draft_factor(crop_w: int, crop_h: int, out_w: int, out_h: int) -> int:
@@ -119,7 +121,7 @@ def _read_bytes(src):
         return None
     if isinstance(src, (bytes, bytearray, memoryview)):
         return bytes(src)
-    with open(src, "rb") as f:
+    with open_regular(src) as f:  # a FIFO or device named like an image is unreadable, not a hang
         return f.read()
 
 
@@ -137,6 +139,7 @@ def _decode(src, scale_for, use_cv2: bool):
         img = _open(src) if data is None else Image.open(io.BytesIO(data))
         width, height = img.size
         is_jpeg = img.format == "JPEG"
+    check_image_shape((width, height))  # from the header: before any decoding
     factor = scale_for(width, height) if is_jpeg else 1
     arr = None
     if img is None:

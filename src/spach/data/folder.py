@@ -15,6 +15,7 @@ import os
 import stat
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
@@ -259,15 +260,58 @@ def load_rgb(path) -> Image.Image:
     member's bytes). A FIFO or device named like an image is an unreadable file, not a hang."""
     with (open_regular(path) if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path)) as f:
         img = Image.open(f)
+        check_image_shape(img.size)  # from the header, before decoding
         img.load()  # decode now: a truncated file fails here, not later inside a transform
         return to_rgb(img) if img.mode != "RGB" else img.convert("RGB")  # a copy, detached from the file
 
 
+# an image is resized by its shorter side: a 1 x 250,000 strip would become 256 x 64,000,000 pixels (GBs)
+MAX_ASPECT = 100
+
+
+class ImageShapeError(ValueError):
+    """An image whose shape no pipeline should resize (counted as unreadable, with this reason)."""
+
+
+def check_image_shape(size):
+    """Refuse an image whose decoded work is unbounded: an aspect ratio beyond :data:`MAX_ASPECT` (Pillow's own
+    pixel limit, ``Image.MAX_IMAGE_PIXELS``, bounds the decoding)."""
+    w, h = size
+    if w < 1 or h < 1:
+        raise ImageShapeError(f"it is {w}x{h} pixels")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageShapeError(f"it is {w}x{h} pixels, an aspect ratio beyond {MAX_ASPECT}:1 that a resize by the "
+                              f"shorter side would blow up")
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float single-channel images (PNG I;16, TIFF I / F) as 8-bit grayscale, scaled
+    rather than clipped: Pillow's own conversion clips 16-bit values at 255 (an almost white image) and floats in
+    [0, 1] to 0 or 1 (black)."""
+    a = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        a = a.astype(np.float32) / 257.0  # 0..65535 -> 0..255
+    else:
+        a = a.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError(f"its {img.mode} pixels are not all finite (NaN or inf)")
+        lo, hi = float(a.min()), float(a.max())
+        if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+            a = a * 255.0  # the usual float image: intensities in [0, 1]
+        elif lo < 0.0 or hi > 255.0:
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)  # stretch the range it uses
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """``img`` as RGB; transparent pixels (RGBA, palette with transparency) become white, not black."""
+    """``img`` as 8-bit RGB; transparent pixels (RGBA, LA, palette with transparency) become white, not black;
+    high-depth single-channel images are scaled to 8 bits (:func:`_eight_bit`)."""
+    check_image_shape(img.size)
     if img.mode == "RGB":
         return img
-    if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        return _eight_bit(img).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)

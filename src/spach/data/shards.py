@@ -39,6 +39,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import DataError, SpachError
+from ..files import open_regular
 from .folder import BAD_IMAGE_ERRORS, class_difference, load_rgb
 
 __all__ = ["INFO_NAME", "VAL_NAMES", "IMAGE_SUFFIXES", "ShardSplit", "WdsSource", "HfdsSource", "ShardDataset",
@@ -104,7 +105,7 @@ def _read_index(root: str) -> dict:
         raise DataError(f"{path} is missing: --data-set WDS reads DIR/{INFO_NAME}, the shard index (write shards "
                         f"with `spach pack IMAGEFOLDER DIR`, or point --data-path at the folder that holds it)")
     try:
-        with open(path) as f:
+        with open_regular(path) as f:
             info = json.load(f)
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read the shard index {path} ({e}): rewrite it with `spach pack`") from None
@@ -148,9 +149,8 @@ class WdsSource:
                 _refuse_class_mismatch(self.classes, [str(c) for c in own], f"{index} split '{key}'", "the index")
             entry = info["splits"][key]
             files, lengths = entry.get("filenames"), entry.get("shard_lengths")
-            if not isinstance(files, list) or not files or not isinstance(lengths, list) or len(lengths) != len(files):
-                raise DataError(f"{index}: split '{key}' needs 'filenames' and 'shard_lengths' of the same length "
-                                f"(one count per shard): rewrite the index with `spach pack`")
+            _check_split_entry(entry, key, index, len(self.classes))
+            files, lengths = entry["filenames"], entry["shard_lengths"]
             shards = [f if os.path.isabs(f) else os.path.join(root, f) for f in files]
             self.splits[want] = ShardSplit(key, shards, [int(n) for n in lengths], entry.get("class_counts"))
 
@@ -161,6 +161,28 @@ class WdsSource:
                 num_replicas: int = 1, rank: int = 0, seed: int = 0, batch_size: int = 1, repeats: int = 1):
         return ShardDataset(self.splits[split], len(self.classes), transform, train=train, strict=strict,
                             num_replicas=num_replicas, rank=rank, seed=seed, batch_size=batch_size, repeats=repeats)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 40
+
+
+def _check_split_entry(entry, key: str, index: str, n_classes: int):
+    """The fields of one split of a shard index, an untrusted file: each wrong type is one line naming it."""
+    def bad(what):
+        return DataError(f"{index}: split '{key}' {what}: rewrite the index with `spach pack`")
+    if not isinstance(entry, dict):
+        raise bad(f"is a {type(entry).__name__}, not a table")
+    files, lengths = entry.get("filenames"), entry.get("shard_lengths")
+    if not isinstance(files, list) or not files or not isinstance(lengths, list) or len(lengths) != len(files):
+        raise bad("needs 'filenames' and 'shard_lengths' of the same length (one count per shard)")
+    if not all(isinstance(f, str) and f and "\0" not in f for f in files):
+        raise bad("has a 'filenames' entry that is not a file name")
+    if not all(_count(n) for n in lengths):
+        raise bad("has a 'shard_lengths' entry that is not a count of images")
+    counts = entry.get("class_counts")
+    if counts is not None and not (isinstance(counts, list) and len(counts) == n_classes and all(map(_count, counts))):
+        raise bad(f"has 'class_counts' that are not {n_classes} counts (one per class)")
 
 
 def _check_root(root: str, kind: str):
@@ -314,7 +336,7 @@ class ShardDataset(IterableDataset):
 
     def _open(self, path: str):
         """The shard's byte stream (a benchmark substitutes a slower reader here)."""
-        return open(path, "rb")
+        return open_regular(path)  # a FIFO or device in place of a shard is skipped as unreadable, not waited on
 
     def _members(self, path: str, expected: int):
         """``(key, {suffix: bytes})`` per sample, through webdataset's tar iterators. A shard that is missing,
@@ -494,8 +516,12 @@ class HfImageDataset:
         cell = row[self.image_col] or {}
         data = cell.get("bytes")
         if data is None and cell.get("path"):
-            with open(cell["path"], "rb") as f:
-                data = f.read()
+            try:
+                with open_regular(cell["path"]) as f:  # never waits on a FIFO named by the dataset
+                    data = f.read()
+            except (OSError, TypeError, ValueError) as e:
+                raise _Skipped(self.where, f"row {index}", f"its image file {cell['path']!r:.80} cannot be read "
+                               f"({e.strerror if isinstance(e, OSError) and e.strerror else e})") from None
         if not data:
             raise _Skipped(self.where, f"row {index}", "no image bytes")
         try:
