@@ -397,3 +397,47 @@ def test_unreadable_images_in_a_folder_are_counted(checkpoint, tmp_path, capsys)
     assert err[2] == f"spach: error: 2 of 12 images could not be read (each named above); the other 10 are in {output}"
     rows = _read_csv(output)[1:]
     assert [r[0] for r in rows] == [p for p in paths if not p.endswith(("green/0.png", "red/1.png"))]
+
+
+def _peak_growth_kb(run) -> int:
+    """How far this process's peak resident memory rises above its current size while ``run()`` runs (Linux:
+    writing 5 to /proc/self/clear_refs resets the peak)."""
+    def status(key):
+        with open("/proc/self/status") as f:
+            return int(f.read().split(key + ":")[1].split()[0])
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    run()
+    return status("VmHWM") - before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+def test_memory_does_not_grow_with_the_number_of_images(tmp_path):
+    """Predicting 400 images into a CSV peaks no higher than predicting 50: images are read a batch ahead of the
+    model, and rows go to the file as they come. Holding the inputs instead (as predict did) would add ~70 MB
+    (350 more inputs of 3x128x128 floats). The model is a pooling layer: it is not what could grow, and a real
+    one would make the test minutes long."""
+    from spach.commands.predict import ResultsFile
+    from spach.inference import ModelInfo, predict_batches
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(400):
+        Image.new("RGB", (8, 8), (i % 256, 0, 0)).save(folder / f"{i:04d}.png")
+    paths = sorted(str(p) for p in folder.iterdir())
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 3)).eval()
+    info = ModelInfo("pool", 3, (128, 128), class_names=["a", "b", "c"])
+
+    def predict(n):
+        with ResultsFile(str(tmp_path / f"{n}.csv")) as out:
+            out.start(3)
+            for records, unreadable in predict_batches(model, info, paths[:n], batch_size=16):
+                assert not unreadable
+                out.add(records)
+            out.commit()
+
+    few = _peak_growth_kb(lambda: predict(50))
+    many = _peak_growth_kb(lambda: predict(400))
+    assert len(_read_csv(tmp_path / "400.csv")) == 401
+    assert many - few < 20 * 1024, (few, many)  # KB
