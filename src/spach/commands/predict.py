@@ -198,18 +198,25 @@ def _stream(model, info, paths, args, device, sinks, bar) -> int:
     # worker processes take a second to start: not worth it for images that fit in one batch
     workers = args.num_workers if len(paths) > args.batch_size else 0
     unreadable = 0
-    for records, bad in predict_batches(model, info, paths, topk=args.topk, batch_size=args.batch_size,
-                                        device=device, num_workers=workers):
-        for path, why in bad:
-            if len(paths) == 1:  # nothing else to go on with: the reason is the error, one line as ever
-                raise DataError(why)
-            with tqdm.external_write_mode(file=sys.stderr):  # the warning above the bar, not through it
-                warn(f"{why}; skipped")
-        unreadable += len(bad)
-        for sink in sinks:
-            sink(records)
-        if bar is not None:
-            bar.update(len(records) + len(bad))
+    batches = predict_batches(model, info, paths, topk=args.topk, batch_size=args.batch_size, device=device,
+                              num_workers=workers)
+    try:
+        for records, bad in batches:
+            for _, why in bad:
+                if len(paths) == 1:  # nothing else to go on with: the reason is the error, one line as ever
+                    raise DataError(why)
+                with tqdm.external_write_mode(file=sys.stderr):  # the warning above the bar, not through it
+                    warn(f"{why}; skipped")
+            unreadable += len(bad)
+            for sink in sinks:
+                sink(records)
+            if bar is not None:
+                bar.update(len(records) + len(bad))
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise SpachError(f"a data loader worker died ({str(e).strip().splitlines()[0][:160]}); the usual cause is the "
+                         f"out-of-memory killer: lower --num-workers or --batch-size, then rerun") from None
     return unreadable
 
 
