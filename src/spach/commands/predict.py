@@ -88,7 +88,8 @@ def _output_problem(path: str) -> str:
     parent_kind = path_kind(parent)
     if parent_kind != "folder":
         what = "does not exist" if parent_kind == "missing" else f"is a {parent_kind}, not a folder"
-        return f"cannot write --output {path}: {parent} {what}; create the folder (mkdir -p {parent}) or pass another path"
+        return (f"cannot write --output {path}: {parent} {what}; create the folder (mkdir -p {parent}) or pass "
+                f"another path")
     return ""
 
 
