@@ -9,10 +9,10 @@ size (resize by crop_pct, bicubic, center crop, ImageNet mean/std). Class names 
 
 --output F.csv has the columns of timm's inference.py (--results-separate-col --include-index --fullname):
 filename, index_0.., label_0.., prob_0..; --output F.json is a list of the records --json prints. F is
-written beside itself under a temporary name and renamed when complete. Up to 20 images are also shown as a
-table; more get a progress bar. An image that cannot be read is named in a warning and skipped; the run
-then ends with an error that counts them (exit 2), after the others' predictions are out (one image alone
-that cannot be read is the error itself).
+written beside itself under a temporary name and renamed when complete. Predictions are shown as a table,
+beside --output for up to 20 images (more get a progress bar). An image that cannot be read is named in a
+warning and skipped; the run then ends with an error that counts them (exit 2), after the others' predictions
+are out (one image alone that cannot be read is the error itself).
 
 examples:
   spach predict --checkpoint output/best.pth photo1.jpg photo2.png
@@ -54,7 +54,7 @@ def add_arguments(parser):
                         help="resize to size / crop_pct before the centre crop (default: the checkpoint's "
                              "training --crop-pct, else the model's 0.875)")
     parser.add_argument("--use-ema", action="store_true", help="use the checkpoint's EMA weights")
-    parser.add_argument("-b", "--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("-b", "--batch-size", type=int, default=32, metavar="N", help="images per forward pass")
     parser.add_argument("-j", "--num-workers", "--num_workers", dest="num_workers", type=int, default=2,
                         metavar="N", help="processes decoding images ahead of the model (0: decode in this one)")
     parser.add_argument("--device", default=None,
