@@ -285,9 +285,13 @@ def test_quoted_patterns_are_expanded(checkpoint, tmp_path, capsys):
     tree = _colour_tree(root)
     odd = root / "red[1].png"
     Image.new("RGB", (8, 8), COLORS["red"]).save(odd)
+    os.mkfifo(root / "pipe.png")  # matched, never opened
     pattern = str(root / "**" / "*.png")
     assert main(["predict", "--checkpoint", str(checkpoint), pattern, str(odd), "--json", "-j", "0"]) == 0
-    results = json.loads(capsys.readouterr().out)["results"]
+    captured = capsys.readouterr()
+    fifo = root / "pipe.png"
+    assert captured.err == f"spach: warning: {fifo} is a FIFO (named pipe), not a file: skipped (never opened)\n"
+    results = json.loads(captured.out)["results"]
     assert sorted(r["image"] for r in results) == sorted(tree + [str(odd)])  # odd once: matched, then named
     assert len(results) == len(tree) + 1
 
