@@ -19,7 +19,7 @@ COMMANDS = {
     "models": ("spach.commands.models", "list the SPACH models: params, GFLOPs, published top-1"),
     "export": ("spach.commands.export", "export a model to ONNX, safetensors or TorchScript"),
     "plot": ("spach.commands.plot", "plot loss / accuracy / lr curves from output folders"),
-    "predict": ("spach.commands.predict", "top-5 predictions for image files"),
+    "predict": ("spach.commands.predict", "top-k classes of image files or folders, shown or written to CSV / JSON"),
     "pack": ("spach.commands.pack", "write an ImageFolder as WebDataset tar shards (for --data-set WDS)"),
 }
 

@@ -9,7 +9,7 @@ the ``export`` and ``predict`` commands share it.
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -18,7 +18,7 @@ from .weights import (ARCH_OPTIONS, local_weights, read_checkpoint_file, read_on
                       safetensors_shape, stored_facts, unwrap_state_dict)
 
 __all__ = ["ModelInfo", "read_checkpoint_metadata", "build_model", "eval_transform", "class_label",
-           "imagenet_class_names", "warn"]
+           "imagenet_class_names", "warn", "predict_batches"]
 
 # safetensors metadata keys written by ``spach export --format safetensors`` (values are JSON strings)
 METADATA_KEYS = ("model", "num_classes", "img_size", "class_names", "mean", "std", "crop_pct", "interpolation",
@@ -226,3 +226,34 @@ def class_label(info: ModelInfo, index: int) -> Optional[str]:
         if names:
             return names[index]
     return None
+
+
+def _record(info: ModelInfo, path: str, probs: List[float], indices: List[int]) -> dict:
+    return {"image": path, "predictions": [
+        {"rank": r + 1, "class_index": idx, "class_name": class_label(info, idx), "probability": p}
+        for r, (p, idx) in enumerate(zip(probs, indices))]}
+
+
+def predict_batches(model: nn.Module, info: ModelInfo, paths: Sequence[str], topk: int = 5, batch_size: int = 32,
+                    device="cpu", num_workers: int = 0) -> Iterator[Tuple[List[dict], List[Tuple[str, str]]]]:
+    """The top-``topk`` predictions of the images at ``paths``, one batch at a time: ``(records, unreadable)``
+    with a record ``{'image', 'predictions': [{'rank', 'class_index', 'class_name', 'probability'}]}`` per image
+    read and ``(path, why)`` per image that could not be. A DataLoader decodes the images (in ``num_workers``
+    processes when > 0) at most a few batches ahead of the model, so memory does not grow with ``len(paths)``."""
+    import torch
+    from torch.utils.data import DataLoader
+    from .data.image_list import ImageFiles, collate_images
+    from .models.fused import packed_weights
+    device = torch.device(device)
+    loader = DataLoader(ImageFiles(paths, eval_transform(info)), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_images, pin_memory=device.type == "cuda")
+    k = min(topk, info.num_classes)
+    model = model.to(device)
+    with torch.no_grad(), packed_weights(model):
+        for indices, batch, unreadable in loader:
+            records = []
+            if batch is not None:
+                probs = model(batch.to(device)).float().softmax(dim=-1).cpu()
+                values, classes = probs.topk(k, dim=-1)
+                records = [_record(info, paths[i], v, c) for i, v, c in zip(indices, values.tolist(), classes.tolist())]
+            yield records, [(paths[i], why) for i, why in unreadable]

@@ -21,8 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import DataError
 from ..files import open_regular
 
-__all__ = ["IMG_EXTENSIONS", "find_classes", "scan_split", "scan_images", "check_dataset", "TolerantImageFolder",
-           "load_rgb", "to_rgb", "BAD_IMAGE_ERRORS"]
+__all__ = ["IMG_EXTENSIONS", "find_classes", "scan_split", "scan_images", "walk_images", "is_image_name",
+           "check_dataset", "TolerantImageFolder", "load_rgb", "to_rgb", "BAD_IMAGE_ERRORS"]
 
 logger = logging.getLogger("spach.data")
 
@@ -44,6 +44,25 @@ def find_classes(split_dir: str) -> List[str]:
     return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
 
 
+def is_image_name(name: str) -> bool:
+    """A file name the readers take as an image: an image extension (any case), not hidden."""
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _entry_problem(entry: os.DirEntry) -> Optional[str]:
+    """None for a regular file or a link to one; else why the entry is left out, as a :class:`_Skipped` reason.
+    A FIFO, socket or device is never opened (reading a FIFO blocks forever)."""
+    if not entry.is_symlink():
+        if entry.is_file(follow_symlinks=False):
+            return None
+        return "special files named like images (FIFO, socket, device): never opened"
+    try:
+        st = os.stat(entry.path)
+    except OSError:
+        return "broken links"
+    return None if stat.S_ISREG(st.st_mode) else "links to special files (FIFO, socket, device)"
+
+
 def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
@@ -57,10 +76,17 @@ class _Skipped:
     def add(self, reason: str, what: str):
         self.by_reason.setdefault(reason, []).append(what)
 
-    def report(self, split_dir: str):
+    def lines(self, folder: str) -> List[str]:
+        """One line per reason: how many, and the first three."""
+        out = []
         for reason, items in self.by_reason.items():
             more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-            logger.warning(f"{split_dir}: skipped {len(items)} {reason}: {'; '.join(items[:3])}{more}")
+            out.append(f"{folder}: skipped {len(items)} {reason}: {'; '.join(items[:3])}{more}")
+        return out
+
+    def report(self, split_dir: str):
+        for line in self.lines(split_dir):
+            logger.warning(line)
 
 
 class _SplitScan:
@@ -140,22 +166,14 @@ class _SplitScan:
     def _image(self, idx: int, entry, real_folder: str) -> Optional[str]:
         """The real path of a file entry that is an image of class ``idx``, or None (not an image name, or left
         out and why recorded)."""
-        name = entry.name
-        if name.startswith(".") or not name.lower().endswith(IMG_EXTENSIONS):
+        if not is_image_name(entry.name):
+            return None
+        problem = _entry_problem(entry)
+        if problem:
+            self.skipped.add(problem, entry.path)
             return None
         if not entry.is_symlink():
-            if entry.is_file(follow_symlinks=False):
-                return os.path.join(real_folder, name)
-            self.skipped.add("special files named like images (FIFO, socket, device): never opened", entry.path)
-            return None
-        try:
-            st = os.stat(entry.path)
-        except OSError:
-            self.skipped.add("broken links", entry.path)
-            return None
-        if not stat.S_ISREG(st.st_mode):
-            self.skipped.add("links to special files (FIFO, socket, device)", entry.path)
-            return None
+            return os.path.join(real_folder, entry.name)
         real = os.path.realpath(entry.path)
         other = self.class_of(real)
         if other is not None and other != idx:
@@ -205,6 +223,44 @@ def scan_images(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
         return scan_split(base, classes)[0], classes
     files = sorted(e.name for e in os.scandir(base) if e.is_file() and not e.name.startswith("."))
     return [(os.path.join(base, f), 0) for f in files if f.lower().endswith(IMG_EXTENSIONS)], ["images"]
+
+
+def walk_images(folder: str) -> Tuple[List[str], List[str]]:
+    """Every image file under ``folder`` (a folder's files, then its sub-folders, each in name order), and what
+    was left out as lines for a warning (one per reason).
+
+    As :func:`scan_split` reads a class folder, but with no labels at stake: a folder link is followed once per
+    real folder (never around a cycle, wherever it leads); FIFOs, sockets, devices and broken links named like
+    images are never opened. An unreadable folder is a :class:`~spach.errors.DataError` naming it.
+    """
+    skipped = _Skipped()
+    files, visited = [], {os.path.realpath(folder)}
+    stack = [(folder, os.path.realpath(folder))]
+    while stack:
+        current, real_current = stack.pop()
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError as e:
+            _raise_walk_error(e if e.filename else OSError(e.errno, e.strerror, current))
+        subdirs = []
+        for entry in entries:
+            if entry.is_dir():  # follows links
+                link = entry.is_symlink()
+                real = os.path.realpath(entry.path) if link else os.path.join(real_current, entry.name)
+                if real not in visited:
+                    visited.add(real)
+                    subdirs.append((entry.path, real))
+                elif link:
+                    skipped.add("folder links to a folder already walked (a cycle or a duplicate)",
+                                f"{entry.path} -> {real}")
+            elif is_image_name(entry.name):
+                problem = _entry_problem(entry)
+                if problem:
+                    skipped.add(problem, entry.path)
+                else:
+                    files.append(entry.path)
+        stack.extend(reversed(subdirs))  # depth first, in name order
+    return files, skipped.lines(folder)
 
 
 def _raise_walk_error(err: OSError):
