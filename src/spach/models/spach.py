@@ -16,7 +16,7 @@ from torch import nn
 from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 
-from .base import WEIGHTS_URL_PREFIX, BaseNet, build_model, model_cfg, register_configs
+from .base import WEIGHTS_URL_PREFIX, BaseNet, FamilyOptions, build_model, model_cfg, register_configs
 from .layers import SPATIAL_MIXERS, STEM_LAYERS, ChannelMLP, DWConv, DownsampleConv, SpatialAttention, \
     SpatialMLP, default_norm_layer
 
@@ -356,7 +356,7 @@ SPACH_CONFIGS = register_configs({
         _MS, hidden_dim=128, num_heads=4, channel_ratio=3.0, stem_type="conv4",
         net_arch=[[("pass", 3)], [("pass", 2), ("attn", 2)], [("pass", 2), ("attn", 10)], [("pass", 1), ("attn", 2)]],
         paper_name="SPACH-Hybrid-MS-S+", top1=83.9, weights="spach_ms_hybrid_s+.pth"),
-})
+}, FamilyOptions(recorded=("stem_type", "shared_spatial_func")))
 
 
 def _network_cls(name: str):
