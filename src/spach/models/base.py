@@ -65,6 +65,7 @@ class BaseNet(nn.Module):
     norm_every_level = False     # forward_intermediates(norm=True): final norm on every level (isotropic nets)
                                  # or on the last level only (hierarchical nets)
     default_out_indices: Union[int, Tuple[int, ...]] = (0, 1, 2, 3)  # features_only levels by default
+    citation = ""                # the family's paper as BibTeX (a model card's citation)
 
     def set_input_contract(self, img_size, in_chans: int, total_stride: int, fixed_input_size: bool):
         """What :meth:`check_input` enforces: channels, a multiple of the total stride, a fixed size if any."""

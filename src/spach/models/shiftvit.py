@@ -289,11 +289,22 @@ def _resolve(option, table: Dict[str, type], what: str):
     return option  # a layer class, as timm passes them
 
 
+# the paper, as BibTeX
+CITATION = """@inproceedings{wang2022shift,
+  title={When Shift Operation Meets Vision Transformer: An Extremely Simple Alternative to Attention Mechanism},
+  author={Wang, Guangting and Zhao, Yucheng and Tang, Chuanxin and Luo, Chong and Zeng, Wenjun},
+  booktitle={Proceedings of the AAAI Conference on Artificial Intelligence},
+  year={2022}
+}"""
+
+
 class ShiftViT(BaseNet):
     """Four stages of shift blocks on NCHW maps; ``norm_layer`` ``'GN1'`` (default) or ``'BN'``,
     ``act_layer`` ``'GELU'`` (default) or ``'RELU'``, as in the original. Any multiple of 32 is a valid
     input size. Stochastic depth rises linearly from 0 to ``drop_path_rate`` over all blocks. Feature levels are
     the four stage outputs before their downsampling (strides 4, 8, 16, 32)."""
+
+    citation = CITATION  # what a model card asks users to cite
 
     output_fmt = "NCHW"
     final_norm_name = "norm"

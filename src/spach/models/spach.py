@@ -111,10 +111,21 @@ def stage_archs(net_arch) -> List[List[tuple]]:
     return [[tuple(a) for a in stage] for stage in (net_arch if isinstance(net_arch[0], list) else [net_arch])]
 
 
+# the paper, as BibTeX
+CITATION = """@article{zhao2021battle,
+  title={A Battle of Network Structures: An Empirical Study of CNN, Transformer, and MLP},
+  author={Zhao, Yucheng and Wang, Guangting and Tang, Chuanxin and Luo, Chong and Zeng, Wenjun and Zha, Zheng-Jun},
+  journal={arXiv preprint arXiv:2108.13002},
+  year={2021}
+}"""
+
+
 class _SpachNet(BaseNet):
     """Stem + norm1, stages of mixing blocks (each stage after the first opened by a stride-2 downsampling that
     doubles the width), norm2, mean-pool head. The subclasses only name the stages' modules and choose the
     stochastic-depth schedule; every architecture argument is this one signature."""
+
+    citation = CITATION  # what a model card asks users to cite
 
     output_fmt = "NHWC"
     final_norm_name = "norm2"
