@@ -17,7 +17,7 @@ COMMANDS = {
     "eval": ("spach.commands.evaluate", "evaluate a checkpoint on the val/ split of a dataset"),
     "benchmark": ("spach.commands.benchmark", "measure training / inference throughput"),
     "models": ("spach.commands.models", "list the SPACH models: params, GFLOPs, published top-1"),
-    "export": ("spach.commands.export", "export a model to ONNX, safetensors or TorchScript"),
+    "export": ("spach.commands.export", "export a model to ONNX, safetensors, TorchScript or a Hugging Face folder"),
     "plot": ("spach.commands.plot", "plot loss / accuracy / lr curves from output folders"),
     "predict": ("spach.commands.predict", "top-5 predictions for image files"),
     "pack": ("spach.commands.pack", "write an ImageFolder as WebDataset tar shards (for --data-set WDS)"),
