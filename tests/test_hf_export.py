@@ -243,3 +243,12 @@ def test_hf_hub_without_huggingface_hub_names_the_extra(monkeypatch):
     with pytest.raises(CheckpointError, match="is not a Hugging Face model id"):
         open_weights("hf-hub:not an id")
 
+
+def test_push_without_a_token_is_one_line(folder, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    assert main(["push", folder, "--repo", "my-org/spach-shapes"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a Hugging Face token" in err and "HF_TOKEN" in err and err.count("\n") == 1

@@ -1,4 +1,4 @@
-"""The ``spach`` command line: ``spach train | eval | benchmark | models | export | plot | predict | pack``.
+"""The ``spach`` command line: ``spach train | eval | benchmark | models | export | plot | predict | pack | push``.
 
 Each sub-command lives in its own module under :mod:`spach.commands` exposing ``add_arguments(parser)``
 and ``run(args) -> int``; a module is imported only when its command runs (or its ``--help`` is asked for), so
@@ -21,6 +21,7 @@ COMMANDS = {
     "plot": ("spach.commands.plot", "plot loss / accuracy / lr curves from output folders"),
     "predict": ("spach.commands.predict", "top-5 predictions for image files"),
     "pack": ("spach.commands.pack", "write an ImageFolder as WebDataset tar shards (for --data-set WDS)"),
+    "push": ("spach.commands.push", "upload an exported Hugging Face model folder to the Hub"),
 }
 
 

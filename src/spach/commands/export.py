@@ -6,8 +6,8 @@ the model's config as metadata (model name, num_classes, img_size, class names, 
 so spach.create_model(NAME, checkpoint_path=FILE) and `spach predict --checkpoint FILE` load them back.
 TorchScript files come from torch.jit.script (torch.jit.trace if scripting fails) and are checked the
 same way as ONNX. --format hf writes a folder in timm's Hugging Face layout (config.json, model.safetensors, a
-README.md model card): timm.create_model("local-dir:FOLDER", pretrained=True) (after import spach) and
-every --checkpoint take it; the check rebuilds it both ways and compares the logits.
+README.md model card): timm.create_model("local-dir:FOLDER", pretrained=True) (after import spach), `spach push`
+and every --checkpoint take it; the check rebuilds it both ways and compares the logits.
 
 examples:
   spach export --model spach_ms_s_patch4_224_conv --checkpoint spach_ms_conv_s.pth --format onnx
