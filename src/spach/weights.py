@@ -32,7 +32,7 @@ from .files import regular_file_problem
 __all__ = ["WeightsFile", "open_weights", "read_checkpoint_file", "stored_facts", "unwrap_state_dict", "strip_prefixes",
            "read_state_dict", "safetensors_metadata", "safetensors_shape", "is_url", "is_hf_hub", "url_file_name",
            "local_weights", "release_file", "ARCH_OPTIONS", "arch_options", "register_arch_options", "state_dict_of",
-           "read_once", "HF_CONFIG", "HF_WEIGHTS", "HF_INSTALL"]
+           "read_once", "hf_hub_folder", "HF_CONFIG", "HF_WEIGHTS", "HF_PREFIX", "HF_INSTALL"]
 
 # architecture options a file may record beside its weights (a training run's flags, an export's metadata). Each
 # model family declares its own; spach.models registers their union here when it is imported (this module sits
@@ -95,10 +95,10 @@ _GLOBAL = re.compile(r"GLOBAL ([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+) (?:was|whose)")
 
 
 # while a read_once() scope is open: (real path, kind) -> ((mtime_ns, size), what the file held)
-# (it goes once training builds its model from a WeightsFile, as create_model and inference do)
 _read_scope: Optional[dict] = None
 
 
+# only train/setup.py still needs it: it goes when training builds from a WeightsFile (open_weights)
 @contextmanager
 def read_once():
     """Within this scope each weights file is read from disk once. Building a model from a file asks it in turn
