@@ -2,8 +2,9 @@
 
 A checkpoint may say which model it holds, how many classes, at what input size it was trained and what
 the classes are called: our training checkpoints (``{'model', 'args', 'class_names', ...}``), safetensors
-files written by ``spach export`` (string metadata) and official releases (``{'model': sd}``, 1000 ImageNet
-classes). :func:`build_model` turns that into a ready, ``eval()``-mode model plus a :class:`ModelInfo`;
+files written by ``spach export`` (string metadata), model folders (``config.json``; also as ``hf-hub:`` ids) and
+official releases (``{'model': sd}``, 1000 ImageNet classes). The file is opened once
+(:func:`spach.weights.open_weights`). :func:`build_model` turns that into a ready, ``eval()``-mode model plus a :class:`ModelInfo`;
 the ``export`` and ``predict`` commands share it.
 """
 import os
@@ -14,8 +15,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 from torch import nn
 
 from .errors import SpachError
-from .weights import (ARCH_OPTIONS, local_weights, read_checkpoint_file, read_once, safetensors_metadata,
-                      safetensors_shape, stored_facts, unwrap_state_dict)
+from .weights import arch_options, is_url, open_weights
 
 __all__ = ["ModelInfo", "read_checkpoint_metadata", "build_model", "eval_transform", "class_label",
            "imagenet_class_names", "warn", "predict_batches"]
@@ -39,7 +39,7 @@ class ModelInfo:
     class_names: Optional[List[str]] = None
     checkpoint: Optional[str] = None
     pretrained_cfg: dict = field(default_factory=dict)
-    model_kwargs: dict = field(default_factory=dict)  # the architecture options it was built with (ARCH_OPTIONS)
+    model_kwargs: dict = field(default_factory=dict)  # the architecture options it was built with (arch_options())
 
     def metadata(self) -> dict:
         """JSON-serialisable description (the safetensors / ONNX / TorchScript metadata)."""
@@ -51,7 +51,7 @@ class ModelInfo:
             "crop_pct": cfg.get("crop_pct"), "interpolation": cfg.get("interpolation"), "spach_version": __version__,
         }
         out = {k: values[k] for k in METADATA_KEYS}
-        out.update({k: v for k, v in self.model_kwargs.items() if k in ARCH_OPTIONS})
+        out.update({k: v for k, v in self.model_kwargs.items() if k in arch_options()})
         return out
 
 
@@ -87,52 +87,39 @@ def _classifier_keys():
     return classifier_keys(list_models())
 
 
-def read_checkpoint_metadata(path: str, use_ema: bool = False) -> dict:
-    """What a checkpoint says about itself: any of ``model``, ``num_classes``, ``img_size`` (a pair),
-    ``class_names``, ``crop_pct`` (the eval crop it was trained with), ``epoch``. Missing facts are simply
-    absent. Reading is as safe as loading the weights (``weights_only``); an unreadable file raises
+def read_checkpoint_metadata(path, use_ema: bool = False) -> dict:
+    """What a checkpoint (a path, or a :class:`~spach.weights.WeightsFile` opened already) says about itself: any
+    of ``model``, ``num_classes`` (its classifier's rows), ``img_size`` (a pair), ``class_names``, ``crop_pct`` (the
+    eval crop it was trained with), ``epoch`` and its architecture options. Missing facts are simply absent.
+    Reading is as safe as loading the weights (``weights_only``); an unreadable file raises
     :class:`~spach.errors.CheckpointError`."""
-    path = os.fspath(path)
-    meta = {}
-    if path.endswith(".safetensors"):
-        raw = safetensors_metadata(path)
-        # untrusted: out-of-range facts are refused with one line (stored_facts), never used
-        meta.update(stored_facts({k: raw.get(k) for k in ("model", "img_size", "num_classes", "class_names",
-                                                          "crop_pct", *ARCH_OPTIONS)}, path))
-        head = next((shape for shape in (safetensors_shape(path, k) for k in _classifier_keys()) if shape), None)
-        if head and len(head) == 2:
-            meta["num_classes"] = int(head[0])
-        return meta
-
-    ckpt = read_checkpoint_file(path)
-    if not isinstance(ckpt, dict):
-        return meta
-    sd = unwrap_state_dict(ckpt, use_ema, path)
-    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    meta.update(stored_facts(args, path))
-    meta.update(stored_facts({"class_names": ckpt.get("class_names"), "epoch": ckpt.get("epoch")}, path))
-    from .models.pretrained import head_classes
-    n = head_classes(sd, _classifier_keys())
+    from .models.pretrained import file_head_classes
+    weights = open_weights(path)
+    meta = dict(weights.facts)
+    if weights.contents is not None and not isinstance(weights.contents, dict):
+        return meta  # not a checkpoint: loading its weights says so
+    n = file_head_classes(weights, _classifier_keys(), use_ema)
     if n is not None:
         meta["num_classes"] = n
     return meta
 
 
-@read_once()  # the checkpoint is asked for its facts, its variant and its weights: read from disk once
-def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img_size=None,
+def build_model(model_name: Optional[str], checkpoint=None, img_size=None,
                 use_ema: bool = False, num_classes: Optional[int] = None,
                 crop_pct: Optional[float] = None) -> Tuple[nn.Module, ModelInfo]:
     """Create ``model_name`` (or the model the checkpoint names) shaped like ``checkpoint`` (classes and
     input size read from it; ``img_size`` overrides), load its weights strictly and switch to eval mode.
-    The eval crop is the checkpoint's (``crop_pct`` overrides), else the model's pretrained config's.
-    Without a checkpoint the model is randomly initialised (a warning says so)."""
+    ``checkpoint``: anything :func:`spach.weights.open_weights` opens (a file, a model folder, an ``hf-hub:`` id, a
+    URL), read from disk once. The eval crop is the checkpoint's (``crop_pct`` overrides), else the model's
+    pretrained config's. Without a checkpoint the model is randomly initialised (a warning says so)."""
     from .models import arch_from_checkpoint, create_model
 
     if crop_pct is not None and not _as_crop_pct(crop_pct):
         raise SpachError(f"--crop-pct must be in (0, 1] (got {crop_pct})")
-    if checkpoint:
-        checkpoint = local_weights(checkpoint)  # an http(s) URL: downloaded once into torch hub's cache
-    meta = read_checkpoint_metadata(checkpoint, use_ema=use_ema) if checkpoint else {}
+    weights = open_weights(checkpoint) if checkpoint else None
+    if weights:  # an http(s) URL is named by the copy downloaded once into torch hub's cache
+        checkpoint = weights.path if is_url(weights.source) else weights.source
+    meta = read_checkpoint_metadata(weights, use_ema=use_ema) if weights else {}
     if model_name is None:
         model_name = meta.get("model")
         if model_name is None:
@@ -152,8 +139,8 @@ def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img
     if n is not None:
         kwargs["num_classes"] = n
     try:
-        if checkpoint:  # the variant the file records or its weights fix; the weights load after the checks
-            arch_from_checkpoint(model_name, checkpoint, use_ema, kwargs)
+        if weights:  # the variant the file records or its weights fix; the weights load after the checks
+            arch_from_checkpoint(model_name, weights, use_ema, kwargs)
         model = create_model(model_name, **kwargs)
     except SpachError:
         raise
@@ -169,9 +156,9 @@ def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img
         raise SpachError(f"--img-size {img_size} does not fit {model_name} from {checkpoint}: its token-mixing MLPs "
                          f"were trained for a {trained[0]}x{trained[1]} input and take no other; pass --img-size "
                          f"{trained[0]} or leave it out")
-    if checkpoint:
+    if weights:
         from .models import load_pretrained
-        load_pretrained(model, checkpoint, use_ema=use_ema)
+        load_pretrained(model, weights, use_ema=use_ema)
     else:
         warn(f"no --checkpoint: {model_name} has random weights (its outputs mean nothing)")
     model.eval()
@@ -187,7 +174,7 @@ def build_model(model_name: Optional[str], checkpoint: Optional[str] = None, img
         cfg["crop_pct"] = meta["crop_pct"]
     info = ModelInfo(model_name=model_name, num_classes=model.num_classes, img_size=tuple(model.img_size),
                      class_names=names, checkpoint=checkpoint, pretrained_cfg=cfg,
-                     model_kwargs={k: kwargs[k] for k in ARCH_OPTIONS if k in kwargs})
+                     model_kwargs={k: kwargs[k] for k in arch_options() if k in kwargs})
     return model, info
 
 

@@ -1,31 +1,36 @@
-"""Export a SPACH model to ONNX, safetensors or TorchScript, and check the exported file.
+"""Export a SPACH model to ONNX, safetensors, TorchScript or a Hugging Face model folder, and check what it wrote.
 
 ONNX files have a dynamic batch axis and are run with onnxruntime on a random batch against the PyTorch
 model (the max abs difference is printed; above --tolerance the export fails). safetensors files carry
 the model's config as metadata (model name, num_classes, img_size, class names, mean/std, spach version),
 so spach.create_model(NAME, checkpoint_path=FILE) and `spach predict --checkpoint FILE` load them back.
 TorchScript files come from torch.jit.script (torch.jit.trace if scripting fails) and are checked the
-same way as ONNX.
+same way as ONNX. --format hf writes a folder in timm's Hugging Face layout (config.json, model.safetensors, a
+README.md model card): timm.create_model("local-dir:FOLDER", pretrained=True) (after import spach), `spach push`
+and every --checkpoint take it; the check rebuilds it both ways and compares the logits.
 
 examples:
   spach export --model spach_ms_s_patch4_224_conv --checkpoint spach_ms_conv_s.pth --format onnx
   spach export --checkpoint output/checkpoint.pth --format safetensors --output model.safetensors
+  spach export --checkpoint output/best.pth --format hf --output my-model
 """
 import contextlib
 import json
 import logging
 import os
 import re
+import shutil
 import warnings
 
 import torch
 
 from ..errors import SpachError
 from ..inference import ModelInfo, build_model
-from ..weights import is_url, local_weights, url_file_name
+from ..weights import HF_CONFIG, HF_WEIGHTS, is_hf_hub, is_url, local_weights, open_weights, url_file_name
 from ._help import use_help_formatter
 
-FORMATS = {"onnx": ".onnx", "safetensors": ".safetensors", "torchscript": ".pt"}
+# format -> the output's extension (hf: a folder, named with this suffix by default)
+FORMATS = {"onnx": ".onnx", "safetensors": ".safetensors", "torchscript": ".pt", "hf": "-hf"}
 MIN_DYNAMO_OPSET = 18
 # the example batch the exporters see, and another for the check (a dynamic batch axis must take it);
 # torch.export specialises a dimension of size 1, so the example is 2
@@ -38,12 +43,13 @@ def add_arguments(parser):
     parser.add_argument("--model", default=None, metavar="NAME",
                         help="model name (`spach models`); may be left out when the checkpoint names it")
     parser.add_argument("--checkpoint", default=None, metavar="CKPT",
-                        help="weights: a training checkpoint, an official release .pth or a .safetensors file, or its "
-                             "http(s) URL (left out: random weights, with a warning)")
+                        help="weights: a training checkpoint, an official release .pth, a .safetensors file, a model "
+                             "folder, an hf-hub:ORG/NAME id, or an http(s) URL (left out: random weights, with a "
+                             "warning)")
     parser.add_argument("--format", required=True, choices=sorted(FORMATS), help="what to write")
     parser.add_argument("--output", default=None, metavar="FILE",
-                        help="output file (default: the checkpoint's name, or the model's, with the format's "
-                             "extension, next to the checkpoint)")
+                        help="output file, or folder for --format hf (default: the checkpoint's name, or the "
+                             "model's, with the format's extension (hf: '-hf'), next to the checkpoint)")
     parser.add_argument("--opset", type=int, default=None, metavar="N",
                         help="ONNX opset version (default: the torch exporter's own; below 18 uses torch's "
                              "TorchScript-based exporter)")
@@ -58,9 +64,13 @@ def add_arguments(parser):
 def default_output(args, info: ModelInfo) -> str:
     ext = FORMATS[args.format]
     if args.checkpoint:
+        if is_hf_hub(args.checkpoint):  # in the current folder, named after the repo
+            return args.checkpoint.split("/")[-1].split("@")[0] + ext
         if is_url(args.checkpoint) and not args.checkpoint.lower().startswith("file:"):
             # in the current folder, named after the downloaded file
             return os.path.splitext(url_file_name(args.checkpoint))[0] + ext
+        if os.path.isdir(args.checkpoint):  # beside a model folder, named after it
+            return os.path.normpath(args.checkpoint) + ext
         stem = os.path.splitext(local_weights(args.checkpoint))[0]
         return stem + ext
     return info.model_name + ext
@@ -73,36 +83,75 @@ def run(args) -> int:
         raise SpachError(f"--tolerance must be >= 0 (got {args.tolerance})")
     if args.format == "onnx":
         _require_onnx(args.opset)
-    checkpoint = local_weights(args.checkpoint) if args.checkpoint else args.checkpoint
-    model, info = build_model(args.model, checkpoint, img_size=args.img_size, use_ema=args.use_ema)
+    # opened once: the model is built from it, and an hf folder's card reads its training run
+    weights = open_weights(args.checkpoint) if args.checkpoint else None
+    checkpoint = weights.path if weights else None
+    model, info = build_model(args.model, weights, img_size=args.img_size, use_ema=args.use_ema)
     output = args.output or default_output(args, info)
-    from ..files import path_kind
-    kind = path_kind(output)
-    if kind == "folder":
-        name = os.path.basename(default_output(args, info))
-        raise SpachError(f"--output {output} is a folder: pass a file path, e.g. --output {os.path.join(output, name)}")
-    if kind not in ("missing", "regular file"):
-        raise SpachError(f"--output {output} is a {kind}: pass the path of a file to write")
-    if checkpoint and os.path.exists(output) and os.path.samefile(output, checkpoint):
-        raise SpachError(f"--output {output} is the checkpoint itself: pass another --output FILE")
+    _check_output(output, args, info, checkpoint)
     parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent):
-        raise SpachError(f"cannot write {output}: folder {parent} does not exist")
-    exporter = {"onnx": export_onnx, "safetensors": export_safetensors, "torchscript": export_torchscript}
-    # write and check a temporary file beside the output, then rename: a failed check or an interrupted
+    exporter = {"onnx": export_onnx, "safetensors": export_safetensors, "torchscript": export_torchscript,
+                "hf": export_hf}
+    # write and check a temporary file (folder) beside the output, then rename: a failed check or an interrupted
     # export never leaves a broken file under the output's name (nor removes an older one)
     # (named with the format's extension: the safetensors check reloads it by name, whatever --output is called)
     partial = os.path.join(parent, f".{os.path.basename(output)}.partial{FORMATS[args.format]}")
     try:
-        exporter[args.format](model, info, partial, args)
-        os.replace(partial, output)
+        if args.format == "hf":
+            exporter[args.format](model, info, partial, args, weights)
+            _replace_folder(partial, output)
+        else:
+            exporter[args.format](model, info, partial, args)
+            os.replace(partial, output)
     finally:
-        if os.path.exists(partial):
+        if os.path.isdir(partial):
+            shutil.rmtree(partial)
+        elif os.path.exists(partial):
             os.remove(partial)
-    size_mb = os.path.getsize(output) / 2 ** 20
+    files = [os.path.join(output, f) for f in os.listdir(output)] if os.path.isdir(output) else [output]
+    size_mb = sum(os.path.getsize(f) for f in files) / 2 ** 20
     print(f"wrote {output} ({size_mb:.1f} MB): {info.model_name}, {info.num_classes} classes, "
           f"input {info.img_size[0]}x{info.img_size[1]}")
     return 0
+
+
+def _check_output(output: str, args, info: ModelInfo, checkpoint: str) -> None:
+    """Refuse an --output that cannot be written, or that would overwrite the checkpoint or a folder that is not
+    an earlier export."""
+    from ..files import path_kind
+    kind = path_kind(output)
+    if args.format == "hf":
+        if kind == "folder" and os.listdir(output) and not os.path.isfile(os.path.join(output, HF_CONFIG)):
+            raise SpachError(f"--output {output} is a folder holding other files: pass a new folder (an earlier "
+                             f"--format hf export is replaced)")
+        if kind not in ("missing", "folder"):
+            raise SpachError(f"--output {output} is a {kind}: --format hf writes a folder; pass a new folder path")
+        if checkpoint and os.path.abspath(os.path.dirname(checkpoint)) == os.path.abspath(output):
+            raise SpachError(f"--output {output} holds the checkpoint itself: pass another --output FOLDER")
+    else:
+        if kind == "folder":
+            name = os.path.basename(default_output(args, info))
+            raise SpachError(f"--output {output} is a folder: pass a file path, e.g. --output "
+                             f"{os.path.join(output, name)}")
+        if kind not in ("missing", "regular file"):
+            raise SpachError(f"--output {output} is a {kind}: pass the path of a file to write")
+        if checkpoint and os.path.exists(output) and os.path.samefile(output, checkpoint):
+            raise SpachError(f"--output {output} is the checkpoint itself: pass another --output FILE")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise SpachError(f"cannot write {output}: folder {parent} does not exist")
+
+
+def _replace_folder(partial: str, output: str) -> None:
+    """Put the checked folder ``partial`` at ``output``; an earlier export there is removed only once the new one
+    is in place."""
+    if not os.path.exists(output):
+        os.replace(partial, output)
+        return
+    old = partial + ".old"
+    os.replace(output, old)
+    os.replace(partial, output)
+    shutil.rmtree(old)
 
 
 def _example(info: ModelInfo, batch: int, seed: int) -> torch.Tensor:
@@ -195,12 +244,17 @@ def export_onnx(model, info: ModelInfo, output: str, args) -> float:
 
 
 # --- safetensors --------------------------------------------------------------------------------------
-def export_safetensors(model, info: ModelInfo, output: str, args) -> None:
+def write_safetensors(model, info: ModelInfo, output: str) -> None:
+    """The model's state_dict, with its facts (:meth:`ModelInfo.metadata`) as JSON string metadata."""
     from safetensors.torch import save_file
     state_dict = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {"format": "pt"}
     metadata.update({k: json.dumps(v) for k, v in info.metadata().items()})
     save_file(state_dict, output, metadata=metadata)
+
+
+def export_safetensors(model, info: ModelInfo, output: str, args) -> None:
+    write_safetensors(model, info, output)
 
     # round trip: the file alone (and its metadata) must rebuild the same model
     from ..models import create_model
@@ -246,3 +300,37 @@ def export_torchscript(model, info: ModelInfo, output: str, args) -> float:
         expected = model(check)
         got = loaded(check)
     return _compare("TorchScript", got, expected, args.tolerance)
+
+
+# --- Hugging Face / timm model folder -----------------------------------------------------------------------
+def export_hf(model, info: ModelInfo, output: str, args, weights=None) -> None:
+    """``output``/config.json (timm's layout), model.safetensors (with the same metadata as --format safetensors)
+    and README.md (the model card); then the folder must rebuild the model's exact logits through
+    ``spach.create_model`` and through timm's own ``local-dir:`` loading."""
+    from ..models import count_flops
+    from .hf_folder import hf_config, model_card
+    os.makedirs(output)
+    write_safetensors(model, info, os.path.join(output, HF_WEIGHTS[0]))
+    with open(os.path.join(output, HF_CONFIG), "w") as f:
+        json.dump(hf_config(model, info), f, indent=2)
+        f.write("\n")
+    try:
+        flops = count_flops(model, info.img_size)
+    except Exception:  # a count is a card's detail; the export does not depend on it
+        flops = None
+    with open(os.path.join(output, "README.md"), "w") as f:
+        f.write(model_card(model, info, weights, flops))
+
+    import timm
+    from ..models import create_model
+    x = _example(info, EXPORT_BATCH, seed=1)
+    with torch.no_grad():
+        expected = model(x)
+        same_spach = torch.equal(create_model("local-dir:" + output).eval()(x), expected)
+        same_timm = torch.equal(timm.create_model("local-dir:" + output, pretrained=True).eval()(x), expected)
+    if not (same_spach and same_timm):
+        which = "spach.create_model" if not same_spach else "timm.create_model"
+        raise SpachError(f"hf folder check failed: {which} on the written folder does not reproduce the model's "
+                         f"logits")
+    print("hf folder check: spach.create_model('local-dir:FOLDER') and timm.create_model('local-dir:FOLDER', "
+          "pretrained=True) give identical logits")

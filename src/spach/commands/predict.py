@@ -4,8 +4,9 @@ IMAGE may be a file, a folder (walked for image files, sub-folders too) or a quo
 ('imgs/**/*.png'). Images are read a few batches ahead of the model (in -j worker processes), so a folder of
 any size runs in flat memory. Images go through the model's evaluation transform at the checkpoint's input
 size (resize by crop_pct, bicubic, center crop, ImageNet mean/std). Class names come from the checkpoint
-(`spach train` stores the dataset's folder names in it; `spach export --format safetensors` keeps them); a
-1000-class model without names gets the ImageNet-1k class descriptions; otherwise classes are shown by index.
+(`spach train` stores the dataset's folder names in it; `spach export --format safetensors` and `--format hf`
+keep them); a 1000-class model without names gets the ImageNet-1k class descriptions; otherwise classes are
+shown by index.
 
 --output F.csv has the columns of timm's inference.py (--results-separate-col --include-index --fullname):
 filename, index_0.., label_0.., prob_0..; --output F.json is a list of the records --json prints. F is
@@ -45,8 +46,8 @@ def add_arguments(parser):
     parser.add_argument("--model", default=None, metavar="NAME",
                         help="model name (`spach models`); may be left out when the checkpoint names it")
     parser.add_argument("--checkpoint", default=None, metavar="CKPT",
-                        help="weights: a training checkpoint, an official release .pth or a .safetensors file, or its "
-                             "http(s) URL")
+                        help="weights: a training checkpoint, an official release .pth, a .safetensors file, a model "
+                             "folder (spach export --format hf), an hf-hub:ORG/NAME id, or an http(s) URL")
     parser.add_argument("--topk", type=int, default=5, help="how many classes to give per image")
     parser.add_argument("--img-size", type=int, default=None, metavar="N",
                         help="input size (default: the checkpoint's training size, else the model's 224)")

@@ -22,6 +22,7 @@ Anything in the forward pass that branches on a tensor (its shape, dtype, device
 with timm's ``register_notrace_function`` (see :func:`check_image_batch`), so that ``torch.fx`` (timm's
 ``feature_cls='fx'``, torchvision's ``create_feature_extractor``) traces the models.
 """
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -33,7 +34,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq
 from timm.models._features import feature_take_indices  # timm's own models import it from here too
 
 __all__ = ["WEIGHTS_URL_PREFIX", "BaseNet", "check_image_batch", "MODEL_CONFIGS", "register_configs", "model_cfg",
-           "build_model", "META_KEYS", "stochastic_depth_live"]
+           "build_model", "META_KEYS", "stochastic_depth_live", "FamilyOptions", "FAMILY_OPTIONS"]
 
 
 @register_notrace_function  # a leaf of fx graphs: its Python checks run when the graph runs, never while tracing
@@ -64,6 +65,7 @@ class BaseNet(nn.Module):
     norm_every_level = False     # forward_intermediates(norm=True): final norm on every level (isotropic nets)
                                  # or on the last level only (hierarchical nets)
     default_out_indices: Union[int, Tuple[int, ...]] = (0, 1, 2, 3)  # features_only levels by default
+    citation = ""                # the family's paper as BibTeX (a model card's citation)
 
     def set_input_contract(self, img_size, in_chans: int, total_stride: int, fixed_input_size: bool):
         """What :meth:`check_input` enforces: channels, a multiple of the total stride, a fixed size if any."""
@@ -196,11 +198,30 @@ def stochastic_depth_live(drop: nn.Module) -> bool:
     return drop.training and getattr(drop, "drop_prob", 0.0) > 0
 
 
-def register_configs(table: Dict[str, dict]) -> Dict[str, dict]:
+@dataclass(frozen=True)
+class FamilyOptions:
+    """The constructor options of a family that a weights file must agree with: each family declares its own
+    (:func:`register_configs`), so that nothing outside the family module names them."""
+
+    # options a file records beside its weights (a training run's flags, an export's metadata) that rebuild the
+    # right variant: ones whose weights differ (SPACH's stem, shared mixers) and ones whose do not (an activation)
+    recorded: Tuple[str, ...] = ()
+    # the string options that choose a variant: name -> (default, choices); a command line offers the choices
+    variants: Dict[str, Tuple[object, Tuple[str, ...]]] = field(default_factory=dict)
+    # the options a file's state_dict fixes by itself (ShiftViT's normalization: BatchNorm keeps running stats)
+    from_weights: Optional[Callable[[Dict[str, torch.Tensor]], dict]] = None
+
+
+FAMILY_OPTIONS: Dict[str, FamilyOptions] = {}
+"""Every registered name -> its family's :class:`FamilyOptions`."""
+
+
+def register_configs(table: Dict[str, dict], options: Optional[FamilyOptions] = None) -> Dict[str, dict]:
     for name in table:
         if name in MODEL_CONFIGS:
             raise ValueError(f"model name {name!r} is registered twice")
     MODEL_CONFIGS.update(table)
+    FAMILY_OPTIONS.update({name: options or FamilyOptions() for name in table})
     return table
 
 

@@ -1,6 +1,6 @@
 """Loading weights into a SPACH model: official release files, training checkpoints, bare state_dicts,
-safetensors (all read by :mod:`spach.weights`). Anything that does not fit the model is refused with the missing /
-unexpected / mis-shaped keys listed.
+safetensors, model folders and ``hf-hub:`` ids (all read by :mod:`spach.weights`). Anything that does not fit the
+model is refused with the missing / unexpected / mis-shaped keys listed.
 """
 from typing import Dict, Optional, Sequence
 
@@ -8,31 +8,13 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..weights import (read_checkpoint_file, read_state_dict, release_file, safetensors_metadata, state_dict_of,
-                       stored_facts, strip_prefixes, url_file_name)
+from ..weights import HF_PREFIX, WeightsFile, open_weights, release_file, stored_facts, strip_prefixes, url_file_name
 
 from .base import BaseNet
 
-__all__ = ["load_pretrained", "load_pretrained_release", "checkpoint_filter_fn", "safetensors_model_kwargs",
-           "file_model_kwargs", "classifier_keys", "head_classes"]
-
-
-def safetensors_model_kwargs(path: str) -> dict:
-    """``num_classes`` / ``img_size`` recorded in a ``.safetensors`` file's metadata (``spach export`` writes
-    them as JSON strings), so the file alone rebuilds the model it came from."""
-    try:
-        raw = safetensors_metadata(path)
-    except CheckpointError:  # unreadable files are reported by read_state_dict with a clear message
-        return {}
-    # untrusted: an out-of-range size or class count is refused (one line), never built
-    facts = stored_facts({k: raw.get(k) for k in ("num_classes", "img_size")}, path)
-    out = {}
-    if "num_classes" in facts:
-        out["num_classes"] = facts["num_classes"]
-    if "img_size" in facts:
-        h, w = facts["img_size"]
-        out["img_size"] = h if h == w and isinstance(raw.get("img_size"), int) else (h, w)
-    return out
+# stored_facts: train/resume.py imports it from here
+__all__ = ["load_pretrained", "load_pretrained_release", "checkpoint_filter_fn", "file_model_kwargs",
+           "classifier_keys", "head_classes", "file_head_classes", "stored_facts"]
 
 
 def classifier_keys(model_names: Sequence[str]) -> list:
@@ -51,20 +33,28 @@ def head_classes(state_dict: Dict[str, torch.Tensor], keys: Sequence[str]) -> Op
     return None
 
 
-def file_model_kwargs(model_name: str, path: str, use_ema: bool = False) -> dict:
-    """``num_classes`` / ``img_size`` that the weights file fixes for ``model_name``, so that the file alone rebuilds
-    the model it holds: a ``.safetensors`` file's metadata; a ``.pth``'s classifier rows and, for a training
-    checkpoint, the input size it was trained at (a 10-class run at 64x64 builds a 10-class model for 64x64)."""
-    if str(path).endswith(".safetensors"):
-        return safetensors_model_kwargs(path)
-    ckpt = read_checkpoint_file(path)
+def file_head_classes(weights: WeightsFile, keys: Sequence[str], use_ema: bool = False) -> Optional[int]:
+    """The class count of the first classifier weight among ``keys`` that the file holds (a safetensors file
+    answers from its header)."""
+    for key in keys:
+        shape = weights.tensor_shape(key, use_ema)
+        if shape is not None and len(shape) == 2:
+            return int(shape[0])
+    return None
+
+
+def file_model_kwargs(model_name: str, weights, use_ema: bool = False) -> dict:
+    """``num_classes`` / ``img_size`` that the weights (a path or an opened :class:`~spach.weights.WeightsFile`)
+    fix for ``model_name``, so that the file alone rebuilds the model it holds: its classifier rows (else the
+    class count it records) and the input size it records (a training run's, an export's): a 10-class run at 64x64
+    builds a 10-class model for 64x64."""
+    weights = open_weights(weights)
     out = {}
-    args = ckpt.get("args") if isinstance(ckpt, dict) else None
-    if isinstance(args, dict):  # untrusted: an out-of-range size is refused (one line), never built
-        size = stored_facts({k: args.get(k) for k in ("input_size", "img_size")}, path).get("img_size")
-        if size is not None:
-            out["img_size"] = size[0] if size[0] == size[1] else size
-    n = head_classes(state_dict_of(ckpt, path, use_ema), classifier_keys([model_name]))
+    size = weights.facts.get("img_size")
+    if size is not None:
+        out["img_size"] = size[0] if size[0] == size[1] else size
+    n = file_head_classes(weights, classifier_keys([model_name]), use_ema)
+    n = weights.facts.get("num_classes") if n is None else n
     if n is not None:
         out["num_classes"] = n
     return out
@@ -88,15 +78,18 @@ def _describe(keys, n=8):
     return ", ".join(keys[:n]) + more
 
 
-def load_pretrained(model: nn.Module, path: str, use_ema: bool = False, strict: bool = True) -> nn.Module:
-    """Load weights from ``path`` into ``model`` (in place; returns ``model``).
+def load_pretrained(model: nn.Module, path, use_ema: bool = False, strict: bool = True) -> nn.Module:
+    """Load weights from ``path`` (anything :func:`~spach.weights.open_weights` opens, or a
+    :class:`~spach.weights.WeightsFile` opened already) into ``model`` (in place; returns ``model``).
 
     With ``strict`` (default) every key must match in name and shape; otherwise a :class:`CheckpointError`
     lists what is missing, unexpected or mis-shaped. ``strict=False`` skips the keys a pruned
     (``features_only`` / ``num_classes=0``) model no longer has, but shapes must still agree.
     """
     target = _unwrap(model)
-    state_dict = checkpoint_filter_fn(read_state_dict(path, use_ema=use_ema), target)
+    weights = open_weights(path)
+    path = weights.source
+    state_dict = checkpoint_filter_fn(weights.state_dict(use_ema), target)
     own = target.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -135,10 +128,13 @@ def load_pretrained(model: nn.Module, path: str, use_ema: bool = False, strict: 
 
 def load_pretrained_release(model: nn.Module, variant: str, strict: bool = True) -> nn.Module:
     """``pretrained=True``: the official release file, from ``pretrained_cfg['file']`` if set (a local
-    file), else torch hub's cache, else downloaded. Without network this fails with the URL to fetch.
-    ``strict=False`` for a pruned (``features_only``) model, as :func:`load_pretrained`."""
+    file, or the folder of timm's ``local-dir:``), the Hugging Face repo of timm's ``hf-hub:`` ids, else torch hub's
+    cache, else downloaded. Without network this fails with the URL to fetch. ``strict=False`` for a pruned
+    (``features_only``) model, as :func:`load_pretrained`."""
     target = _unwrap(model)
     cfg = dict(getattr(target, "pretrained_cfg", {}) or {})
+    if cfg.get("source") == "hf-hub" and cfg.get("hf_hub_id"):  # timm.create_model("hf-hub:ORG/NAME")
+        return load_pretrained(model, HF_PREFIX + cfg["hf_hub_id"], strict=strict)
     local = cfg.get("file")
     if local:
         return load_pretrained(model, local, strict=strict)

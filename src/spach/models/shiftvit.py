@@ -22,7 +22,8 @@ from torch import nn
 from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
-from .base import WEIGHTS_URL_PREFIX, BaseNet, build_model, model_cfg, register_configs, stochastic_depth_live
+from .base import (WEIGHTS_URL_PREFIX, BaseNet, FamilyOptions, build_model, model_cfg, register_configs,
+                   stochastic_depth_live)
 from .fused import capturing, channel_mlp
 
 __all__ = ["ShiftViT", "ShiftBlock", "shift_channels", "NORM_LAYERS", "ACT_LAYERS", "SHIFTVIT_CONFIGS",
@@ -288,11 +289,22 @@ def _resolve(option, table: Dict[str, type], what: str):
     return option  # a layer class, as timm passes them
 
 
+# the paper, as BibTeX
+CITATION = """@inproceedings{wang2022shift,
+  title={When Shift Operation Meets Vision Transformer: An Extremely Simple Alternative to Attention Mechanism},
+  author={Wang, Guangting and Zhao, Yucheng and Tang, Chuanxin and Luo, Chong and Zeng, Wenjun},
+  booktitle={Proceedings of the AAAI Conference on Artificial Intelligence},
+  year={2022}
+}"""
+
+
 class ShiftViT(BaseNet):
     """Four stages of shift blocks on NCHW maps; ``norm_layer`` ``'GN1'`` (default) or ``'BN'``,
     ``act_layer`` ``'GELU'`` (default) or ``'RELU'``, as in the original. Any multiple of 32 is a valid
     input size. Stochastic depth rises linearly from 0 to ``drop_path_rate`` over all blocks. Feature levels are
     the four stage outputs before their downsampling (strides 4, 8, 16, 32)."""
+
+    citation = CITATION  # what a model card asks users to cite
 
     output_fmt = "NCHW"
     final_norm_name = "norm"
@@ -412,6 +424,18 @@ def norm_layer_of_state_dict(state_dict) -> Optional[str]:
     return "BN" if stats else "GN1"
 
 
+# the string options that choose a variant: name -> (default, the constructor's; choices)
+VARIANT_OPTIONS = {key: (inspect.signature(ShiftViT).parameters[key].default, tuple(table))
+                   for key, table in (("norm_layer", NORM_LAYERS), ("act_layer", ACT_LAYERS))}
+
+
+def checkpoint_model_kwargs(state_dict) -> dict:
+    """The architecture arguments a weights file fixes by itself: its normalization (the releases do not say
+    which one they used; BatchNorm files carry running statistics)."""
+    found = norm_layer_of_state_dict(state_dict)
+    return {"norm_layer": found} if found else {}
+
+
 # --- the registry's configurations ------------------------------------------------------------------------
 # name -> architecture (the original registry's drop_path_rate included: it is what trained the published
 # models) + published ImageNet-1k top-1, paper name and release file where there is one.
@@ -429,19 +453,7 @@ SHIFTVIT_CONFIGS: Dict[str, dict] = register_configs({
     "shiftvit_light_base": dict(embed_dim=128, depths=(2, 2, 18, 2), mlp_ratio=4, n_div=16, drop_path_rate=0.5),
     "shiftvit_r4_base": dict(embed_dim=128, depths=(4, 6, 22, 4), mlp_ratio=4, n_div=16, drop_path_rate=0.5),
     "shiftvit_r2_base": dict(embed_dim=128, depths=(10, 18, 36, 10), mlp_ratio=2, n_div=16, drop_path_rate=0.6),
-})
-
-
-# the string options that choose a variant: name -> (default, the constructor's; choices)
-VARIANT_OPTIONS = {key: (inspect.signature(ShiftViT).parameters[key].default, tuple(table))
-                   for key, table in (("norm_layer", NORM_LAYERS), ("act_layer", ACT_LAYERS))}
-
-
-def checkpoint_model_kwargs(state_dict) -> dict:
-    """The architecture arguments a weights file fixes by itself: its normalization (the releases do not say
-    which one they used; BatchNorm files carry running statistics)."""
-    found = norm_layer_of_state_dict(state_dict)
-    return {"norm_layer": found} if found else {}
+}, FamilyOptions(recorded=tuple(VARIANT_OPTIONS), variants=VARIANT_OPTIONS, from_weights=checkpoint_model_kwargs))
 
 
 def _cfg(name: str) -> dict:

@@ -134,6 +134,15 @@ class SparseMLP(nn.Module):
         return out.view(B, H, W, C) + bias.to(out.dtype)
 
 
+# the paper, as BibTeX
+CITATION = """@inproceedings{tang2022sparse,
+  title={Sparse MLP for Image Recognition: Is Self-Attention Really Necessary?},
+  author={Tang, Chuanxin and Zhao, Yucheng and Wang, Guangting and Luo, Chong and Xie, Wenxuan and Zeng, Wenjun},
+  booktitle={Proceedings of the AAAI Conference on Artificial Intelligence},
+  year={2022}
+}"""
+
+
 class SMLPNet(BaseNet):
     """sMLPNet: four stages of (token mixing, channel mixing) blocks on a fixed grid.
 
@@ -146,6 +155,8 @@ class SMLPNet(BaseNet):
     The per-block modules sit in the original's flat lists (``token_mix.N``, ``channel_mix.N``), not in
     stage modules, so this network runs its stages, feature levels and head itself over the shared timm API.
     """
+
+    citation = CITATION  # what a model card asks users to cite
 
     output_fmt = "NHWC"
     final_norm_name = "batch_norm"

@@ -16,7 +16,7 @@ from torch import nn
 from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 
-from .base import WEIGHTS_URL_PREFIX, BaseNet, build_model, model_cfg, register_configs
+from .base import WEIGHTS_URL_PREFIX, BaseNet, FamilyOptions, build_model, model_cfg, register_configs
 from .layers import SPATIAL_MIXERS, STEM_LAYERS, ChannelMLP, DWConv, DownsampleConv, SpatialAttention, \
     SpatialMLP, default_norm_layer
 
@@ -111,10 +111,21 @@ def stage_archs(net_arch) -> List[List[tuple]]:
     return [[tuple(a) for a in stage] for stage in (net_arch if isinstance(net_arch[0], list) else [net_arch])]
 
 
+# the paper, as BibTeX
+CITATION = """@article{zhao2021battle,
+  title={A Battle of Network Structures: An Empirical Study of CNN, Transformer, and MLP},
+  author={Zhao, Yucheng and Wang, Guangting and Tang, Chuanxin and Luo, Chong and Zeng, Wenjun and Zha, Zheng-Jun},
+  journal={arXiv preprint arXiv:2108.13002},
+  year={2021}
+}"""
+
+
 class _SpachNet(BaseNet):
     """Stem + norm1, stages of mixing blocks (each stage after the first opened by a stride-2 downsampling that
     doubles the width), norm2, mean-pool head. The subclasses only name the stages' modules and choose the
     stochastic-depth schedule; every architecture argument is this one signature."""
+
+    citation = CITATION  # what a model card asks users to cite
 
     output_fmt = "NHWC"
     final_norm_name = "norm2"
@@ -356,7 +367,7 @@ SPACH_CONFIGS = register_configs({
         _MS, hidden_dim=128, num_heads=4, channel_ratio=3.0, stem_type="conv4",
         net_arch=[[("pass", 3)], [("pass", 2), ("attn", 2)], [("pass", 2), ("attn", 10)], [("pass", 1), ("attn", 2)]],
         paper_name="SPACH-Hybrid-MS-S+", top1=83.9, weights="spach_ms_hybrid_s+.pth"),
-})
+}, FamilyOptions(recorded=("stem_type", "shared_spatial_func")))
 
 
 def _network_cls(name: str):
