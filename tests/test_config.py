@@ -212,3 +212,22 @@ def test_resume_refusal_names_the_identity_fields(shapes, tmp_path, capsys, one_
 def test_runconfig_is_what_the_runner_gets():
     assert "cfg" in {f.name for f in dataclasses.fields(__import__("spach.train.runner", fromlist=["Run"]).Run)}
     assert dataclasses.is_dataclass(RunConfig) and RunConfig.__dataclass_params__.frozen
+
+
+def test_eval_reads_what_the_weights_record_and_refuses_other_classes(shapes, tmp_path, capsys, one_thread):
+    run = tmp_path / "run"
+    assert main(["train", *fast_flags(shapes, run, epochs=1)]) == 0
+    folder = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(run / "checkpoint.pth"), "--format", "hf", "--output", str(folder)]) == 0
+    capsys.readouterr()
+    # model, input size and crop come from the model folder, as from the checkpoint
+    for weights in (run / "checkpoint.pth", folder):
+        assert main(["eval", "--checkpoint", str(weights), "--data-path", shapes, "--device", "cpu",
+                     "--num_workers", "0"]) == 0
+        assert "Accuracy of the network on the 18 test images" in capsys.readouterr().out
+    renamed = make_shapes_folder(tmp_path / "renamed", n_train=2, n_val=6, classes=("circle", "cross", "star"))
+    assert main(["eval", "--checkpoint", str(run / "checkpoint.pth"), "--data-path", renamed, "--device", "cpu",
+                 "--num_workers", "0"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other classes" in err and "only in the checkpoint: square" in err, err
+    assert "only in the data: star" in err

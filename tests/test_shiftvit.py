@@ -198,14 +198,13 @@ def test_a_checkpoint_is_read_from_disk_once_per_model_built(files, monkeypatch,
     model = spach.create_model(TINY, checkpoint_path=str(path)).eval()
     assert loads == [str(path)]
     build_model(TINY, str(path))  # spach eval / predict / export
-    assert len(loads) == 2 and spach.weights._read_scope is None
+    assert len(loads) == 2
     copy = tmp_path / "copy.pth"
-    torch.save({"model": ref.state_dict()}, copy)
-    with spach.weights.read_once():
-        first = spach.weights.read_checkpoint_file(copy)
-        assert spach.weights.read_checkpoint_file(copy) is first and len(loads) == 3
-        torch.save({"model": ref.state_dict(), "epoch": 1}, copy)  # rewritten meanwhile: read again
-        assert "epoch" in spach.weights.read_checkpoint_file(copy) and len(loads) == 4
+    torch.save({"model": ref.state_dict(), "epoch": 1}, copy)
+    weights = spach.weights.open_weights(copy)  # asked for its facts, its variant and its weights: one read
+    assert weights.facts["epoch"] == 1 and weights.state_dict() is weights.state_dict() and len(loads) == 3
+    rebuilt = spach.create_model(TINY, checkpoint_path=weights)
+    assert len(loads) == 3 and isinstance(rebuilt, type(model))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=0, rtol=0)

@@ -21,7 +21,6 @@ import re
 import urllib.parse
 import urllib.request
 import warnings
-from contextlib import contextmanager
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -32,7 +31,7 @@ from .files import regular_file_problem
 __all__ = ["WeightsFile", "open_weights", "read_checkpoint_file", "stored_facts", "unwrap_state_dict", "strip_prefixes",
            "read_state_dict", "safetensors_metadata", "safetensors_shape", "is_url", "is_hf_hub", "url_file_name",
            "local_weights", "release_file", "ARCH_OPTIONS", "arch_options", "register_arch_options", "state_dict_of",
-           "read_once", "hf_hub_folder", "HF_CONFIG", "HF_WEIGHTS", "HF_PREFIX", "HF_INSTALL"]
+           "hf_hub_folder", "HF_CONFIG", "HF_WEIGHTS", "HF_PREFIX", "HF_INSTALL"]
 
 # architecture options a file may record beside its weights (a training run's flags, an export's metadata). Each
 # model family declares its own; spach.models registers their union here when it is imported (this module sits
@@ -94,47 +93,10 @@ def _last_line(text: str) -> str:
 _GLOBAL = re.compile(r"GLOBAL ([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+) (?:was|whose)")
 
 
-# while a read_once() scope is open: (real path, kind) -> ((mtime_ns, size), what the file held)
-_read_scope: Optional[dict] = None
-
-
-# only train/setup.py still needs it: it goes when training builds from a WeightsFile (open_weights)
-@contextmanager
-def read_once():
-    """Within this scope each weights file is read from disk once. Building a model from a file asks it in turn
-    for the options it records, the variant its weights fix and the weights themselves; a training checkpoint
-    carries the optimizer state too, several times the model's size. What a file held is shared by the
-    readers (none of them changes it) and dropped when the outermost scope ends; a file rewritten meanwhile is
-    read again."""
-    global _read_scope
-    outer = _read_scope is None
-    if outer:
-        _read_scope = {}
-    try:
-        yield
-    finally:
-        if outer:
-            _read_scope = None
-
-
-def _read_shared(path: str, kind: str, read):
-    """``read()`` of the file ``path``, shared within a :func:`read_once` scope."""
-    if _read_scope is None:
-        return read()
-    st = os.stat(path)
-    key, stamp = (os.path.realpath(path), kind), (st.st_mtime_ns, st.st_size)
-    cached = _read_scope.get(key)
-    if cached is not None and cached[0] == stamp:
-        return cached[1]
-    value = read()
-    _read_scope[key] = (stamp, value)
-    return value
-
-
 def read_checkpoint_file(path, mapped: bool = True) -> object:
     """``torch.load(path, weights_only=True)`` on the CPU. A pickle holding anything but tensors and plain
     containers is refused (loading it could run code); any other failure, whatever the bytes, is one
-    :class:`CheckpointError` too. Within a :func:`read_once` scope the file is loaded once.
+    :class:`CheckpointError` too. A file that is asked several things is opened once, as a :class:`WeightsFile`.
 
     ``mapped``: the file is memory-mapped, privately (nothing is ever written back to it), so a tensor is read when
     it is used and the parts a caller does not need (a training checkpoint's optimizer state, when a model is
@@ -143,7 +105,7 @@ def read_checkpoint_file(path, mapped: bool = True) -> object:
     pre-1.6 format, which cannot be mapped, are always read whole."""
     path = os.fspath(path)
     _exists(path)
-    return _read_shared(path, "pth" if mapped else "pth, whole", lambda: _load_pth(path, mapped))
+    return _load_pth(path, mapped)
 
 
 def _torch_load(path: str, mapped: bool) -> object:
@@ -305,7 +267,7 @@ def read_state_dict(path, use_ema: bool = False) -> Dict[str, torch.Tensor]:
         if use_ema:  # one set of weights per file: --use-ema would silently give the plain ones
             raise CheckpointError(f"{path} holds one set of weights (safetensors files carry no EMA copy): drop "
                                   f"--ema / --use-ema (export the EMA weights with spach export --use-ema)")
-        return dict(_read_shared(path, "safetensors", lambda: _load_safetensors(path)))
+        return dict(_load_safetensors(path))
     return state_dict_of(read_checkpoint_file(path), path, use_ema)
 
 
@@ -549,8 +511,7 @@ class WeightsFile:
                     raise CheckpointError(
                         f"{self.source} holds one set of weights (safetensors files carry no EMA copy): drop --ema / "
                         f"--use-ema (export the EMA weights with spach export --use-ema)")
-                self._tensors[use_ema] = dict(_read_shared(self.path, "safetensors",
-                                                           lambda: _load_safetensors(self.path)))
+                self._tensors[use_ema] = dict(_load_safetensors(self.path))
             else:
                 self._tensors[use_ema] = state_dict_of(self.contents, self.source, use_ema)
         return self._tensors[use_ema]

@@ -19,10 +19,10 @@ import torch
 
 from ..errors import CheckpointError
 from ..files import regular_file_problem
-from ..weights import read_checkpoint_file
+from ..weights import open_weights
 from . import faults
 
-__all__ = ["atomic_save", "atomic_write", "load_checkpoint", "get_rng_state", "set_rng_state", "CHECKPOINT_NAME", "BEST_NAME"]
+__all__ = ["atomic_save", "atomic_write", "open_checkpoint", "load_checkpoint", "get_rng_state", "set_rng_state", "CHECKPOINT_NAME", "BEST_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pth"
 BEST_NAME = "best.pth"
@@ -87,16 +87,22 @@ def atomic_write(path: str, write, what: str = "checkpoint"):
                 pass
 
 
-def load_checkpoint(path: str) -> dict:
-    """Read a training checkpoint (``weights_only``: tensors and plain containers only)."""
+def open_checkpoint(path: str):
+    """A training checkpoint, opened once as a :class:`~spach.weights.WeightsFile` (``weights_only``: tensors and
+    plain containers only); its entries are ``.contents``."""
     problem = regular_file_problem(path)
-    if problem:  # the weights reader's hint would offer .safetensors, which cannot resume
+    if problem:  # the weights reader's hint would offer .safetensors or folders, which cannot resume
         raise CheckpointError(f"checkpoint {path} {problem}: pass the path of a checkpoint.pth / best.pth")
-    ckpt = read_checkpoint_file(path, mapped=False)  # the optimizer keeps its state tensors as loaded
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
+    weights = open_weights(path, mapped=False)  # the optimizer keeps its state tensors as loaded
+    if not isinstance(weights.contents, dict) or "model" not in weights.contents:
         raise CheckpointError(f"{path} is not a training checkpoint (no 'model' entry): use --finetune or "
                               f"--checkpoint for a bare weights file")
-    return ckpt
+    return weights
+
+
+def load_checkpoint(path: str) -> dict:
+    """A training checkpoint's entries (see :func:`open_checkpoint`)."""
+    return open_checkpoint(path).contents
 
 
 def get_rng_state() -> dict:

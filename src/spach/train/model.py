@@ -40,11 +40,12 @@ def build_model(m: ModelConfig, input_size: int, num_classes: int, grad_checkpoi
     return model
 
 
-def finetune(model, path: str):
-    """Start from the weights in ``path``; a classifier head of another size is re-initialised."""
-    from ..weights import read_state_dict
+def finetune(model, weights):
+    """Start from ``weights`` (an opened :class:`~spach.weights.WeightsFile`); a classifier head of another size is
+    re-initialised."""
     from ..models.pretrained import checkpoint_filter_fn
-    sd = checkpoint_filter_fn(read_state_dict(path), model)
+    path = weights.source
+    sd = checkpoint_filter_fn(weights.state_dict(), model)
     own = model.state_dict()
     head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head") + "."  # sMLPNet: mlp_head.0
     for k in [k for k in sd if k.startswith(head)]:

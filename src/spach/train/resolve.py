@@ -16,20 +16,29 @@ from .args import DEIT_DEFAULTS, DEMO_DEFAULTS
 from .config import LR_BATCH, SECTION_TYPES, RunConfig
 from .config_file import explicit_dests, parser_defaults, read_config_files
 
-__all__ = ["resolve_config"]
+__all__ = ["resolve_config", "resolve_run"]
 
 
-def _stored_eval_facts(path: str) -> dict:
-    """model / input_size / crop_pct that a training checkpoint being evaluated records (checked: untrusted)."""
-    from ..weights import read_checkpoint_file, stored_facts
-    if not path or not path.endswith(".pth"):
+def _stored_eval_facts(weights) -> dict:
+    """model / input_size / crop_pct that the weights being evaluated record (a training checkpoint's flags, an
+    export's metadata, a model folder's config), checked when the file was opened: untrusted input."""
+    if weights is None:
         return {}
-    ck = read_checkpoint_file(path)
-    stored = ck.get("args") if isinstance(ck, dict) and isinstance(ck.get("args"), dict) else None
-    if stored is None:
-        return {}
-    stored_facts(stored, path)
-    return {k: stored[k] for k in ("model", "input_size", "crop_pct") if stored.get(k) is not None}
+    facts = weights.facts
+    out = {k: facts[k] for k in ("model", "crop_pct") if facts.get(k) is not None}
+    size = facts.get("img_size")
+    if size is not None and size[0] == size[-1]:  # --input-size is one side: a square input
+        out["input_size"] = int(size[0])
+    return out
+
+
+def _start_weights(v: "_Values"):
+    """The weights file the run starts from, opened once: --finetune when training, the checkpoint when
+    evaluating; None otherwise."""
+    from ..weights import open_weights
+    evaluating = v["eval"] or v["throughput"]
+    source = v["resume"] if evaluating else v["finetune"]
+    return open_weights(source) if source else None
 
 
 class _Values:
@@ -75,11 +84,11 @@ def _gather(ns, mode: str) -> _Values:
     return _Values(values, sources)
 
 
-def _recipe_defaults(v: _Values):
+def _recipe_defaults(v: _Values, start):
     """DeiT recipe (with --data-path) or demo values for what is still unset; an evaluated checkpoint's model,
     input size and crop; the model's own drop-path rate."""
     table, name = (DEIT_DEFAULTS, "DeiT recipe") if v["data_path"] else (DEMO_DEFAULTS, "demo default")
-    stored = _stored_eval_facts(v["resume"]) if (v["eval"] or v["throughput"]) else {}
+    stored = _stored_eval_facts(start) if (v["eval"] or v["throughput"]) else {}
     for key in ("model", "input_size", "crop_pct"):
         if key in stored:
             v.fill(key, stored[key], f"checkpoint {v['resume']}")
@@ -125,9 +134,6 @@ def _check(v: _Values, mode: str):
                              f"--data-set {v['data_set']}")
     if v["lr_noise"] is not None:
         raise SpachError("--lr-noise is not supported (the SPACH / DeiT recipe does not use it): drop the flag")
-    if v["eval"] and not v["resume"]:
-        raise SpachError("evaluation needs weights: pass --checkpoint/--resume CKPT (a checkpoint.pth, best.pth or an "
-                         "official release .pth)")
     training = not (v["eval"] or v["throughput"])
     if training and (v["mixup"] > 0 or v["cutmix"] > 0 or v["cutmix_minmax"] is not None) and v["batch_size"] % 2:
         raise SpachError(f"mixup/cutmix need an even --batch-size (got {v['batch_size']}): use {v['batch_size'] + 1}"
@@ -159,7 +165,7 @@ def _device(v: _Values):
         v.set("amp", amp, v.sources.get("amp", "command line"))
 
 
-def _model_variant(v: _Values):
+def _model_variant(v: _Values, start):
     """ShiftViT's --norm-layer / --act-layer: the flag, else what the weights the run starts from hold, else
     the family default; a variant flag on a model without variants is refused."""
     from ..models import arch_from_checkpoint, variant_options
@@ -172,15 +178,13 @@ def _model_variant(v: _Values):
     if not options:
         return
     found = dict(given)
-    evaluating = v["eval"] or v["throughput"]
-    start = v["finetune"] if v["finetune"] and not evaluating else (v["resume"] if evaluating and v["resume"] else None)
-    if start:
+    if start is not None:
         arch_from_checkpoint(v["model"], start, bool(v["eval"] and v["eval_ema"]), found,
                              spell=lambda key, value: f"--{key.replace('_', '-')}" + (f" {value}" if value else ""))
     for key, (default, _) in options.items():
         if key in given:
             continue
-        v.set(key, found.get(key, default), f"weights {start}" if key in found else f"{v['model']}'s default")
+        v.set(key, found.get(key, default), f"weights {start.source}" if key in found else f"{v['model']}'s default")
 
 
 def _scaled_lr(v: _Values):
@@ -204,12 +208,22 @@ def resolve_config(ns, mode: str = "train") -> RunConfig:
     """The run's :class:`RunConfig` from parsed flags (``ns``, with the command line in ``ns._argv`` when parsed by
     the ``spach`` command) and the ``--config`` files they name. ``mode``: ``"train"`` or ``"eval"``. Raises
     :class:`SpachError` (one line) for anything that cannot run; nothing has been created or written then."""
+    return resolve_run(ns, mode)[0]
+
+
+def resolve_run(ns, mode: str = "train"):
+    """:func:`resolve_config`, and the weights file the run starts from (:func:`_start_weights`), opened once
+    while resolving, for the builders to take: ``(RunConfig, WeightsFile or None)``."""
     v = _gather(ns, mode)
     _local_files(v)
-    _recipe_defaults(v)
+    if v["eval"] and not v["resume"]:
+        raise SpachError("evaluation needs weights: pass --checkpoint/--resume CKPT (a checkpoint.pth, best.pth, an "
+                         "official release .pth, a .safetensors file or a model folder)")
+    start = _start_weights(v)
+    _recipe_defaults(v, start)
     _check(v, mode)
     _device(v)
-    _model_variant(v)
+    _model_variant(v, start)
     _scaled_lr(v)
     _output_dir(v)
     sections = {}
@@ -220,6 +234,7 @@ def resolve_config(ns, mode: str = "train") -> RunConfig:
             kwargs[f.name] = tuple(value) if isinstance(value, list) else value
         sections[key] = cls(**kwargs)
     argv = getattr(ns, "_argv", None)
-    return RunConfig(**sections, sources=types.MappingProxyType(dict(v.sources)),
-                     command=tuple(["spach", *argv] if argv is not None else ()),
-                     config_files=tuple(os.path.abspath(p) for p in (v.values.get("config") or [])))
+    cfg = RunConfig(**sections, sources=types.MappingProxyType(dict(v.sources)),
+                    command=tuple(["spach", *argv] if argv is not None else ()),
+                    config_files=tuple(os.path.abspath(p) for p in (v.values.get("config") or [])))
+    return cfg, start

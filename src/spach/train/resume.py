@@ -23,10 +23,10 @@ import torch
 from ..errors import CheckpointError
 from ..runtime.device import DistInfo
 from ..files import open_own
-from .checkpoint import CHECKPOINT_NAME, atomic_write, load_checkpoint, set_rng_state
+from .checkpoint import CHECKPOINT_NAME, atomic_write, open_checkpoint, set_rng_state
 from .config import RESUME_IDENTITY, RunConfig
 
-__all__ = ["Resumed", "continue_from", "resume", "check_same_run", "check_resume_fields", "with_current_kernels",
+__all__ = ["Resumed", "continue_from", "resume", "check_eval_classes", "check_same_run", "check_resume_fields", "with_current_kernels",
            "sync_log"]
 
 logger = logging.getLogger("spach.train")
@@ -87,6 +87,20 @@ def check_same_run(ckpt: dict, path: str, cfg: RunConfig, class_names: Sequence[
         f"--resume {path} is a checkpoint of another run ({what}; a resume keeps the classes and {kept}): to start "
         f"from its weights, pass --finetune {path} instead of --resume (a classifier head that does not fit is "
         f"re-initialised)")
+
+
+def check_eval_classes(weights, class_names: Sequence[str]):
+    """Refuse to evaluate weights whose recorded class names are not the data's, in the data's order: the
+    accuracy would count matches between unrelated label indices (a renamed class folder shifts every label
+    after it). Weights that record no names (official releases) are evaluated by index."""
+    from ..data.folder import class_difference
+    stored = weights.facts.get("class_names")
+    if stored is None or list(stored) == list(class_names):
+        return
+    what = class_difference(list(stored), list(class_names), "the checkpoint", "the data")
+    raise CheckpointError(f"{weights.source} was trained on other classes than this data's val/ split has ({what}; "
+                          f"checkpoint {_names(list(stored))}; data {_names(list(class_names))}): evaluate it on data "
+                          f"with the same class folders")
 
 
 def _bad(path, field, detail) -> CheckpointError:
@@ -188,16 +202,17 @@ def resume(cfg: RunConfig, step, dist: DistInfo, owned: bool, class_names) -> Re
     out.last_good = path if path and os.path.isfile(path) else ""
     if not path:
         return out
-    ckpt = load_checkpoint(path)
+    weights = open_checkpoint(path)
+    ckpt = weights.contents
     check_same_run(ckpt, path, cfg, class_names, auto=auto)
     from ..models import load_pretrained
-    load_pretrained(step.model, path)
+    load_pretrained(step.model, weights)
     check_resume_fields(ckpt, path, dist.world_size)
     if "optimizer" in ckpt and "epoch" in ckpt:
         _restore_training_state(ckpt, path, step, dist, out)
         if auto and dist.is_main:
             sync_log(os.path.join(cfg.output.output_dir, "log.txt"), out.start_epoch - 1, ckpt.get("log_stats"))
-    del ckpt
+    del ckpt, weights
     return out
 
 

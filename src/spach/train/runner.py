@@ -21,11 +21,10 @@ from ..errors import CheckpointError, SpachError
 from ..files import open_own
 from ..runtime import device as devices
 from ..runtime.device import DistInfo
-from ..weights import read_once
 from . import faults
 from .checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_save, get_rng_state
 from .config import RunConfig
-from .resolve import resolve_config
+from .resolve import resolve_run
 from .engine import TrainStep, evaluate, throughput, train_one_epoch
 from .loaders import Data, Reading, build_data
 from .model import build_model, build_train_step, finetune
@@ -33,7 +32,7 @@ from .optim import CosineSchedule
 from .output import prepare_output, take_output_dir
 from .output_lock import OutputDirLock
 from .process import configure_process
-from .resume import Resumed, resume
+from .resume import Resumed, check_eval_classes, resume
 
 __all__ = ["run", "build_run", "Run"]
 
@@ -63,11 +62,11 @@ class Run:
 
 def run(args, mode: str = "train") -> int:
     """``spach train`` (``mode="train"``; ``--eval`` / ``--throughput`` included) or ``spach eval``."""
-    cfg = resolve_config(args, mode)
+    cfg, start = resolve_run(args, mode)
     dist_info = devices.init_distributed(cfg.device.kind, index=cfg.device.index)
     lock = OutputDirLock(cfg.output.output_dir) if cfg.output.output_dir else None
     try:
-        return _run(cfg, dist_info, lock)
+        return _run(cfg, dist_info, lock, start)
     except RuntimeError as e:
         if "DataLoader worker" not in str(e):
             raise
@@ -92,8 +91,9 @@ def _loader_death(cfg: RunConfig, e: RuntimeError) -> str:
             f"or --batch-size if it was, then {then}")
 
 
-def build_run(cfg: RunConfig, dist: DistInfo, lock: Optional[OutputDirLock] = None) -> Run:
-    """The run's pieces in order. The order matters for reproducibility: the model's initial weights, then the
+def build_run(cfg: RunConfig, dist: DistInfo, lock: Optional[OutputDirLock] = None, start=None) -> Run:
+    """The run's pieces in order; ``start``: the opened weights file the run starts from (--finetune, or the
+    checkpoint evaluated), read once. The order matters for reproducibility: the model's initial weights, then the
     teacher's, are drawn from the seeded RNG in that order, and a resumed run then replaces the RNG state with the
     checkpoint's."""
     save, owned = prepare_output(cfg.output, dist, cfg.eval_only, lock)
@@ -103,13 +103,13 @@ def build_run(cfg: RunConfig, dist: DistInfo, lock: Optional[OutputDirLock] = No
     n_classes = len(data.class_names)
     logger.info(f"Creating model: {cfg.model.model} ({n_classes} classes, input {cfg.data.input_size})")
     logger.info(f"drop path rate {cfg.model.drop_path:g} ({_source(cfg, 'drop_path', '--drop-path')})")
-    with read_once():  # a --finetune / --resume file fixes the variant, then gives the weights: read once
-        model = build_model(cfg.model, cfg.data.input_size, n_classes, cfg.device.grad_checkpointing)
-        if cfg.distill.finetune and not cfg.output.eval:
-            finetune(model, cfg.distill.finetune)
-        if cfg.eval_only and cfg.output.resume:
-            from ..models import load_pretrained
-            load_pretrained(model, cfg.output.resume, use_ema=cfg.output.eval_ema)
+    model = build_model(cfg.model, cfg.data.input_size, n_classes, cfg.device.grad_checkpointing)
+    if start is not None and not cfg.eval_only:
+        finetune(model, start)
+    if start is not None and cfg.eval_only:
+        from ..models import load_pretrained
+        check_eval_classes(start, data.class_names)
+        load_pretrained(model, start, use_ema=cfg.output.eval_ema)
     model.to(dist.device)
     if cfg.device.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -139,8 +139,8 @@ def _source(cfg: RunConfig, key: str, flag: str) -> str:
     return flag if source == "command line" else source
 
 
-def _run(cfg: RunConfig, dist_info, lock) -> int:
-    run = build_run(cfg, dist_info, lock)
+def _run(cfg: RunConfig, dist_info, lock, start) -> int:
+    run = build_run(cfg, dist_info, lock, start)
     if cfg.eval_only:
         return _evaluate_only(run)
     data, step, out = run.data, run.step, cfg.output
