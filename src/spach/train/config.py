@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple
 
+from ..models import arch_options
 from .args import SECTIONS
 
 __all__ = ["RunConfig", "DataConfig", "ModelConfig", "OptimConfig", "AugConfig", "DistillConfig", "OutputConfig",
@@ -145,9 +146,9 @@ SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
 assert list(SECTION_TYPES) == list(SECTIONS)
 
 # what a checkpoint's weights and optimizer state depend on (beyond the class names): a resume must match
-# these fields exactly; everything else (epochs, lr, batch, augmentation, processes ...) may change on a resume
-RESUME_IDENTITY = ("model.model", "data.input_size", "model.stem_type", "model.shared_spatial_func",
-                   "model.norm_layer", "model.act_layer", "optim.opt")
+# these fields exactly; everything else (epochs, lr, batch, augmentation, processes ...) may change on a resume.
+# The architecture options are those the model families declare (spach.models.arch_options).
+RESUME_IDENTITY = ("model.model", "data.input_size", *(f"model.{k}" for k in arch_options()), "optim.opt")
 
 
 @dataclass(frozen=True)
