@@ -143,3 +143,27 @@ def test_plot_skips_lines_whose_epoch_is_not_a_number(tmp_path, capsys):
     assert main(["plot", str(run), "--output", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").stat().st_size > 0
     assert "skipped 2 line(s)" in capsys.readouterr().err
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A real read-only file system (a tmpfs mounted read-only); skipped where mounting is not permitted."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    yield folder
+    subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_a_read_only_output_is_one_line_before_any_work(shapes, tmp_path, capsys, read_only_folder, one_thread):
+    run = tmp_path / "run"
+    assert main(["train", *fast_flags(shapes, run, epochs=1)]) == 0
+    capsys.readouterr()
+    for fmt in ("safetensors", "torchscript", "hf"):
+        out = read_only_folder / f"model.{fmt}"
+        assert main(["export", "--checkpoint", str(run / "checkpoint.pth"), "--format", fmt, "--output", str(out)]) == 2
+        _one_line(capsys, f"folder {read_only_folder} is on a read-only file system")
+    assert main(["train", *fast_flags(shapes, read_only_folder / "run", epochs=1)]) != 0
+    _one_line(capsys, "read-only file system")

@@ -15,7 +15,7 @@ import os
 import stat
 
 __all__ = ["NotARegularFile", "path_kind", "open_regular", "regular_file_problem", "open_own", "os_error_reason",
-           "inside"]
+           "inside", "folder_write_problem"]
 
 # OSError kinds a user's path can cause, as the words that follow the path in a message
 _REASONS = {
@@ -89,6 +89,23 @@ def inside(path, folder) -> bool:
     except (OSError, ValueError):
         return False
     return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def folder_write_problem(folder) -> str:
+    """'' when a new file can be created in ``folder``, else why not (as words to follow the folder in a
+    message): a probe file is created and removed, so a read-only mount, a full disk or missing permissions show
+    up before any work, for root too (``os.access`` says yes to root on a folder it may not write)."""
+    import tempfile
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".spach-probe-", dir=folder)
+    except OSError as e:
+        return os_error_reason(e)
+    os.close(fd)
+    try:
+        os.remove(probe)
+    except OSError:
+        pass
+    return ""
 
 
 def open_own(path, flags: int, perm: int = 0o644, what: str = "file") -> int:

@@ -118,7 +118,7 @@ def run(args) -> int:
 def _check_output(output: str, args, info: ModelInfo, checkpoint: str) -> None:
     """Refuse an --output that cannot be written, or that would overwrite the checkpoint or a folder that is not
     an earlier export."""
-    from ..files import path_kind
+    from ..files import folder_write_problem, path_kind
     kind = path_kind(output)
     if args.format == "hf":
         if kind == "folder" and os.listdir(output) and not os.path.isfile(os.path.join(output, HF_CONFIG)):
@@ -140,6 +140,9 @@ def _check_output(output: str, args, info: ModelInfo, checkpoint: str) -> None:
     parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(parent):
         raise SpachError(f"cannot write {output}: folder {parent} does not exist")
+    problem = folder_write_problem(parent)
+    if problem:  # before the model is built and traced, and never mistaken for an exporter's failure
+        raise SpachError(f"cannot write {output}: folder {parent} {problem}; pass an --output in a writable folder")
 
 
 def _replace_folder(partial: str, output: str) -> None:

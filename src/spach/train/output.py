@@ -10,7 +10,7 @@ import sys
 from typing import Optional
 
 from ..errors import SpachError
-from ..files import open_own, os_error_reason, regular_file_problem
+from ..files import folder_write_problem, open_own, os_error_reason, regular_file_problem
 from ..runtime import device as devices
 from ..runtime.device import DistInfo
 from .checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_write
@@ -114,8 +114,9 @@ def _check_output_dir(path: str, create: bool = True):
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent):
             raise SpachError(f"cannot create --output_dir {path}: {parent} is a file; pick another folder")
-        if not os.access(parent, os.W_OK):
-            what = "is not writable" if parent == os.path.abspath(path) else f"cannot be created in {parent}"
+        problem = folder_write_problem(parent)
+        if problem:
+            what = problem if parent == os.path.abspath(path) else f"cannot be created: {parent} {problem}"
             raise SpachError(f"--output_dir {path} {what}: fix the permissions or pick another folder")
         return
     try:
