@@ -97,3 +97,36 @@ def test_a_shard_that_is_a_fifo_is_skipped_not_waited_on(tmp_path):
     ds = WdsSource(str(tmp_path), splits=("train",)).dataset("train", None, train=False)
     items = list(ds)  # returns at once: the FIFO is reported as an unreadable shard ("is a FIFO"), not waited on
     assert items == []
+
+
+def test_an_empty_file_is_named_the_same_way_in_training_and_in_predict(tmp_path):
+    from spach.data.folder import EMPTY_FILE
+    from spach.data.image_list import load_image
+    from spach.errors import DataError
+    empty, good = tmp_path / "empty.png", tmp_path / "good.png"
+    empty.write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(good)
+    with pytest.raises(DataError, match=r"empty file \(0 bytes\)"):
+        load_image(str(empty), lambda img: img)
+    ds = TolerantImageFolder([(str(empty), 0)], ["a"], transform=None, strict=True)
+    with pytest.raises(Exception, match=r"empty file \(0 bytes\)"):
+        ds[0]
+    assert EMPTY_FILE == "empty file (0 bytes)"
+
+
+@pytest.mark.parametrize("dtype", ["int64", "bool"])
+def test_weights_stored_as_integers_or_booleans_are_refused(tmp_path, dtype):
+    import torch
+    from safetensors.torch import save_file
+    import spach
+    from spach.errors import CheckpointError
+    model = spach.create_model("spach_ms_xxs_patch4_224_attn", num_classes=3, img_size=32)
+    sd = {k: (v.round().to(getattr(torch, dtype)) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    with pytest.raises(CheckpointError, match="integers or booleans where the model has floating-point"):
+        spach.create_model("spach_ms_xxs_patch4_224_attn", checkpoint_path=str(path), num_classes=3, img_size=32)
+    half = tmp_path / "half.safetensors"  # float16 still converts
+    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()},
+              str(half))
+    spach.create_model("spach_ms_xxs_patch4_224_attn", checkpoint_path=str(half), num_classes=3, img_size=32)

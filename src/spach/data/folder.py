@@ -310,11 +310,16 @@ def check_dataset(data_path: str, splits=("train", "val")) -> Tuple[List[str], D
     return classes, samples
 
 
+EMPTY_FILE = "empty file (0 bytes)"
+
+
 def load_rgb(path) -> Image.Image:
     """Open and fully decode an image as RGB (grayscale, CMYK, palette and RGBA all convert; the format is
     read from the content, so a PNG named .JPEG works). ``path`` may also be a binary file object (a shard
     member's bytes). A FIFO or device named like an image is an unreadable file, not a hang."""
     with (open_regular(path) if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path)) as f:
+        if isinstance(path, (str, os.PathLike)) and os.fstat(f.fileno()).st_size == 0:
+            raise OSError(EMPTY_FILE)  # one wording for this fact, in training and in predict
         img = Image.open(f)
         check_image_shape(img.size)  # from the header, before decoding
         img.load()  # decode now: a truncated file fails here, not later inside a transform
@@ -420,8 +425,6 @@ class TolerantImageFolder:
         for attempt in range(self.max_tries):
             path, target = self.samples[(index + attempt) % len(self.samples)]
             try:
-                if os.path.getsize(path) == 0:
-                    raise OSError("empty file (0 bytes)")
                 img = self._read(path)
             except BAD_IMAGE_ERRORS as e:
                 if self.strict:

@@ -13,7 +13,7 @@ from ..weights import HF_PREFIX, WeightsFile, open_weights, release_file, stored
 from .base import BaseNet
 
 # stored_facts: train/resume.py imports it from here
-__all__ = ["load_pretrained", "load_pretrained_release", "checkpoint_filter_fn", "file_model_kwargs",
+__all__ = ["load_pretrained", "check_weight_values", "load_pretrained_release", "checkpoint_filter_fn", "file_model_kwargs",
            "classifier_keys", "head_classes", "file_head_classes", "stored_facts"]
 
 
@@ -115,15 +115,29 @@ def load_pretrained(model: nn.Module, path, use_ema: bool = False, strict: bool 
             f"checkpoint {path} does not fit model {name}: " + "; ".join(parts) +
             ". Check that --model names the architecture the checkpoint was trained with "
             "(and num_classes / img_size match, or use --finetune to re-initialise the head)")
-    params = dict(target.named_parameters())
+    check_weight_values(state_dict, target, path)
+    target.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+    return model
+
+
+def check_weight_values(state_dict, model: nn.Module, path) -> None:
+    """Refuse weights a model would load without a word but compute nonsense with: integer or bool tensors where
+    the model holds floats (``load_state_dict`` casts them: an int64 file loads as whole numbers, a bool one as
+    0 / 1), and non-finite weights. float16 / bfloat16 / float64 tensors convert, as torch converts them."""
+    own = model.state_dict()
+    wrong = [f"{k} ({str(v.dtype).replace('torch.', '')})" for k, v in state_dict.items()
+             if k in own and own[k].is_floating_point() and not (v.is_floating_point() or v.is_complex())]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path} stores {len(wrong)} weights as integers or booleans where the model "
+                              f"has floating-point ones ({_describe(wrong, 3)}): the file is damaged or was not "
+                              f"written from this model; use another file")
+    params = dict(model.named_parameters())
     bad = [k for k, v in state_dict.items()
            if k in params and v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"checkpoint {path} holds non-finite weights (NaN/inf) in {len(bad)} tensors "
                               f"({_describe(bad, 3)}): a model with them outputs nothing meaningful; use an earlier "
                               f"checkpoint")
-    target.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
-    return model
 
 
 def load_pretrained_release(model: nn.Module, variant: str, strict: bool = True) -> nn.Module:

@@ -43,7 +43,7 @@ def build_model(m: ModelConfig, input_size: int, num_classes: int, grad_checkpoi
 def finetune(model, weights):
     """Start from ``weights`` (an opened :class:`~spach.weights.WeightsFile`); a classifier head of another size is
     re-initialised."""
-    from ..models.pretrained import checkpoint_filter_fn
+    from ..models.pretrained import check_weight_values, checkpoint_filter_fn
     path = weights.source
     sd = checkpoint_filter_fn(weights.state_dict(), model)
     own = model.state_dict()
@@ -56,6 +56,7 @@ def finetune(model, weights):
     if mis:
         raise CheckpointError(f"--finetune {path} does not fit {type(model).__name__}: mis-shaped {', '.join(mis[:4])}; "
                               f"use the same --model (and --input-size for fixed-size MLP models)")
+    check_weight_values(sd, model, path)
     result = model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(head)]
     if missing:
