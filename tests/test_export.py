@@ -10,25 +10,17 @@ import torch
 
 import spach
 from spach.cli import main
+from train_helpers import randomise_head
 
 NAME = "spach_ms_xxs_patch4_224_conv"
 CLASSES = ["cat", "dog", "fish"]
-
-
-def _randomise_head(model, seed=0):
-    # timm-style init zeroes the classifier: give it weights so the logits differ between inputs
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=g) * 0.5)
-        model.head.bias.copy_(torch.randn(model.head.bias.shape, generator=g) * 0.5)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A training-layout checkpoint: 3 classes, 32x32 inputs, class names, args naming the model."""
     torch.manual_seed(0)
-    model = _randomise_head(spach.create_model(NAME, num_classes=3, img_size=32))
+    model = randomise_head(spach.create_model(NAME, num_classes=3, img_size=32))
     path = tmp_path_factory.mktemp("export") / "checkpoint.pth"
     torch.save({"model": model.state_dict(), "epoch": 4, "class_names": CLASSES,
                 "args": {"model": NAME, "input_size": 32, "nb_classes": 3, "lr": 5e-4}}, path)
@@ -104,7 +96,7 @@ def test_safetensors_round_trips_to_identical_logits(trained, tmp_path):
 def test_release_layout_exports_to_safetensors_that_create_model_loads_as_is(tmp_path):
     # an official-release-shaped file ({'model': sd}, 1000 classes, 224): create_model needs no extra kwargs
     name = "spach_ms_xxs_patch4_224_attn"
-    model = _randomise_head(spach.create_model(name), seed=1)
+    model = randomise_head(spach.create_model(name), seed=1)
     release = tmp_path / "release.pth"
     torch.save({"model": model.state_dict()}, release)
     assert main(["export", "--model", name, "--checkpoint", str(release), "--format", "safetensors"]) == 0

@@ -17,19 +17,10 @@ import spach.weights
 from spach.cli import main
 from spach.errors import CheckpointError
 from spach.weights import open_weights
-from train_helpers import make_shapes_folder
+from train_helpers import make_shapes_folder, randomise_head
 
 NAME = "spach_ms_xxs_patch4_224_conv"
 CLASSES = ["circle", "cross", "square"]
-
-
-def _randomise_head(model, seed=0):
-    # timm-style init zeroes the classifier: give it weights so the logits differ between inputs
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=g) * 0.5)
-        model.head.bias.copy_(torch.randn(model.head.bias.shape, generator=g) * 0.5)
-    return model.eval()
 
 
 def _x(size=32, batch=2):
@@ -43,7 +34,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     data = make_shapes_folder(root / "shapes", n_train=3, n_val=2, size=8, classes=CLASSES)
     torch.manual_seed(0)
-    model = _randomise_head(spach.create_model(NAME, num_classes=3, img_size=32))
+    model = randomise_head(spach.create_model(NAME, num_classes=3, img_size=32))
     out = root / "run"
     out.mkdir()
     epochs = [{"train_loss": 1.1, "test_loss": 0.9, "test_acc1": 50.0, "test_acc5": 100.0, "epoch": 0},

@@ -406,3 +406,30 @@ def test_missing_extra_says_how_to_install(wds, tmp_path, monkeypatch, capsys):
     rc = main(["train", *fast_flags(wds, tmp_path / "out", "--data-set", "WDS")])
     assert rc != 0
     assert "pip install 'spach[shards]'" in capsys.readouterr().err
+
+
+def test_a_missing_train_shard_is_counted_once_per_epoch(wds, tmp_path):
+    d = _copy(wds, tmp_path / "missing")
+    names = json.load(open(os.path.join(d, "_info.json")))["splits"]["train"]["filenames"]  # 8 shards of 12
+    for name in names[:5]:
+        os.remove(os.path.join(d, name))
+    ds = WdsSource(d).dataset("train", None, train=True, batch_size=8)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        items = list(ds)
+        skipped = sum(flag for _, _, flag in items)
+        # the epoch reads the 36 readable images again and again to fill its 96; the 60 of the missing shards
+        # count once in it, not once per pass
+        assert len(items) == 96 and skipped == 60, (epoch, len(items), skipped)
+
+
+def test_a_stale_index_gives_one_val_size_and_says_so(wds, tmp_path, caplog):
+    d = _copy(wds, tmp_path / "stale")
+    path = os.path.join(d, "_info.json")
+    info = json.load(open(path))
+    info["splits"]["val"]["shard_lengths"][0] -= 2  # the index understates the first val shard
+    json.dump(info, open(path, "w"))
+    source = WdsSource(d)
+    items = list(source.dataset("val", None, train=False))
+    assert len(items) == source.count("val") == 34  # what the log's val size says is what is evaluated
+    assert "holds more samples than the 10 its index lists" in caplog.text

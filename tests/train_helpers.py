@@ -104,3 +104,13 @@ def serve_folder(folder):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def randomise_head(model, seed=0):
+    """timm-style init zeroes the classifier: give it weights so that the logits differ between inputs."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=g) * 0.5)
+        model.head.bias.copy_(torch.randn(model.head.bias.shape, generator=g) * 0.5)
+    return model.eval()

@@ -230,6 +230,7 @@ class ShardDataset(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.epoch = 0
         self._reported = set()  # (shard, reason) already logged by this process
+        self._counted = set()
         self.steps = (n // num_replicas) // batch_size if train else 0
 
     def set_epoch(self, epoch: int):
@@ -253,6 +254,7 @@ class ShardDataset(IterableDataset):
         return (info.id, info.num_workers) if info is not None else (0, 1)
 
     def __iter__(self) -> Iterator[Tuple[object, int, int]]:
+        self._counted = set()  # (shard, member) skipped in this epoch by this reader: each counts once
         worker, workers = self._worker()
         order = self._shard_order()
         positions, (mod, rem) = split_slots(len(order), self.rank, self.num_replicas, worker, workers)
@@ -324,7 +326,17 @@ class ShardDataset(IterableDataset):
         if pending:  # damage after the last good sample: a count without an image
             yield None, None, None, None, pending
 
+    def _warn_once(self, shard: str, reason: str, line: str):
+        if (shard, reason) not in self._reported:
+            self._reported.add((shard, reason))
+            logger.warning(line)
+
     def _skip(self, s: _Skipped) -> int:
+        """Log (once per shard and reason) and count a skipped sample; one counted already in this epoch (a re-read
+        pass meets the same damage again) counts nothing more."""
+        if (s.shard, s.member) in self._counted:
+            return 0
+        self._counted.add((s.shard, s.member))
         if self.strict:
             raise DataError(f"shard {s.shard}: {s.member}: {s.reason}; repack it (`spach pack`) or drop --strict-data "
                             f"to skip and count bad samples")
@@ -365,6 +377,10 @@ class ShardDataset(IterableDataset):
             files = named(tar_file_expander([{"url": path, "stream": stream}], handler=stop))
             for sample in group_by_keys(files, handler=stop):
                 if errors:  # a sample completed after a read error is not trusted
+                    break
+                if n == expected:  # the index is the epoch's definition: its counts, not the tar's, size the split
+                    self._warn_once(path, "stale index", f"shard {path} holds more samples than the {expected} its "
+                                    f"index lists: only those are read (rewrite the index with `spach pack`)")
                     break
                 n += 1
                 yield sample["__key__"], sample
