@@ -167,3 +167,38 @@ def test_a_read_only_output_is_one_line_before_any_work(shapes, tmp_path, capsys
         _one_line(capsys, f"folder {read_only_folder} is on a read-only file system")
     assert main(["train", *fast_flags(shapes, read_only_folder / "run", epochs=1)]) != 0
     _one_line(capsys, "read-only file system")
+
+
+def test_a_full_disk_while_taking_the_lock_leaves_no_lock_file(tmp_path):
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)  # fill the file system to the last block
+        try:
+            while True:
+                os.write(fd, b"\0" * 512)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        from spach.errors import SpachError
+        with pytest.raises(SpachError, match="the disk is full"):
+            OutputDirLock(str(folder)).acquire()
+        assert not (folder / LOCK_NAME).exists()
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_eval_of_an_exported_safetensors_file_uses_its_metadata(shapes, tmp_path, capsys, one_thread):
+    run = tmp_path / "run"
+    assert main(["train", *fast_flags(shapes, run, epochs=1)]) == 0
+    out = tmp_path / "model.safetensors"
+    assert main(["export", "--checkpoint", str(run / "checkpoint.pth"), "--format", "safetensors", "--output",
+                 str(out)]) == 0
+    capsys.readouterr()
+    # no --model, --input-size or --crop-pct: the file's metadata names them, as a training checkpoint's args do
+    assert main(["eval", "--checkpoint", str(out), "--data-path", shapes, "--device", "cpu", "--num_workers", "0"]) == 0
+    assert "Creating model: spach_ms_xxs_patch4_224_attn (3 classes, input 32)" in capsys.readouterr().out
