@@ -55,7 +55,7 @@ class DistillationLoss(torch.nn.Module):
         base = self.base_criterion(outputs, labels)
         if self.distillation_type == "none":
             return base
-        with torch.no_grad():
+        with torch.no_grad(), packed_weights(self.teacher):  # fixed weights: a spach teacher's fused inference
             teacher_out = self.teacher(inputs)
         if self.distillation_type == "soft":
             T = self.tau
