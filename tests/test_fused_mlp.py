@@ -202,7 +202,7 @@ def test_packed_weights_follow_a_weight_changed_in_place_and_stay_with_their_mod
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad(), fused.packed_weights(model):
         model(x)
-        other(x)  # outside the scope: plain weights, nothing packed for it
+        other(x)  # outside the scope: the plain layers, nothing packed for it
         assert not any(id(m) in fused._packed for m in other.modules())
         for m in _mlp_modules(model):
             m.fc1.weight.mul_(1.5)  # through the parameter: seen, repacked

@@ -1,5 +1,6 @@
-"""What timm's own model test-suite expects of a registered model, checked on small SPACH variants: fx tracing,
-pool_size in the pretrained cfg, the features_only wrapper's cfg, and at least three default feature levels."""
+"""What timm's own model test-suite expects of a registered model, checked on small variants of each family: fx
+tracing (the traced graph computes eager inference's logits bit for bit), pool_size in the pretrained cfg, the
+features_only wrapper's cfg, and at least three default feature levels."""
 from collections import Counter
 
 import pytest
@@ -12,7 +13,6 @@ from torchvision.models.feature_extraction import create_feature_extractor
 import spach
 from spach.models import MODEL_CONFIGS
 from spach.models.base import check_image_batch
-from spach.models import fused
 
 TRACER_KWARGS = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
 
