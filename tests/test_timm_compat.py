@@ -100,14 +100,30 @@ def test_eager_input_errors_stay_clear():
 
 
 @pytest.mark.parametrize("name", list(MODEL_CONFIGS))
-def test_pool_size_is_the_unpooled_feature_size_at_the_default_input(name):
+def test_every_name_keeps_the_default_cfg_contract_of_timms_test(name):
+    """timm's test_model_default_cfgs on every registered name, shapes only (meta tensors: no arithmetic): pool_size
+    is the unpooled feature size at the default input; pre-logits, a removed classifier and a removed pool give the
+    sizes the model reports; the cfg's classifier and first conv name real weights."""
     cfg = get_pretrained_cfg(name).to_dict()
+    x = torch.empty(1, *cfg["input_size"], device="meta")
     with torch.device("meta"):
         model = timm.create_model(name).eval()
-        feats = model.forward_features(torch.empty(1, *cfg["input_size"]))
+        feats = model.forward_features(x)
+        pre_logits = model.forward_head(feats, pre_logits=True)
+        state = model.state_dict()
+        model.reset_classifier(0)
+        pooled = model(x)
+        model.reset_classifier(0, "")
+        unpooled = model(x)
+        built_bare = timm.create_model(name, num_classes=0, global_pool="").eval()(x)
+    nhwc = model.output_fmt == "NHWC"
     assert model.output_fmt == ("NCHW" if name.startswith("shiftvit_") else "NHWC")
-    assert tuple(feats.shape[1:3] if model.output_fmt == "NHWC" else feats.shape[2:4]) == cfg["pool_size"]
-    assert cfg["pool_size"] == ((14, 14) if "_patch16_" in name else (7, 7))
+    spatial = (lambda t: tuple(t.shape[1:3])) if nhwc else (lambda t: tuple(t.shape[2:4]))
+    assert spatial(feats) == cfg["pool_size"] == ((14, 14) if "_patch16_" in name else (7, 7))
+    assert feats.shape[3 if nhwc else 1] == model.num_features
+    assert pre_logits.shape == pooled.shape == (1, model.head_hidden_size) and model.num_classes == 0
+    assert unpooled.ndim == built_bare.ndim == 4 and spatial(unpooled) == spatial(built_bare) == cfg["pool_size"]
+    assert cfg["classifier"] + ".weight" in state and cfg["first_conv"] + ".weight" in state
 
 
 @pytest.mark.parametrize("name", ["spach_ms_xxs_patch4_224_conv", "spach_xxs_patch16_224_mlp"])
