@@ -11,8 +11,8 @@ Variants: plain (fp32, foreach AdamW), fused (fp32, fused AdamW), bf16 (the defa
 bf16 CPU training), compile, bf16-compile, cl (channels-last), bf16-cl, explicit (fp32, explicit softmax attention),
 explicit-bf16 (= bf16 in train mode; inference keeps SDPA), sdpa-bf16 (bf16 with SDPA attention in training too),
 plain-mlp (fp32, the channel MLPs' plain addmm + activation in inference instead of oneDNN's fused epilogue),
-unpacked (fp32 inference with the fused MLPs' weights reordered on every call instead of once: no
-spach.models.fused.packed_weights scope).
+unpacked (fp32 inference with the fused MLPs' weights reordered on every call instead of once:
+spach.models.fused.packed_weights(model, pack=False)).
 """
 import argparse
 import json

@@ -3,8 +3,8 @@
 Per stage, in one process with the forms alternating call by call (so that load from other processes hits them
 alike), median milliseconds of ``--repeats`` calls after one warm-up call each:
 
-- ``reorder``: the fused MLP with its weights reordered into oneDNN's layout on every call (outside
-  ``spach.models.fused.packed_weights``);
+- ``reorder``: the fused MLP with its weights reordered into oneDNN's layout on every call
+  (``spach.models.fused.packed_weights(mlp, pack=False)``);
 - ``packed``: the same inside ``packed_weights`` (reordered once);
 - ``packed + add``: ``residual + mlp(x)``, the sum as a pass of its own;
 - ``packed, sum in epilogue``: ``mlp.forward_residual(x, residual)``, the sum in fc2's epilogue.
@@ -50,11 +50,11 @@ def main(argv=None):
             mlp = ShiftMlp(width, 4 * width).eval()
             x = torch.randn(args.batch, width, grid, grid).contiguous(memory_format=torch.channels_last)
             residual = torch.randn_like(x)
-            outside = copy.deepcopy(mlp)  # the same weights, not in the packed_weights scope
+            outside = copy.deepcopy(mlp)  # the same weights, in a scope that does not pack
             calls = {"reorder": lambda: outside(x), "packed": lambda: mlp(x), "packed + add": lambda: residual + mlp(x),
                      "packed, sum in epilogue": lambda: mlp.forward_residual(x, residual)}
             times = {f: [] for f in forms}
-            with fused.packed_weights(mlp):
+            with fused.packed_weights(mlp), fused.packed_weights(outside, pack=False):
                 for r in range(args.repeats + 1):
                     for f in (forms if r % 2 == 0 else forms[::-1]):
                         t = time.perf_counter()

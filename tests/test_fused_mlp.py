@@ -1,6 +1,6 @@
 """The fused channel MLPs (spach.models.fused): the same outputs and gradients as the plain layers in every
-family, taken where they may be (fp32 on the CPU: inference in every family, training in ShiftViT) and nowhere
-else (autocast, active dropout, graph capture, switched off)."""
+family, taken where they may be (fp32 on the CPU: inference inside packed_weights in every family, training in
+ShiftViT) and nowhere else (inference outside that scope, autocast, active dropout, graph capture, switched off)."""
 from functools import partial
 
 import pytest
@@ -45,16 +45,21 @@ def build(name, **kwargs):
 
 
 @pytest.mark.parametrize("name,kwargs", MODELS, ids=IDS)
-def test_inference_takes_the_fused_path_with_the_plain_outputs(name, kwargs):
+def test_inference_is_fused_inside_its_scope_only_with_the_plain_outputs(name, kwargs):
     model = build(name, **kwargs)
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
-        fast, ran = ops_run(lambda: model(x))
+        outside, ran_outside = ops_run(lambda: model(x))
         with fused.plain_path():
-            plain, ran_plain = ops_run(lambda: model(x))
-    assert FUSED_OP in ran and FUSED_OP not in ran_plain
+            plain = model(x)
+        with fused.packed_weights(model, pack=False):  # fused, the weights reordered on every call
+            fast, ran = ops_run(lambda: model(x))
+            assert not any(entry[1] for entry in fused._packed.values())  # nothing packed
+    # outside the scope: the plain layers, bit for bit (what every captured graph of the model computes)
+    assert FUSED_OP in ran and FUSED_OP not in ran_outside
+    assert torch.equal(outside, plain)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
-    with torch.inference_mode():
+    with torch.inference_mode(), fused.packed_weights(model):
         torch.testing.assert_close(model(x), plain, rtol=1e-5, atol=1e-5)
 
 
@@ -116,26 +121,25 @@ def test_frozen_weights_and_an_input_without_gradient():
 def test_the_path_is_not_taken_where_it_may_not_be():
     model = build("shiftvit_light_tiny")
     x = torch.randn(2, 3, SIZE, SIZE)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), fused.packed_weights(model), torch.autocast("cpu", dtype=torch.bfloat16):
         _, ran = ops_run(lambda: model(x))  # bf16 autocast keeps its own kernels
     assert FUSED_OP not in ran
-    with torch.no_grad():
-        traced = torch.jit.trace(model, x)  # a captured graph holds the plain layers
+    with torch.no_grad(), fused.packed_weights(model):
+        traced = torch.jit.trace(model, x)  # a captured graph holds the plain layers, even traced in the scope
     assert "_linear_pointwise" not in str(traced.inlined_graph)
     with torch.no_grad():
-        torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(traced(x), model(x))  # and so computes what eager inference outside the scope does
     mlp = shift_mlp(drop=0.1)
     y = maps()
     _, ran = ops_run(lambda: mlp.train()(y))  # live dropout between the layers: the plain path
     assert FUSED_OP not in ran
     _, ran = ops_run(lambda: ChannelMLP(16, 64).train()(torch.randn(2, 3, 4, 16)))  # SPACH trains plain
     assert FUSED_OP not in ran
-    with torch.no_grad():
+    with torch.no_grad(), fused.packed_weights(mlp):
         _, ran = ops_run(lambda: mlp.eval()(y))  # eval: dropout is the identity
-    assert FUSED_OP in ran
-    with torch.no_grad():
+        assert FUSED_OP in ran
         _, ran = ops_run(lambda: mlp.double()(y.double()))
-    assert FUSED_OP not in ran
+        assert FUSED_OP not in ran
 
 
 @pytest.mark.parametrize("act", [partial(nn.GELU, approximate="tanh"), nn.ReLU, nn.SiLU], ids=["gelu-tanh", "relu",
@@ -143,7 +147,7 @@ def test_the_path_is_not_taken_where_it_may_not_be():
 def test_each_activation_in_its_epilogue_or_the_plain_path(act):
     mlp = ChannelMLP(24, 96, act_layer=act).eval()
     x = torch.randn(2, 5, 7, 24)
-    with torch.no_grad():
+    with torch.no_grad(), fused.packed_weights(mlp):
         fast, ran = ops_run(lambda: mlp(x))
         with fused.plain_path():
             plain = mlp(x)
@@ -198,7 +202,7 @@ def test_packed_weights_follow_a_weight_changed_in_place_and_stay_with_their_mod
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad(), fused.packed_weights(model):
         model(x)
-        other(x)  # outside the scope: plain weights, nothing packed for it
+        other(x)  # outside the scope: the plain layers, nothing packed for it
         assert not any(id(m) in fused._packed for m in other.modules())
         for m in _mlp_modules(model):
             m.fc1.weight.mul_(1.5)  # through the parameter: seen, repacked
@@ -214,10 +218,8 @@ def test_packed_weights_follow_a_weight_changed_in_place_and_stay_with_their_mod
     assert not fused._packed
 
 
-def test_evaluate_runs_on_packed_weights_and_releases_them(monkeypatch):
-    from spach.train.engine import evaluate
-    model = build("shiftvit_light_tiny", num_classes=3)
-    data = [(torch.randn(4, 3, SIZE, SIZE), torch.tensor([0, 1, 2, 0]), torch.zeros(4, dtype=torch.long))]
+def _linear_spy(monkeypatch):
+    """The weight layouts of every oneDNN linear the fused path runs from now on."""
     seen = []
     real = fused._linear
 
@@ -225,6 +227,14 @@ def test_evaluate_runs_on_packed_weights_and_releases_them(monkeypatch):
         seen.append(weight.layout)
         return real(x, weight, *args)
     monkeypatch.setattr(fused, "_linear", spy)
+    return seen
+
+
+def test_evaluate_runs_on_packed_weights_and_releases_them(monkeypatch):
+    from spach.train.engine import evaluate
+    model = build("shiftvit_light_tiny", num_classes=3)
+    data = [(torch.randn(4, 3, SIZE, SIZE), torch.tensor([0, 1, 2, 0]), torch.zeros(4, dtype=torch.long))]
+    seen = _linear_spy(monkeypatch)
     stats = evaluate(data, model, torch.device("cpu"), reduce=False)
     assert stats["n"] == 4 and seen and set(seen) == {torch._mkldnn}
     assert not fused._packed
@@ -234,7 +244,7 @@ def test_residual_sum_in_the_epilogue_or_the_plain_sum():
     mlp = build("shiftvit_light_tiny").layers[0].blocks[0].mlp
     x = torch.randn(2, 96, 8, 8).contiguous(memory_format=torch.channels_last)
     residual = torch.randn_like(x)
-    with torch.no_grad():
+    with torch.no_grad(), fused.packed_weights(mlp):
         with fused.plain_path():
             expected = residual + mlp(x)
         got, ran = ops_run(lambda: mlp.forward_residual(x, residual))
@@ -253,11 +263,12 @@ def test_smlpnet_channel_mixing_residual_in_the_epilogue():
     ff = model.channel_mix[0][2]
     x = torch.randn(2, 16, 16, ff.net[0].in_features)
     residual = torch.randn_like(x)
-    with torch.no_grad():
+    with torch.no_grad(), fused.packed_weights(ff):
         with fused.plain_path():
             expected = residual + ff(x)
             assert torch.equal(ff.forward_residual(x, residual), expected)
-        got = ff.forward_residual(x, residual)
+        got, ran = ops_run(lambda: ff.forward_residual(x, residual))
+    assert FUSED_OP in ran
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # train mode without autograd, stochastic depth live: the same draws as the blocks with autograd
     model.train()
@@ -282,3 +293,34 @@ def test_packed_weights_of_a_model_built_under_inference_mode():
         with fused.packed_weights(model):
             packed = model(x)
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+def test_benchmark_inference_runs_the_fused_path(monkeypatch, packed):
+    """`spach benchmark --mode infer` measures the inference of `spach eval`: the fused MLPs inside their scope,
+    on packed weights, or reordered on every call for the 'unpacked' variant."""
+    from spach.bench.runner import BenchConfig, Workload
+    seen = _linear_spy(monkeypatch)
+    wl = Workload(BenchConfig(model="shiftvit_light_tiny", mode="infer", batch_size=2, img_size=SIZE, amp="off",
+                              num_classes=10, packed_weights=packed))
+    try:
+        wl.step()
+    finally:
+        wl.close()
+    assert seen and set(seen) == {torch._mkldnn if packed else torch.strided}
+    assert not fused._packed
+
+
+def test_predict_runs_the_fused_path_on_packed_weights(monkeypatch, tmp_path, capsys):
+    from PIL import Image
+    from spach.cli import main
+    model = build("shiftvit_light_tiny", num_classes=3)
+    ckpt = tmp_path / "best.pth"
+    torch.save({"model": model.state_dict(), "args": {"model": "shiftvit_light_tiny", "input_size": SIZE,
+                                                       "nb_classes": 3}}, ckpt)
+    Image.new("RGB", (80, 70), (20, 200, 40)).save(tmp_path / "green.png")
+    seen = _linear_spy(monkeypatch)
+    assert main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "green.png"), "--json"]) == 0
+    assert '"predictions"' in capsys.readouterr().out
+    assert seen and set(seen) == {torch._mkldnn}
+    assert not fused._packed

@@ -69,7 +69,7 @@ class BenchConfig:
     fused_attn: bool = True             # SDPA attention (False: explicit softmax)
     cpu_bf16_explicit_attn: bool = True  # bf16 CPU training takes the explicit softmax (False: SDPA there too)
     fused_mlp: bool = True              # fused channel MLPs, spach.models.fused (False: plain layers)
-    packed_weights: bool = True         # inference: the fused MLPs' weights packed once (fused.packed_weights)
+    packed_weights: bool = True         # inference: the fused MLPs' weights packed once (False: reordered per call)
     data: str = "synthetic"             # synthetic | a folder of JPEGs (ImageFolder, train/ used if present)
     data_pipeline: str = "fast"         # fast | timm | nvjpeg  (only with a data folder)
     workers: int = 2
@@ -197,8 +197,8 @@ class Workload:
             self._build_train()
         else:
             model.eval()
-            if cfg.packed_weights:  # as spach eval: fixed weights, packed once
-                self._scopes.enter_context(fused_mlp.packed_weights(model))
+            # as spach eval: the fused MLPs' inference scope (fixed weights), packed once or reordered per call
+            self._scopes.enter_context(fused_mlp.packed_weights(model, pack=cfg.packed_weights))
         self._build_data()
 
     # --- training pieces --------------------------------------------------------------------------------

@@ -5,27 +5,28 @@ tokens, and in fp32 it is most of a step. Eager PyTorch runs each linear layer a
 the bias into the whole output and then accumulates the matrix product onto it, and the activation as its own
 pass over the hidden tensor, the widest one in the network. Here instead:
 
-- **inference**: oneDNN's linear primitive (``torch.ops.mkldnn._linear_pointwise``, the kernel Inductor's CPU
-  backend emits) adds the bias and applies the activation in the matrix product's epilogue;
+- **inference, inside** :func:`packed_weights` (what ``spach eval`` / ``predict`` / ``benchmark --mode infer`` and the
+  trainer's validation run under): oneDNN's linear primitive (``torch.ops.mkldnn._linear_pointwise``, the kernel
+  Inductor's CPU backend emits) adds the bias and applies the activation in the matrix product's epilogue, on
+  weights kept in oneDNN's own blocked layout (reordered once instead of on every call), and a block's residual
+  sum can be taken in fc2's epilogue (``residual=``) instead of a pass of its own;
 - **training** (where a family measured it as a gain: ShiftViT): one autograd function: the forward products
   take their biases in the epilogue (no bias copy), and the backward writes the activation's gradient over the
   hidden gradient it reads (one hidden-sized buffer fewer to allocate and fill) between the same four matrix
   products autograd would run.
 
-The same math in both; measured in ``benchmarks/RESULTS.md``. The path is taken only where nothing else can tell
-the difference: fp32 CPU tensors, a torch built with oneDNN (and ``torch.backends.mkldnn.enabled``), no autocast,
-no dropout left active, no graph capture (TorchScript, fx, ``torch.jit.trace``, ``torch.export`` / ONNX and
-``torch.compile`` see the plain layers) and no operator-level observer (FlopCounterMode). Everywhere else the
-modules run their plain layers. :func:`set_enabled` / :func:`plain_path` switch it off for A/B measurements and
-tests.
+The same math, measured in ``benchmarks/RESULTS.md``, but not the same rounding: oneDNN's products accumulate in
+another order than ``addmm`` and its GELU is its own kernel, and whether the last bits differ depends on the CPU
+kind (they do on an AMD EPYC with AVX512-BF16 and no AMX: ``docs/TIMM.md``). So inference outside the scope runs
+the plain layers: a model's ``model(x)`` computes, bit for bit and on every CPU, what its captured graphs compute
+(TorchScript, fx, ``torch.jit.trace``, ``torch.export`` / ONNX and ``torch.compile`` always see the plain layers),
+which is what timm's model tests assert of an fx-traced model. The scope is an explicit choice of faster inference,
+with a promise from its caller: the weights do not change inside it (a change through the parameter itself is still
+seen and repacked; one through ``.data`` is not), and the packed copies are dropped when it ends.
 
-Two more inference steps:
-
-- a block's residual sum can be taken in fc2's epilogue (``residual=``), instead of a pass of its own;
-- inside :func:`packed_weights` (what ``spach eval`` / ``predict`` / ``benchmark`` and the trainer's validation run
-  under) each weight is kept in oneDNN's own blocked layout, reordered once instead of on every call. That is a
-  promise of the caller: the weights do not change inside the scope (a change through the parameter itself is
-  still seen and repacked; one through ``.data`` is not), and the packed copies are dropped when it ends.
+Even inside the scope the path is taken only where it may be: fp32 CPU tensors, a torch built with oneDNN (and
+``torch.backends.mkldnn.enabled``), no autocast, no dropout left active, no graph capture and no operator-level
+observer (FlopCounterMode). :func:`set_enabled` / :func:`plain_path` switch it off for A/B measurements and tests.
 """
 from contextlib import contextmanager
 from typing import Dict, Optional, Tuple
@@ -38,8 +39,8 @@ __all__ = ["capturing", "channel_mlp", "set_enabled", "enabled", "plain_path", "
 _enabled = True
 _available: Optional[bool] = None
 _pack_available: Optional[bool] = None
-# id(module) -> [scopes holding it, {weight slot: ((data_ptr, version, shape), packed, source)}], for the modules of the
-# models inside a packed_weights scope
+# id(module) -> [scopes holding it, {weight slot: ((data_ptr, version, shape), packed, source)}, those of its scopes
+# that pack], for the modules of the models inside a packed_weights scope: the only ones fused in inference
 _packed: Dict[int, list] = {}
 
 
@@ -65,14 +66,17 @@ def plain_path():
 
 
 @contextmanager
-def packed_weights(model: nn.Module):
-    """Within this scope the channel MLPs of ``model`` run inference with their weights reordered once into oneDNN's
-    blocked layout (the same products, without the per-call reorder). The weights must not change inside it; the
-    packed copies (as large as the MLP weights) are released when it ends. Nested and repeated scopes are fine;
-    where oneDNN cannot pack, or the plain path runs, it changes nothing."""
+def packed_weights(model: nn.Module, pack: bool = True):
+    """Within this scope the channel MLPs of ``model`` run inference on the fused path, with their weights reordered
+    once into oneDNN's blocked layout (``pack=False``: reordered on every call, for measuring what packing gains).
+    The weights must not change inside it; the packed copies (as large as the MLP weights) are released when it
+    ends. Nested and repeated scopes are fine; where oneDNN cannot pack, the fused path runs on plain weights, and
+    where the fused path may not run (see the module's notes), the plain layers run."""
     ids = [id(m) for m in model.modules()]
     for i in ids:
-        _packed.setdefault(i, [0, {}])[0] += 1
+        entry = _packed.setdefault(i, [0, {}, 0])
+        entry[0] += 1
+        entry[2] += bool(pack)
     try:
         yield model
     finally:
@@ -80,16 +84,17 @@ def packed_weights(model: nn.Module):
             entry = _packed.get(i)
             if entry is not None:
                 entry[0] -= 1
+                entry[2] -= bool(pack)
                 if entry[0] <= 0:
                     del _packed[i]
 
 
 def _pack(module: nn.Module, slot: int, weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` in oneDNN's layout if ``module`` is inside a packed_weights scope (packed on first use and again
-    whenever the parameter was changed in place or replaced), else ``weight`` itself."""
+    """``weight`` in oneDNN's layout if ``module`` is inside a packed_weights scope that packs (packed on first use and
+    again whenever the parameter was changed in place or replaced), else ``weight`` itself."""
     global _pack_available
     entry = _packed.get(id(module))
-    if entry is None or _pack_available is False:
+    if entry is None or entry[2] <= 0 or _pack_available is False:
         return weight
     # weights made under torch.inference_mode have no version counter: for them only the caller's promise holds
     key = (weight.data_ptr(), None if weight.is_inference() else weight._version, tuple(weight.shape))
@@ -188,9 +193,10 @@ def channel_mlp(module: nn.Module, x: torch.Tensor, w1: torch.Tensor, b1: Option
     """``module``'s ``F.linear(act(F.linear(x, w1, b1)), w2, b2)`` (its dropouts, of rate ``dropout``, around
     them) on the fused path, or None where it may not run there (then the caller runs its plain layers).
     ``autograd``: whether the training function may run for this module too; it is a family's measured choice
-    (a gain for ShiftViT's MLP, a loss for sMLPNet's: ``benchmarks/RESULTS.md``), inference always may.
-    ``residual`` (inference only; a tensor of the output's shape): returns ``residual + mlp(x)``, the sum taken in
-    fc2's epilogue, or None. Callers reach it from a ``torch.jit.unused`` method: TorchScript never sees it."""
+    (a gain for ShiftViT's MLP, a loss for sMLPNet's: ``benchmarks/RESULTS.md``); inference runs fused inside a
+    :func:`packed_weights` scope only. ``residual`` (inference only; a tensor of the output's shape): returns
+    ``residual + mlp(x)``, the sum taken in fc2's epilogue, or None. Callers reach it from a ``torch.jit.unused``
+    method: TorchScript never sees it."""
     if not _enabled or capturing() or _observed():
         return None  # graph capture first: under fx, ``x`` is a proxy with no device to ask
     epilogue = _epilogue(act)
@@ -202,6 +208,8 @@ def channel_mlp(module: nn.Module, x: torch.Tensor, w1: torch.Tensor, b1: Option
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2, residual)):
         # with autograd: the training function, where the family chose it (it takes no residual)
         return _ChannelMlp.apply(x, w1, b1, w2, b2, attr, algorithm) if autograd and residual is None else None
+    if id(module) not in _packed:
+        return None  # inference outside a packed_weights scope: the plain layers, what a captured graph computes
     if residual is not None and (residual.dtype != torch.float32 or residual.device.type != "cpu"
                                  or not residual.is_contiguous() or residual.shape != (*x.shape[:-1], w2.shape[0])):
         return None

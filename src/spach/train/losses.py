@@ -2,6 +2,8 @@
 import torch
 import torch.nn.functional as F
 
+from ..models.fused import packed_weights
+
 __all__ = ["DistillationLoss", "build_criterion"]
 
 
@@ -22,7 +24,7 @@ class DistillationLoss(torch.nn.Module):
         base = self.base_criterion(outputs, labels)
         if self.distillation_type == "none":
             return base
-        with torch.no_grad():
+        with torch.no_grad(), packed_weights(self.teacher):  # fixed weights: a spach teacher's fused inference
             teacher_out = self.teacher(inputs)
         if self.distillation_type == "soft":
             T = self.tau
