@@ -88,11 +88,16 @@ def test_training_gradients_equal_the_plain_ones(name, kwargs):
     # the training function runs where it measured a gain (ShiftViT); sMLPNet and SPACH train on the plain layers
     assert (FUSED_OP in ran) == name.startswith("shiftvit") and FUSED_OP not in ran_plain
     torch.testing.assert_close(loss, loss_p, rtol=1e-5, atol=1e-6)
-    assert _relative_error(gx, gx_p) < 1e-4
+    # With BatchNorm + ReLU, fp32 rounding alone moves some ReLU inputs across the kink, on either path: measured
+    # here, the plain fp32 path's input gradient was 1e-6 or 5e-4 from float64 depending on the input, the fused one
+    # 7e-4. So the whole model is held to 1e-2 there (a path computing something else is off by O(1)); the ReLU
+    # epilogue and its gradient are held exactly by test_each_activation_in_its_epilogue_or_the_plain_path.
+    limit = 1e-2 if kwargs.get("act_layer") == "RELU" else 1e-4
+    assert _relative_error(gx, gx_p) < limit
     assert grads.keys() == grads_p.keys() and all(g is not None for g in grads.values())
     # a bias right before a BatchNorm has a zero gradient in exact arithmetic: only rounding is left to compare
     errors = {n: _relative_error(grads[n], grads_p[n]) for n in grads if grads_p[n].norm() > 1e-5}
-    assert len(errors) > len(grads) // 2 and max(errors.values()) < 1e-4, max(errors.items(), key=lambda kv: kv[1])
+    assert len(errors) > len(grads) // 2 and max(errors.values()) < limit, max(errors.items(), key=lambda kv: kv[1])
 
 
 def shift_mlp(act=nn.GELU, drop=0.0):
