@@ -215,7 +215,7 @@ def test_packed_weights_follow_a_weight_changed_in_place_and_stay_with_their_mod
 
 
 def test_evaluate_runs_on_packed_weights_and_releases_them(monkeypatch):
-    from spach.train.engine import evaluate
+    from spach.train.evaluation import evaluate
     model = build("shiftvit_light_tiny", num_classes=3)
     data = [(torch.randn(4, 3, SIZE, SIZE), torch.tensor([0, 1, 2, 0]), torch.zeros(4, dtype=torch.long))]
     seen = []

@@ -260,9 +260,26 @@ def _run_flags(parser, dd):
     _flag(g, "--deterministic", dest="deterministic", action="store_true",
           help="deterministic algorithms (bit-reproducible CPU runs and resumes)", ev=True)
     _flag(g, "--print-freq", dest="print_freq", type=positive_int, default=10, help="log every N steps", ev=True)
+    _flag(g, "--log-interval", dest="log_interval", type=positive_int, default=None,
+          help="send the step's loss, lr, images/s and memory to the trackers every N optimizer steps "
+               "(default: --print-freq)%(default).0s")
+    _flag(g, "--log-grad-norm", dest="log_grad_norm", action="store_true",
+          help="also log the gradient norm (always logged with --clip-grad)")
     _flag(g, "--tensorboard", dest="tensorboard", action="store_true",
-          help="also write each epoch's stats as TensorBoard scalars to <output_dir>/tensorboard "
-               "(pip install 'spach[tensorboard]')")
+          help="also write the step and epoch scalars to <output_dir>/tensorboard (pip install 'spach[tensorboard]')")
+    _flag(g, "--log-wandb", dest="log_wandb", action="store_true",
+          help="log to Weights & Biases (offline into <output_dir>/wandb when no API key is set; WANDB_MODE "
+               "overrides; pip install 'spach[wandb]')")
+    _flag(g, "--wandb-project", dest="wandb_project", default="spach", help="W&B project")
+    _flag(g, "--wandb-name", dest="wandb_name", default="", help="W&B run name (default: W&B's)")
+    _flag(g, "--wandb-tags", dest="wandb_tags", default="", help="W&B tags, comma-separated")
+    _flag(g, "--mlflow-uri", dest="mlflow_uri", default="",
+          help="log to this MLflow tracking server or store (http://host:5000, file:./mlruns ...; "
+               "pip install 'spach[mlflow]')")
+    _flag(g, "--mlflow-experiment", dest="mlflow_experiment", default="spach", help="MLflow experiment name")
+    _flag(g, "--mlflow-run-name", dest="mlflow_run_name", default="", help="MLflow run name (default: MLflow's)")
+    _flag(g, "--mlflow-log-best", dest="mlflow_log_best", action="store_true",
+          help="also upload best.pth to MLflow as an artifact (config.yaml and log.txt always are)")
 
 
 # flags `spach benchmark` takes too: declared once (spellings, default, validation), help included
