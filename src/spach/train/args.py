@@ -259,6 +259,9 @@ def _run_flags(parser, dd):
     _flag(g, "--seed", dest="seed", type=seed, default=0, ev=True)
     _flag(g, "--deterministic", dest="deterministic", action="store_true",
           help="deterministic algorithms (bit-reproducible CPU runs and resumes)", ev=True)
+    _flag(g, "--results-file", dest="results_file", default="", metavar="F.csv|F.json",
+          help="evaluation: append this checkpoint's top-1 / top-5 / loss as one row to a CSV or JSON file "
+               "(timm validate.py's columns), so that a sweep collects its results in one file", ev=True)
     _flag(g, "--print-freq", dest="print_freq", type=positive_int, default=10, help="log every N steps", ev=True)
     _flag(g, "--log-interval", dest="log_interval", type=positive_int, default=None,
           help="send the step's loss, lr, images/s and memory to the trackers every N optimizer steps "

@@ -122,6 +122,7 @@ class OutputConfig:
     throughput: bool
     seed: int
     deterministic: bool
+    results_file: str              # spach eval: the CSV / JSON file its row is appended to
     print_freq: int
     log_interval: int              # resolved: --print-freq when not given
     log_grad_norm: bool

@@ -194,6 +194,11 @@ def _scaled_lr(v: _Values):
 
 
 def _trackers(v: _Values, mode: str):
+    results = v["results_file"]
+    if results and not (v["eval"] and not v["throughput"]):
+        raise SpachError("--results-file holds evaluation results: use it with spach eval (or spach train --eval)")
+    if results and os.path.splitext(results)[1].lower() not in (".csv", ".json"):
+        raise SpachError(f"--results-file {results}: name a .csv or a .json file")
     v.fill("log_interval", v["print_freq"], "--print-freq")
     if mode == "train" and not (v["eval"] or v["throughput"]):
         # a missing extra is one line naming it, before anything is built (not after the first epoch)

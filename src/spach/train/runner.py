@@ -221,6 +221,10 @@ def _evaluate_only(run: Run) -> int:
         raise SpachError(f"evaluating {cfg.output.resume} gave a non-finite loss (NaN/inf): its weights or their outputs "
                          f"are not finite (--amp {cfg.device.amp}); the accuracy above means nothing: use another "
                          f"checkpoint" + (" or --amp off" if cfg.device.amp != "off" else ""))
+    if cfg.output.results_file and run.dist.is_main:
+        from .results import append_results, results_row
+        append_results(cfg.output.results_file, results_row(cfg, stats, run.n_parameters))
+        logger.info(f"results appended to {cfg.output.results_file}")
     return 0
 
 
