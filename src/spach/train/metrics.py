@@ -29,7 +29,7 @@ class MetricsSink(Protocol):
 
     def log_epoch(self, epoch: int, step: int, metrics: Dict[str, float]) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
 
 
 def scalars(stats: dict) -> Dict[str, float]:
@@ -63,7 +63,7 @@ class Metrics:
             self.sinks.remove(sink)
             if call != "close":
                 try:
-                    sink.close()
+                    sink.close(True)
                 except Exception:  # noqa: BLE001 - already reported once
                     pass
 
@@ -88,8 +88,9 @@ class Metrics:
         """The trackers' run ids, kept in the checkpoint so that a resumed run continues the same tracked run."""
         return {s.key: s.run_id for s in self.sinks if getattr(s, "run_id", None)}
 
-    def close(self):
-        self._each("close")
+    def close(self, failed: bool = False):
+        """End the tracked runs; ``failed``: the run stopped on an error (trackers mark the run failed)."""
+        self._each("close", failed)
         self.sinks = []
 
 
@@ -108,7 +109,7 @@ class TensorBoardSink:
     def log_epoch(self, epoch, step, metrics):
         self.writer.write(metrics, epoch)
 
-    def close(self):
+    def close(self, failed=False):
         self.writer.close()
 
 

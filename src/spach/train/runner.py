@@ -27,7 +27,7 @@ from .config import RunConfig
 from .resolve import resolve_run
 from .engine import TrainStep, format_duration, train_one_epoch
 from .evaluation import evaluate, throughput
-from .loaders import Data, Reading, build_data
+from .loaders import Data, Reading, build_data, loader_death
 from .model import build_model, build_train_step, finetune
 from .optim import CosineSchedule
 from .metrics import build_metrics
@@ -72,25 +72,11 @@ def run(args, mode: str = "train") -> int:
     except RuntimeError as e:
         if "DataLoader worker" not in str(e):
             raise
-        raise SpachError(_loader_death(cfg, e)) from None
+        raise SpachError(loader_death(cfg, e)) from None
     finally:
         if lock is not None:
             lock.release()
         devices.destroy_distributed()
-
-
-def _loader_death(cfg: RunConfig, e: RuntimeError) -> str:
-    """One line for a data loader worker killed under the run (the out-of-memory killer, a kill by hand)."""
-    detail = str(e).strip().splitlines()[0][:160]
-    ckpt = os.path.join(cfg.output.output_dir, CHECKPOINT_NAME) if cfg.output.output_dir else ""
-    if cfg.eval_only:
-        then = "rerun the same command"
-    elif ckpt and os.path.isfile(ckpt):
-        then = f"rerunning the same command resumes from {ckpt}"
-    else:
-        then = "rerunning the same command starts the run again (no checkpoint had been written yet)"
-    return (f"a data loader worker died ({detail}); the usual cause is the out-of-memory killer: lower --num_workers "
-            f"or --batch-size if it was, then {then}")
 
 
 def build_run(cfg: RunConfig, dist: DistInfo, lock: Optional[OutputDirLock] = None, start=None) -> Run:
@@ -160,8 +146,12 @@ def _run(cfg: RunConfig, dist_info, lock, start) -> int:
     # the trackers' step axis: optimizer steps since the run began, carried on by a resume
     global_step = run.resumed.steps_done or start_epoch * steps
     metrics = build_metrics(cfg, run.save, run.dist.is_main, run.resumed.tracking)
+    # the ids of tracked runs not open now (a tracker left off on this resume, or switched off by a failure) are
+    # kept too, so that a later resume with it on continues its run
+    tracking = {**run.resumed.tracking, **metrics.run_ids()}
     epoch_times = []
     start_time = time.time()
+    failed = True
     try:
         for epoch in range(start_epoch, epochs):
             faults.set_epoch(epoch)
@@ -192,15 +182,16 @@ def _run(cfg: RunConfig, dist_info, lock, start) -> int:
             log_stats = _log_stats(run, epoch, train_stats, test_stats, ema_stats)
             if run.save:
                 last_good = _save_epoch(run, epoch, log_stats, max_accuracy, improved, rng, rng_all,
-                                        tracking=metrics.run_ids(), global_step=global_step)
+                                        tracking=tracking, global_step=global_step)
             if metrics:  # after the checkpoint: nothing a tracker does can cost one
                 metrics.log_epoch(epoch, global_step, {**log_stats, "max_accuracy": max_accuracy,
                                                        "epoch_time": epoch_times[-1]})
                 if run.save:
                     metrics.artifacts([os.path.join(out.output_dir, name) for name in
                                        (CONFIG_NAME, "log.txt", *((BEST_NAME,) if improved else ()))])
+        failed = False
     finally:
-        metrics.close()
+        metrics.close(failed)
     total = time.time() - start_time
     logger.info(f"Training time {total:.0f}s ({total / 60:.1f} min); max accuracy {max_accuracy:.2f}%"
                 + (f"; weights in {out.output_dir}" if run.save else ""))

@@ -4,9 +4,13 @@ Both record the run's resolved configuration (``cfg.checkpoint_args()``, the dic
 config / params, per-step scalars under ``step/`` at the global optimizer step and per-epoch stats at the same
 step axis with ``epoch`` among them (as Lightning logs them), and continue the run a checkpoint names.
 """
+import functools
 import logging
 import netrc
 import os
+import queue
+import tempfile
+import threading
 import time
 from typing import Optional
 
@@ -71,13 +75,15 @@ class WandbSink:
         self._run.log({**{k.replace("_", "/", 1) if k.startswith(("train_", "test_")) else k: v
                           for k, v in metrics.items()}, "epoch": epoch, "global_step": step})
 
-    def close(self):
-        self._run.finish()
+    def close(self, failed=False):
+        self._run.finish(exit_code=1 if failed else 0)
 
 
 class MlflowSink:
     """Talks to the tracking server through :class:`mlflow.MlflowClient` (no global active run, so nothing
-    else in the process can log into this run by accident)."""
+    else in the process can log into this run by accident). The run is created (or reopened) on the training
+    thread, so a server that is down is known before the first epoch; metrics and artifacts then go out in order
+    from one sender thread, so that a step never waits for an HTTP round trip (or a best.pth upload)."""
     name, key = "MLflow", "mlflow"
 
     def __init__(self, cfg, run_id: Optional[str] = None):
@@ -105,11 +111,37 @@ class MlflowSink:
             params = [Param(k, str(v)[:6000]) for k, v in sorted(cfg.checkpoint_args().items())]
             for i in range(0, len(params), 100):  # the server takes at most 100 params per batch
                 client.log_batch(self.run_id, params=params[i:i + 100])
+        self._queue, self._error = queue.Queue(maxsize=1000), None
+        self._thread = threading.Thread(target=self._send, name="spach-mlflow", daemon=True)
+        self._thread.start()
+
+    def _submit(self, job):
+        """Queue ``job`` for the sender thread: the training loop never waits on the server. The first error
+        the thread met surfaces here, on the training thread, where the fan-out reports it once."""
+        if self._error is not None:
+            raise self._error
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise RuntimeError(f"the server at {self._client.tracking_uri} does not keep up "
+                               f"({self._queue.maxsize} logging calls waiting)") from None
+
+    def _send(self):
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is None:  # after an error the rest is dropped: the sink is being switched off
+                try:
+                    job()
+                except Exception as e:  # noqa: BLE001 - handed to the training thread by _submit / close
+                    self._error = e
 
     def _log(self, step, metrics):
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        self._client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        batch = [Metric(k, v, now, step) for k, v in metrics.items()]
+        self._submit(lambda: self._client.log_batch(self.run_id, metrics=batch))
 
     def log_step(self, step, metrics):
         self._log(step, {f"step/{k}": v for k, v in metrics.items()})
@@ -122,7 +154,25 @@ class MlflowSink:
         for path in paths:
             if os.path.basename(path) == "best.pth" and not self._log_best:
                 continue
-            self._client.log_artifact(self.run_id, path)
+            # log.txt and config.yaml are rewritten by the next epoch: the upload takes a copy of them now
+            self._submit(functools.partial(self._upload, path, open(path, "rb").read()
+                                           if os.path.basename(path) != "best.pth" else None))
 
-    def close(self):
-        self._client.set_terminated(self.run_id)
+    def _upload(self, path, content):
+        if content is None:  # best.pth: a new best.pth is only written through a rename, so the file is whole
+            self._client.log_artifact(self.run_id, path)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = os.path.join(tmp, os.path.basename(path))
+            with open(copy, "wb") as f:
+                f.write(content)
+            self._client.log_artifact(self.run_id, copy)
+
+    def close(self, failed=False):
+        self._queue.put(None)
+        self._thread.join(timeout=120)
+        if self._thread.is_alive():
+            raise TimeoutError("the last metrics were still being sent after 2 minutes")
+        if self._error is not None and not failed:
+            raise self._error
+        self._client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
