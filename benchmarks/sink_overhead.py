@@ -2,6 +2,7 @@
 (offline) + MLflow (a real `mlflow server` on 127.0.0.1, sqlite backend) all on, alternating runs.
 
     python benchmarks/sink_overhead.py [--pairs 5] [--log-interval 2]
+    python benchmarks/sink_overhead.py --per-call        # what one log_step costs the training thread, per sink
 
 Each run trains the tiny model for --epochs epochs on a generated 3-class ImageFolder; the step time is the
 train phase's wall time (log.txt's train_epoch_time, which ends behind a device sync) over its steps, for every
@@ -59,8 +60,37 @@ def ms_per_step(out, steps):
     return [1000 * r["train_epoch_time"] / steps for r in rows[1:]]
 
 
+def per_call(uri, tmp, calls=300):
+    """The training thread's time in one ``log_step`` of each sink (TensorBoard's writer thread, the W&B
+    service and the MLflow sender thread do the rest off that thread), median over ``calls`` calls."""
+    from types import SimpleNamespace
+
+    from spach.train.metrics import TensorBoardSink
+    from spach.train.trackers import MlflowSink, WandbSink
+    os.environ["WANDB_MODE"] = "offline"
+    out = SimpleNamespace(output_dir=os.path.join(tmp, "per_call"), wandb_tags="", wandb_project="bench",
+                          wandb_name="", mlflow_uri=uri, mlflow_log_best=False, mlflow_experiment="bench",
+                          mlflow_run_name="")
+    cfg = SimpleNamespace(output=out, checkpoint_args=lambda: {"model": "bench", "lr": 1e-3})
+    os.makedirs(out.output_dir, exist_ok=True)
+    sinks = {"TensorBoard": TensorBoardSink(os.path.join(out.output_dir, "tb")), "W&B (offline)": WandbSink(cfg),
+             "MLflow (server)": MlflowSink(cfg)}
+    metrics = {"loss": 2.5, "lr": 1e-3, "images_per_s": 900.0, "memory_gib": 3.2, "grad_norm": 1.1}
+    for name, sink in sinks.items():
+        times = []
+        for step in range(calls):
+            t = time.perf_counter()
+            sink.log_step(step, metrics)
+            times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        sink.close()
+        print(f"{name:16s} median {1e3 * statistics.median(times):.3f} ms per log_step (p90 "
+              f"{1e3 * sorted(times)[int(0.9 * calls)]:.3f} ms); close {time.perf_counter() - t:.2f} s", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--per-call", action="store_true", help="time one log_step per sink instead")
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -72,6 +102,12 @@ def main():
     steps = 3 * 64 // a.batch_size
     server, uri = start_mlflow(tmp)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a kill still stops the server (finally below)
+    if a.per_call:
+        try:
+            per_call(uri, tmp)
+        finally:
+            os.killpg(server.pid, signal.SIGKILL)
+        return
     # one compute thread, passive OpenMP waits: on a shared 2-core machine spinning threads measure the neighbours
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                OMP_WAIT_POLICY="PASSIVE")

@@ -196,9 +196,11 @@ def train_one_epoch(step: TrainStep, data_loader, epoch: int, schedule, *, batch
             bar.update(1)  # host-side only: no device sync
         last = i + 1 == steps
         printing = (i + 1) % print_freq == 0 or last
-        logging_step = on_log is not None and ((i + 1) % log_interval == 0 or last)
+        # every rank syncs at the same steps (the all-reduce below), whether or not it logs anything
+        logging_step = (i + 1) % log_interval == 0 or last
         if printing or logging_step:
-            # the only host-device sync of the loop: every print_freq steps (all ranks agree on a bad loss)
+            # the only host-device sync of the loop: every print_freq / log_interval steps (all ranks agree on a
+            # bad loss)
             check = torch.stack([window_sum, (first_bad >= 0).to(acc)])
             check = all_reduce_sum(check)
             bad_step = int(first_bad.item())
@@ -208,7 +210,7 @@ def train_one_epoch(step: TrainStep, data_loader, epoch: int, schedule, *, batch
             now = time.perf_counter()  # the .item() above waited for the device: the window's time is honest
             ips = window_n * batch_size * world_size() / max(now - t_window, 1e-9)
             t_window = now
-            if logging_step and is_main:
+            if logging_step and on_log is not None:
                 scalars = {"loss": window_avg, "lr": lr, "images_per_s": ips, "memory_gib": max_memory_gib(device),
                            "grad_norm": step.grad_norm.item() if step.grad_norm is not None else None}
                 on_log(i + 1, {k: v for k, v in scalars.items() if v is not None})
