@@ -171,6 +171,10 @@ def test_mlflow_server_params_metrics_artifacts_and_resume(shapes, tmp_path, mlf
     assert {"config.yaml", "log.txt", "best.pth"} <= {a.path for a in client.list_artifacts(run_id)}
     logged = client.download_artifacts(run_id, "log.txt", str(tmp_path))
     assert len(open(logged).read().splitlines()) == 3
+    # a run that stops on an error (here a loss blown up by an absurd lr) marks its tracked run failed
+    flags[flags.index("--epochs") + 1], flags[flags.index("--lr") + 1] = "4", "1e12"
+    assert main(["train", *flags]) == 2
+    assert client.get_run(run_id).info.status == "FAILED"
 
 
 def test_mlflow_server_down_warns_once_and_training_goes_on(shapes, tmp_path, capsys):
