@@ -142,18 +142,28 @@ d='${device}'.split(':')[0]; print(device_count(d) if d in a() else 0)" 2>/dev/n
     else
         local suffix="acc"; [[ "${MODE}" == "performance" ]] && suffix="perf"
         CaseName="${Network}_bs${BatchSize}_${RANK_SIZE}p_${suffix}"
-        local fps min_loss max_acc
+        # the ModelZoo's summary: ActualFPS (images/s, all processes), TrainingTime (ms per optimizer step:
+        # BatchSize x RankSize x 1000 / FPS, as their scripts compute it), ActualLoss (the last logged step's
+        # loss; every logged step's loss goes to train_${CaseName}_loss.txt), TrainAccuracy (the best top-1 of
+        # the run; full runs only, as theirs), E2ETrainingTime (seconds, launch to exit)
+        local fps training_time actual_loss train_accuracy loss_file="${out_dir}/train_${CaseName}_loss.txt"
         fps="$(spach_parse_fps < "${log}")"
-        min_loss="$(spach_parse_min_loss < "${log}")"
-        max_acc="$(spach_parse_max_accuracy < "${log}")"
-        echo "Final Performance FPS : ${fps}"
+        training_time="N/A"
+        [[ "${fps}" != "N/A" ]] && training_time="$(awk -v b="${BatchSize}" -v r="${RANK_SIZE}" -v f="${fps}" \
+            'BEGIN { if (f > 0) printf "%.2f\n", b * r * 1000 / f; else print "N/A" }')"
+        spach_parse_step_losses < "${log}" > "${loss_file}"
+        actual_loss="$(awk 'END { print (NR ? $0 : "N/A") }' "${loss_file}")"
+        train_accuracy="$(spach_parse_max_accuracy < "${log}")"
+        echo "Final Performance images/sec : ${fps}"
+        [[ "${MODE}" != "performance" ]] && echo "Final Train Accuracy : ${train_accuracy}"
         echo "E2E Training Duration sec : ${e2e_time}"
-        echo "MaxAccuracy = ${max_acc}"
         summary="${out_dir}/${CaseName}.log"
         {
             echo "Network = ${Network}"; echo "RankSize = ${RANK_SIZE}"; echo "BatchSize = ${BatchSize}"
-            echo "DeviceType = ${DeviceType}"; echo "CaseName = ${CaseName}"; echo "AvgFPS = ${fps}"
-            echo "MinLoss = ${min_loss}"; echo "MaxAccuracy = ${max_acc}"; echo "E2ETrainingTime = ${e2e_time}"
+            echo "DeviceType = ${DeviceType}"; echo "CaseName = ${CaseName}"; echo "ActualFPS = ${fps}"
+            echo "TrainingTime = ${training_time}"
+            [[ "${MODE}" != "performance" ]] && echo "TrainAccuracy = ${train_accuracy}"
+            echo "ActualLoss = ${actual_loss}"; echo "E2ETrainingTime = ${e2e_time}"
         } > "${summary}"
     fi
     echo "Summary: ${summary}   Log: ${log}"
@@ -172,11 +182,11 @@ spach_parse_fps() {
         for (i = 1; i < NF; i++) if ($i == "FPS:") { sum += $(i + 1); n++ }
     } END { if (n) printf "%.2f\n", sum / n; else print "N/A" }'
 }
-# "Averaged stats: ... loss: X ..." -> min X
-spach_parse_min_loss() {
-    awk '/Averaged stats:/ {
-        for (i = 1; i < NF; i++) if ($i == "loss:") { v = $(i + 1) + 0; if (!n || v < min) min = v; n++ }
-    } END { if (n) printf "%.4f\n", min; else print "N/A" }'
+# progress lines "Epoch: [N]  [i/S]  lr: ...  loss: X ..." -> every X, one a line (the loss of each logged step)
+spach_parse_step_losses() {
+    awk '/^Epoch: \[[0-9]+\]  +\[ *[0-9]+\/[0-9]+\]/ {
+        for (i = 1; i < NF; i++) if ($i == "loss:") { print $(i + 1); break }
+    }'
 }
 # "Max accuracy: A%" -> max A
 spach_parse_max_accuracy() {

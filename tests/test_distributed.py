@@ -36,9 +36,16 @@ def test_ddp_training_dist_eval_and_resume(tmp_path):
     # 45 val images: not divisible by 2, so a padding sampler would count one image twice
     data = make_shapes_folder(tmp_path / "shapes", n_train=32, n_val=15)
     out = tmp_path / "ddp"
-    r = torchrun("train", *fast_flags(data, out, "--dist-eval", "--repeated-aug", epochs=2, batch=8))
+    # --log-interval 3 next to --print-freq 5: both ranks must sync at the same steps, though only rank 0 logs
+    r = torchrun("train", *fast_flags(data, out, "--dist-eval", "--repeated-aug", "--tensorboard", "--log-interval",
+                                      "3", epochs=2, batch=8))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "world_size: 2" in r.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    assert len(list((out / "tensorboard").glob("events.*"))) == 1  # rank 0 alone writes
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("step/loss")] == [3, 6, 9, 12]  # 6 steps an epoch over both ranks
     assert r.stdout.count("Averaged stats:") == 2  # printed once (rank 0), with all-reduced values
     assert "Accuracy of the network on the 45 test images" in r.stdout
     ddp_eval = _eval_line(r.stdout)[-1]

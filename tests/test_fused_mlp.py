@@ -236,7 +236,7 @@ def _linear_spy(monkeypatch):
 
 
 def test_evaluate_runs_on_packed_weights_and_releases_them(monkeypatch):
-    from spach.train.engine import evaluate
+    from spach.train.evaluation import evaluate
     model = build("shiftvit_light_tiny", num_classes=3)
     data = [(torch.randn(4, 3, SIZE, SIZE), torch.tensor([0, 1, 2, 0]), torch.zeros(4, dtype=torch.long))]
     seen = _linear_spy(monkeypatch)

@@ -13,8 +13,11 @@ TEST_DIR = os.path.join(REPO, "test")
 TINY = [f"--model={TINY_MODEL}", "--batch_size=16", "--input_size=32", "--device=cpu", "--num_workers=0",
         "--aa=none", "--reprob=0", "--mixup=0", "--cutmix=0", "--no-model-ema", "--no-repeated-aug", "--hflip=0",
         "--crop-pct=1", "--warmup-epochs=0", "--cooldown-epochs=0", "--drop-path=0", f"--lr={2e-3 * 512 / 16}"]
-SUMMARY_KEYS = ["Network", "RankSize", "BatchSize", "DeviceType", "CaseName", "AvgFPS", "MinLoss", "MaxAccuracy",
-                "E2ETrainingTime"]
+# the keys, in the order, that the Ascend ModelZoo's own test/train_full_*.sh scripts write into
+# output/$ASCEND_DEVICE_ID/${CaseName}.log (their performance scripts leave TrainAccuracy out), and the lines they print
+MODELZOO_KEYS = ["Network", "RankSize", "BatchSize", "DeviceType", "CaseName", "ActualFPS", "TrainingTime",
+                 "TrainAccuracy", "ActualLoss", "E2ETrainingTime"]
+MODELZOO_PERF_KEYS = [k for k in MODELZOO_KEYS if k != "TrainAccuracy"]
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +44,14 @@ def summary(out_id, case):
 
 
 def _final(stdout):
-    fps = float(re.search(r"^Final Performance FPS : ([0-9.]+)$", stdout, re.M).group(1))
+    fps = float(re.search(r"^Final Performance images/sec : ([0-9.]+)$", stdout, re.M).group(1))
     e2e = int(re.search(r"^E2E Training Duration sec : ([0-9]+)$", stdout, re.M).group(1))
-    acc = float(re.search(r"^MaxAccuracy = ([0-9.]+)$", stdout, re.M).group(1))
-    return fps, e2e, acc
+    acc = re.search(r"^Final Train Accuracy : ([0-9.]+)$", stdout, re.M)
+    return fps, e2e, float(acc.group(1)) if acc else None
+
+
+def _step_losses(out_id, case):
+    return [float(x) for x in open(os.path.join(TEST_DIR, "output", out_id, f"train_{case}_loss.txt")).read().split()]
 
 
 def test_full_1p_from_the_repo_root(shapes, out_id):
@@ -53,19 +60,25 @@ def test_full_1p_from_the_repo_root(shapes, out_id):
     fps, e2e, acc = _final(r.stdout)
     assert fps > 0 and e2e > 0 and acc > 33.4  # above chance after 2 epochs
     s = summary(out_id, "SPACH_bs16_1p_acc")
-    assert list(s) == SUMMARY_KEYS
-    assert s["RankSize"] == "1" and s["BatchSize"] == "16" and float(s["AvgFPS"]) == fps
-    assert float(s["MinLoss"]) > 0 and float(s["MaxAccuracy"]) == acc
+    assert list(s) == MODELZOO_KEYS
+    assert s["RankSize"] == "1" and s["BatchSize"] == "16" and float(s["ActualFPS"]) == fps
+    assert float(s["TrainingTime"]) == pytest.approx(16 * 1 * 1000 / fps, rel=1e-3)  # ms per step
+    assert float(s["TrainAccuracy"]) == acc and int(s["E2ETrainingTime"]) == e2e
+    # 6 steps an epoch and --print-freq 10: each epoch logs its last step -> one loss an epoch
+    losses = _step_losses(out_id, "SPACH_bs16_1p_acc")
+    assert len(losses) == 2 and all(x > 0 for x in losses) and float(s["ActualLoss"]) == losses[-1]
     assert os.path.isfile(os.path.join(TEST_DIR, "output", out_id, "checkpoint.pth"))
 
 
 def test_performance_1p_from_the_test_folder_runs_one_epoch(shapes, out_id):
     r = launch("train_performance_1p.sh", f"--data_path={shapes}", *TINY, cwd=TEST_DIR, out_id=out_id)
     assert r.returncode == 0, r.stdout + r.stderr
-    fps, _, _ = _final(r.stdout)
+    fps, _, acc = _final(r.stdout)
     log = open(os.path.join(TEST_DIR, "output", out_id, f"train_{out_id}.log")).read()
     assert "Epoch: [0]" in log and "Epoch: [1]" not in log
-    assert summary(out_id, "SPACH_bs16_1p_perf")["AvgFPS"] == f"{fps:.2f}"
+    s = summary(out_id, "SPACH_bs16_1p_perf")
+    assert list(s) == MODELZOO_PERF_KEYS and acc is None
+    assert s["ActualFPS"] == f"{fps:.2f}" and float(s["ActualLoss"]) == _step_losses(out_id, "SPACH_bs16_1p_perf")[-1]
 
 
 def test_full_8p_adapts_to_one_process(shapes, out_id):
@@ -81,7 +94,8 @@ def test_performance_8p_on_two_processes_then_eval_8p(shapes, out_id):
     if shutil.which("numactl") and shutil.which("lscpu"):
         assert "bind_rank.sh" in r.stdout  # each rank bound to its share of the cores
     s = summary(out_id, "SPACH_bs16_2p_perf")
-    assert s["RankSize"] == "2" and float(s["AvgFPS"]) > 0
+    assert s["RankSize"] == "2" and float(s["ActualFPS"]) > 0
+    assert float(s["TrainingTime"]) == pytest.approx(16 * 2 * 1000 / float(s["ActualFPS"]), rel=1e-3)
     log = open(os.path.join(TEST_DIR, "output", out_id, f"train_{out_id}.log")).read()
     assert "world_size: 2" in log and "Epoch: [1]" in log
     last_acc = re.findall(r"Accuracy of the network on the 36 test images: ([0-9.]+)%", log)[-1]
@@ -107,6 +121,7 @@ def test_missing_data_path_is_an_error(out_id):
 def test_log_parsers_read_by_key_not_column():
     log = "\n".join([
         "Epoch: [0]  steps: 10  lr: 0.000100  loss: 2.5000  time: 1.0s  FPS: 100.00",
+        "Epoch: [0]  [ 5/10]  lr: 0.0001  loss: 2.6  images/s: 9.0  eta: 00:00:01 (epoch)  time: 0.5s",
         "Epoch: [0]  [10/10]  lr: 0.0001  loss: 2.4  time: 1.0s",  # progress line: no FPS
         "Epoch: [1]  steps: 10  extra: column  lr: 0.000100  loss: 1.5000  time: 1.0s  FPS: 300.00",
         "Averaged stats: lr: 0.000100  loss: 2.5000  FPS: 100.00  world_size: 8",
@@ -118,9 +133,9 @@ def test_log_parsers_read_by_key_not_column():
         "Max accuracy: 70.10%",
     ]) + "\n"
     script = f"source {TEST_DIR}/common.sh\n" + "\n".join(
-        f"spach_parse_{f} <<'EOF'\n{log}EOF\n" for f in ("fps", "min_loss", "max_accuracy", "accuracy"))
+        f"spach_parse_{f} <<'EOF'\n{log}EOF\n" for f in ("fps", "step_losses", "max_accuracy", "accuracy"))
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True).stdout.split()
-    assert out == ["200.00", "1.2500", "70.10", "69.50"]
+    assert out == ["200.00", "2.6", "2.4", "70.10", "69.50"]
 
 
 @pytest.mark.skipif(not shutil.which("numactl"), reason="numactl not installed")

@@ -117,13 +117,13 @@ def test_tensorboard_scalars(tmp_path):
     _needs_matplotlib()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from spach.tb import close_tensorboard_writers, write_tensorboard_scalars
-    # what the training loop does each epoch
+    from spach.tb import TensorBoardWriter
+    # what the training loop's TensorBoard sink does each epoch
     live = tmp_path / "live"
-    for epoch in range(3):
-        stats = {"epoch": epoch, "train_loss": 3.0 - epoch, "test_acc1": 10.0 * epoch}
-        assert write_tensorboard_scalars(str(live), stats, epoch) == 2
-    close_tensorboard_writers()
+    with TensorBoardWriter(str(live)) as tb:
+        for epoch in range(3):
+            stats = {"epoch": epoch, "train_loss": 3.0 - epoch, "test_acc1": 10.0 * epoch}
+            assert tb.write(stats, epoch) == 2
     acc = EventAccumulator(str(live))
     acc.Reload()
     assert [(s.step, s.value) for s in acc.Scalars("train/loss")] == [(0, 3.0), (1, 2.0), (2, 1.0)]

@@ -383,7 +383,7 @@ def test_launcher_trains_from_a_shard_path(wds):
     try:
         r = launch("train_full_1p.sh", f"--data_path={wds}", "--data_set=WDS", *TINY, "--epochs=1", out_id=out_id)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        assert re.search(r"^Final Performance FPS : [0-9.]+$", r.stdout, re.M)
+        assert re.search(r"^Final Performance images/sec : [0-9.]+$", r.stdout, re.M)
         assert "96 train / 36 val images" in open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "test",
                                                                "output", out_id, f"train_{out_id}.log")).read()
     finally:

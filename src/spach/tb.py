@@ -1,8 +1,8 @@
 """TensorBoard scalars for training runs (optional: ``pip install 'spach[tensorboard]'``).
 
-The training loop calls :func:`write_tensorboard_scalars` once per epoch with the same stats dict it
-appends to ``log.txt`` (``train_loss``, ``train_lr``, ``test_acc1`` ...); ``spach plot --tensorboard``
-replays finished runs' ``log.txt`` through the same function. Keys become tags ``train/loss``,
+The training loop's TensorBoard sink (:mod:`spach.train.metrics`) writes each epoch's stats dict, the one it
+appends to ``log.txt`` (``train_loss``, ``train_lr``, ``test_acc1`` ...), and each logged step's scalars through
+:class:`TensorBoardWriter`; ``spach plot --tensorboard`` replays finished runs' ``log.txt`` through the same class. Keys become tags ``train/loss``,
 ``train/lr``, ``test/acc1`` ...; non-numeric values and bookkeeping keys (``epoch``, ``n_parameters``)
 are skipped.
 """
@@ -12,8 +12,7 @@ from typing import Dict
 
 from .errors import SpachError
 
-__all__ = ["TensorBoardWriter", "write_tensorboard_scalars", "close_tensorboard_writers", "scalar_tags",
-           "require_tensorboard", "TENSORBOARD_INSTALL"]
+__all__ = ["TensorBoardWriter", "scalar_tags", "require_tensorboard", "TENSORBOARD_INSTALL"]
 
 TENSORBOARD_INSTALL = "--tensorboard needs the tensorboard package: pip install 'spach[tensorboard]'"
 _SKIP = ("epoch", "n_parameters")
@@ -28,7 +27,7 @@ def scalar_tags(stats: dict) -> Dict[str, float]:
         value = float(value)
         if not math.isfinite(value):
             continue
-        for prefix in ("train", "test", "val"):
+        for prefix in ("train", "test", "val", "step"):
             if key.startswith(prefix + "_"):
                 key = f"{prefix}/{key[len(prefix) + 1:]}"
                 break
@@ -53,12 +52,14 @@ class TensorBoardWriter:
         self.log_dir = log_dir
         self._writer = SummaryWriter(log_dir=log_dir)
 
-    def write(self, stats: dict, epoch: int) -> int:
-        """Write the scalars of ``stats`` at step ``epoch``; returns how many were written."""
+    def write(self, stats: dict, step: int, flush: bool = True) -> int:
+        """Write the scalars of ``stats`` at ``step``; returns how many were written. Per-step calls pass
+        ``flush=False``: the writer's own thread flushes them every few seconds, off the training loop."""
         tags = scalar_tags(stats)
         for tag, value in tags.items():
-            self._writer.add_scalar(tag, value, global_step=int(epoch))
-        self._writer.flush()
+            self._writer.add_scalar(tag, value, global_step=int(step))
+        if flush:
+            self._writer.flush()
         return len(tags)
 
     def close(self):
@@ -69,23 +70,3 @@ class TensorBoardWriter:
 
     def __exit__(self, *exc):
         self.close()
-
-
-_WRITERS: Dict[str, TensorBoardWriter] = {}
-
-
-def write_tensorboard_scalars(log_dir: str, stats: dict, epoch: int) -> int:
-    """Append one epoch's ``stats`` to the TensorBoard events in ``log_dir`` (one writer per folder is kept
-    open between calls; :func:`close_tensorboard_writers` closes them). Returns the number of scalars.
-    Raises :class:`SpachError` with the install command when tensorboard is missing."""
-    writer = _WRITERS.get(log_dir)
-    if writer is None:
-        writer = _WRITERS[log_dir] = TensorBoardWriter(log_dir)
-    return writer.write(stats, epoch)
-
-
-def close_tensorboard_writers():
-    """Flush and close every writer :func:`write_tensorboard_scalars` opened."""
-    while _WRITERS:
-        _, writer = _WRITERS.popitem()
-        writer.close()

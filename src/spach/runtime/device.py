@@ -20,7 +20,7 @@ from ..errors import SpachError
 __all__ = ["DistInfo", "available_devices", "resolve_device", "requested_index", "cuda_native_bf16", "init_distributed",
            "destroy_distributed",
            "synchronize", "resolve_amp", "autocast", "all_reduce_sum", "barrier", "broadcast_object",
-           "world_size", "cpu_has_native_bf16", "device_count", "default_amp"]
+           "world_size", "cpu_has_native_bf16", "device_count", "default_amp", "max_memory_gib"]
 
 DEVICE_TYPES = ("cuda", "npu", "mps", "cpu")
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo", "mps": "gloo"}
@@ -179,6 +179,15 @@ def synchronize(device: torch.device):
         torch.npu.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def max_memory_gib(device: torch.device) -> Optional[float]:
+    """The peak memory this process allocated on an accelerator since the start (GiB); None on cpu / mps, where
+    the number would be the whole process's and not the model's."""
+    backend = {"cuda": getattr(torch, "cuda", None), "npu": getattr(torch, "npu", None)}.get(device.type)
+    if backend is None:
+        return None
+    return backend.max_memory_allocated(device) / 2 ** 30
 
 
 def cpu_has_native_bf16() -> bool:

@@ -12,6 +12,8 @@ import argparse
 from ..models import variant_choices
 from .flag_types import (aa_policy, in_range, input_size, nonneg_float, nonneg_int, number, positive_float,
                          positive_int, seed)
+from .sections import EVAL_FLAGS, SECTION_OF, SECTIONS
+from .sections import bool_pair as _bool_pair, flag as _flag, group as _group, one_line_errors as _one_line_errors
 
 __all__ = ["add_train_arguments", "add_shared_flags", "SECTIONS", "SECTION_OF", "EVAL_FLAGS", "DEIT_DEFAULTS",
            "DEMO_DEFAULTS", "DEFAULT_MODEL", "DEMO_MODEL"]
@@ -34,68 +36,7 @@ DEMO_DEFAULTS = dict(
 )
 
 
-def _flag(parser, *names, **kwargs):
-    """Add a flag under its dashed and underscored spellings."""
-    spellings = []
-    for n in names:
-        spellings.append(n)
-        alt = "--" + n[2:].replace("-", "_") if "-" in n[2:] else "--" + n[2:].replace("_", "-")
-        if alt != n and alt not in spellings and alt not in names:
-            spellings.append(alt)
-    parser.add_argument(*spellings, **kwargs)
-
-
 INTERPOLATIONS = ["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming", "random"]
-
-
-def _bool_pair(parser, name, dest, default, help_on, help_off, **kwargs):
-    parser.add_argument(f"--{name}", f"--{name.replace('-', '_')}", dest=dest, action="store_true", default=default,
-                        help=help_on, **kwargs)
-    parser.add_argument(f"--no-{name}", f"--no_{name.replace('-', '_')}", dest=dest, action="store_false",
-                        help=help_off, **kwargs)
-
-
-def _one_line_errors(parser: argparse.ArgumentParser):
-    """A bad flag value is reported on one line (argparse would print the usage line first)."""
-    def error(message):
-        parser.exit(2, f"{parser.prog}: error: {message}\n")
-    parser.error = error
-
-
-# the sections of the run's configuration (spach.train.config), in the order --help and config.yaml show them
-SECTIONS = {
-    "data": "data",
-    "model": "model",
-    "optim": "optimisation and schedule",
-    "aug": "augmentation and regularisation",
-    "distill": "distillation and fine-tuning",
-    "output": "output and logging",
-    "device": "device and precision",
-}
-SECTION_OF = {}   # flag dest -> section key: filled as the flags are declared, one declaration per flag
-EVAL_FLAGS = set()  # the dests `spach eval` takes (its --help lists only these)
-
-
-class _Section:
-    """One section's argparse group. Each flag says whether evaluation uses it (``ev=True``); under
-    ``spach eval`` the others are not added, so its --help lists only what evaluation reads."""
-
-    def __init__(self, parser, key: str, mode: str):
-        self.group = parser.add_argument_group(SECTIONS[key])
-        self.key, self.mode = key, mode
-
-    def add_argument(self, *names, ev: bool = False, **kwargs):
-        dest = kwargs["dest"]
-        SECTION_OF.setdefault(dest, self.key)
-        if ev:
-            EVAL_FLAGS.add(dest)
-        if self.mode == "eval" and not ev:
-            return None
-        return self.group.add_argument(*names, **kwargs)
-
-
-def _group(parser, key: str) -> _Section:
-    return _Section(parser, key, getattr(parser, "_spach_mode", "train"))
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, mode: str = "train"):
@@ -259,10 +200,30 @@ def _run_flags(parser, dd):
     _flag(g, "--seed", dest="seed", type=seed, default=0, ev=True)
     _flag(g, "--deterministic", dest="deterministic", action="store_true",
           help="deterministic algorithms (bit-reproducible CPU runs and resumes)", ev=True)
+    _flag(g, "--results-file", dest="results_file", default="", metavar="F.csv|F.json",
+          help="evaluation: append this checkpoint's top-1 / top-5 / loss as one row to a CSV or JSON file "
+               "(timm validate.py's columns), so that a sweep collects its results in one file", ev=True)
     _flag(g, "--print-freq", dest="print_freq", type=positive_int, default=10, help="log every N steps", ev=True)
+    _flag(g, "--log-interval", dest="log_interval", type=positive_int, default=None,
+          help="send the step's loss, lr, images/s and memory to the trackers every N optimizer steps "
+               "(default: --print-freq)%(default).0s")
+    _flag(g, "--log-grad-norm", dest="log_grad_norm", action="store_true",
+          help="also log the gradient norm (always logged with --clip-grad)")
     _flag(g, "--tensorboard", dest="tensorboard", action="store_true",
-          help="also write each epoch's stats as TensorBoard scalars to <output_dir>/tensorboard "
-               "(pip install 'spach[tensorboard]')")
+          help="also write the step and epoch scalars to <output_dir>/tensorboard (pip install 'spach[tensorboard]')")
+    _flag(g, "--log-wandb", dest="log_wandb", action="store_true",
+          help="log to Weights & Biases (offline into <output_dir>/wandb when no API key is set; WANDB_MODE "
+               "overrides; pip install 'spach[wandb]')")
+    _flag(g, "--wandb-project", dest="wandb_project", default="spach", help="W&B project")
+    _flag(g, "--wandb-name", dest="wandb_name", default="", help="W&B run name (default: W&B's)")
+    _flag(g, "--wandb-tags", dest="wandb_tags", default="", help="W&B tags, comma-separated")
+    _flag(g, "--mlflow-uri", dest="mlflow_uri", default="",
+          help="log to this MLflow tracking server or store (http://host:5000, file:./mlruns ...; "
+               "pip install 'spach[mlflow]')")
+    _flag(g, "--mlflow-experiment", dest="mlflow_experiment", default="spach", help="MLflow experiment name")
+    _flag(g, "--mlflow-run-name", dest="mlflow_run_name", default="", help="MLflow run name (default: MLflow's)")
+    _flag(g, "--mlflow-log-best", dest="mlflow_log_best", action="store_true",
+          help="also upload best.pth to MLflow as an artifact (config.yaml and log.txt always are)")
 
 
 # flags `spach benchmark` takes too: declared once (spellings, default, validation), help included

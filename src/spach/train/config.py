@@ -122,8 +122,19 @@ class OutputConfig:
     throughput: bool
     seed: int
     deterministic: bool
+    results_file: str              # spach eval: the CSV / JSON file its row is appended to
     print_freq: int
+    log_interval: int              # resolved: --print-freq when not given
+    log_grad_norm: bool
     tensorboard: bool
+    log_wandb: bool
+    wandb_project: str
+    wandb_name: str
+    wandb_tags: str
+    mlflow_uri: str
+    mlflow_experiment: str
+    mlflow_run_name: str
+    mlflow_log_best: bool
 
 
 @dataclass(frozen=True)

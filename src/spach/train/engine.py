@@ -1,4 +1,4 @@
-"""The training step, one training epoch, one evaluation pass, and the inference throughput measurement.
+"""The training step and one training epoch (evaluation and inference throughput: :mod:`spach.train.evaluation`).
 
 :func:`train_step` is the one optimizer step of the project: ``spach train`` runs it inside
 :func:`train_one_epoch`, and ``spach benchmark`` times it as it is.
@@ -16,16 +16,13 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError, SpachError
-from ..models.fused import packed_weights
-from ..runtime.device import all_reduce_sum, autocast, synchronize, world_size
+from ..runtime.device import all_reduce_sum, autocast, max_memory_gib, synchronize, world_size
 from . import faults
 
-__all__ = ["TrainStep", "train_step", "build_scaler", "train_one_epoch", "evaluate", "throughput",
-           "NonFiniteLossError"]
+__all__ = ["TrainStep", "train_step", "build_scaler", "train_one_epoch", "NonFiniteLossError", "format_duration"]
 
 logger = logging.getLogger("spach.train")
 
@@ -60,6 +57,8 @@ class TrainStep:
     mixup_fn: Optional[Callable] = None      # timm Mixup, applied on the device before the forward pass
     clip_grad: Optional[float] = None
     ema: Optional[nn.Module] = None          # ModelEma of ``model``, updated after every optimizer step
+    track_grad_norm: bool = False            # keep the gradient norm without clipping (--log-grad-norm)
+    grad_norm: Optional[torch.Tensor] = None  # the last step's norm (on the device) when clipping or tracking
 
 
 def train_step(step: TrainStep, samples: torch.Tensor, targets: torch.Tensor,
@@ -77,17 +76,19 @@ def train_step(step: TrainStep, samples: torch.Tensor, targets: torch.Tensor,
         faults.point("step", index)
     optimizer, scaler = step.optimizer, step.scaler
     optimizer.zero_grad(set_to_none=True)
+    # an infinite bound measures the norm without clipping; the norm stays on the device (read when logged)
+    max_norm = step.clip_grad or (float("inf") if step.track_grad_norm else None)
     if scaler is not None:
         scaler.scale(loss).backward()
-        if step.clip_grad:
+        if max_norm:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(step.net.parameters(), step.clip_grad)
+            step.grad_norm = torch.nn.utils.clip_grad_norm_(step.net.parameters(), max_norm)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
-        if step.clip_grad:
-            torch.nn.utils.clip_grad_norm_(step.net.parameters(), step.clip_grad)
+        if max_norm:
+            step.grad_norm = torch.nn.utils.clip_grad_norm_(step.net.parameters(), max_norm)
         optimizer.step()
     if step.ema is not None:
         step.ema.update(step.model)
@@ -133,11 +134,15 @@ def _acc_dtype(device) -> torch.dtype:
 
 def train_one_epoch(step: TrainStep, data_loader, epoch: int, schedule, *, batch_transform=None,
                     channels_last: bool = False, print_freq: int = 10, fps_warmup_steps: int = 3,
-                    is_main: bool = True, show_progress: bool = False, last_good: str = ""):
+                    is_main: bool = True, show_progress: bool = False, last_good: str = "",
+                    log_interval: Optional[int] = None, on_log: Optional[Callable[[int, dict], None]] = None,
+                    run_eta: Optional[Callable[[float, float], float]] = None):
     """One epoch of :func:`train_step` over ``data_loader``, the learning rate set by ``schedule``.
     ``batch_transform`` finishes batches on the device (the fast data pipeline's normalise and random
     erasing), before mixup. ``last_good`` (the checkpoint a run would restart from) goes into the message of a
-    non-finite loss."""
+    non-finite loss. Every ``log_interval`` steps ``on_log(steps_done_in_epoch, scalars)`` gets the step's
+    loss, lr, images/s, memory and grad norm (main rank). ``run_eta(epoch_left_s, epoch_s)`` turns the epoch's
+    remaining and projected seconds into the run's remaining seconds, for the progress lines."""
     step.net.train()
     device, optimizer = step.device, step.optimizer
     steps = len(data_loader)
@@ -151,6 +156,8 @@ def train_one_epoch(step: TrainStep, data_loader, epoch: int, schedule, *, batch
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     n_bad_images = 0
     window_start, window_n = 0, 0
+    log_interval = log_interval or print_freq
+    t_window = time.perf_counter()
     lrs = []
     bar = _progress(steps, f"Epoch {epoch}", show_progress and is_main)
     t_epoch = time.perf_counter()
@@ -188,26 +195,33 @@ def train_one_epoch(step: TrainStep, data_loader, epoch: int, schedule, *, batch
         if bar is not None:
             bar.update(1)  # host-side only: no device sync
         last = i + 1 == steps
-        if (i + 1) % print_freq == 0 or last:
-            # the only host-device sync of the loop: every print_freq steps (all ranks agree on a bad loss)
+        printing = (i + 1) % print_freq == 0 or last
+        # every rank syncs at the same steps (the all-reduce below), whether or not it logs anything
+        logging_step = (i + 1) % log_interval == 0 or last
+        if printing or logging_step:
+            # the only host-device sync of the loop: every print_freq / log_interval steps (all ranks agree on a
+            # bad loss)
             check = torch.stack([window_sum, (first_bad >= 0).to(acc)])
             check = all_reduce_sum(check)
             bad_step = int(first_bad.item())
             if check[1].item() > 0 or not math.isfinite(check[0].item()):
-                bad_step = bad_step if bad_step >= 0 else window_start
-                bad_lr = lrs[bad_step] if bad_step < len(lrs) else lr
-                raise NonFiniteLossError(
-                    f"training loss became non-finite (NaN/inf) at epoch {epoch}, step {bad_step}, lr {bad_lr:.3g}; "
-                    f"stopped without saving. " + (f"The last good checkpoint is {last_good}: resume from it with a "
-                                                   f"lower --lr or --clip-grad 1.0" if last_good else
-                                                   "No checkpoint was saved yet: lower --lr or set --clip-grad 1.0"),
-                    epoch=epoch, step=bad_step, lr=bad_lr)
+                raise _non_finite(epoch, bad_step if bad_step >= 0 else window_start, lrs, lr, last_good)
             window_avg = check[0].item() / window_n / world_size()
+            now = time.perf_counter()  # the .item() above waited for the device: the window's time is honest
+            ips = window_n * batch_size * world_size() / max(now - t_window, 1e-9)
+            t_window = now
+            if logging_step and on_log is not None:
+                scalars = {"loss": window_avg, "lr": lr, "images_per_s": ips, "memory_gib": max_memory_gib(device),
+                           "grad_norm": step.grad_norm.item() if step.grad_norm is not None else None}
+                on_log(i + 1, {k: v for k, v in scalars.items() if v is not None})
+            left = (now - t_epoch) / (i + 1) * (steps - i - 1)
+            eta = _eta(left, run_eta(left, (now - t_epoch) / (i + 1) * steps) if run_eta else None)
             if bar is not None:
-                bar.set_postfix(loss=f"{window_avg:.4f}", lr=f"{lr:.2e}")
-            elif is_main:
+                bar.set_postfix(loss=f"{window_avg:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", eta=eta)
+            elif is_main and printing:
                 logger.info(f"Epoch: [{epoch}]  [{i + 1:>{len(str(steps))}}/{steps}]  lr: {lr:.6f}  "
-                            f"loss: {window_avg:.4f}  time: {time.perf_counter() - t_epoch:.1f}s")
+                            f"loss: {window_avg:.4f}  images/s: {ips:.1f}  eta: {eta}  "
+                            f"time: {now - t_epoch:.1f}s")
             window_sum.zero_()
             window_start, window_n = i + 1, 0
 
@@ -218,6 +232,30 @@ def train_one_epoch(step: TrainStep, data_loader, epoch: int, schedule, *, batch
     # the same steps are counted and timed: warm-up steps are out of both
     fps_local = n_timed / (t1 - t0) if t1 > t0 and n_timed else 0.0
     return _epoch_stats(epoch, steps, lrs, loss_sum, fps_local, n_bad_images, t1 - t_epoch, acc, device, is_main)
+
+
+def _non_finite(epoch, bad_step, lrs, lr, last_good) -> "NonFiniteLossError":
+    bad_lr = lrs[bad_step] if bad_step < len(lrs) else lr
+    return NonFiniteLossError(
+        f"training loss became non-finite (NaN/inf) at epoch {epoch}, step {bad_step}, lr {bad_lr:.3g}; "
+        f"stopped without saving. " + (f"The last good checkpoint is {last_good}: resume from it with a "
+                                       f"lower --lr or --clip-grad 1.0" if last_good else
+                                       "No checkpoint was saved yet: lower --lr or set --clip-grad 1.0"),
+        epoch=epoch, step=bad_step, lr=bad_lr)
+
+
+def format_duration(seconds: float) -> str:
+    """``1d 02:03:04`` / ``02:03:04``: a run's ETA is read at a glance."""
+    seconds = max(int(round(seconds)), 0)
+    days, rest = divmod(seconds, 86400)
+    h, rest = divmod(rest, 3600)
+    text = f"{h:02d}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
+
+
+def _eta(epoch_left: float, run_left: Optional[float]) -> str:
+    text = f"{format_duration(epoch_left)} (epoch)"
+    return text if run_left is None else f"{text} {format_duration(run_left)} (run)"
 
 
 def _epoch_stats(epoch, steps, lrs, loss_sum, fps_local, n_bad_images, elapsed, acc, device, is_main) -> dict:
@@ -239,71 +277,3 @@ def _epoch_stats(epoch, steps, lrs, loss_sum, fps_local, n_bad_images, elapsed, 
         logger.info(f"Averaged stats: lr: {stats['lr']:.6f}  loss: {loss_avg:.4f}  FPS: {fps:.2f}  "
                     f"world_size: {world}")
     return stats
-
-
-@torch.no_grad()
-def evaluate(data_loader, model, device, *, amp_dtype=None, channels_last=False, reduce=True, is_main=True,
-             header="", show_progress=False):
-    """Top-1 / top-5 accuracy (%) and cross-entropy loss over every sample of ``data_loader``. With
-    ``reduce`` the per-rank sums are all-reduced (use with a sharding sampler that neither pads nor repeats,
-    so the result equals single-process evaluation)."""
-    model.eval()
-    acc = _acc_dtype(device)
-    sums = torch.zeros(3, device=device, dtype=acc)  # correct1, correct5, loss_sum
-    n_seen, n_replaced = 0, 0                         # counted on the host: no device round trip per batch
-    bar = _progress(len(data_loader), "Test", show_progress and is_main)
-    fault = "eval-ema" if header else "eval"
-    with packed_weights(model):  # the weights are fixed while evaluating
-        for images, target, n_bad in _batches(data_loader):
-            images = images.to(device, non_blocking=True)
-            target = target.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp_dtype):
-                output = model(images)
-            output = output.float()
-            loss = F.cross_entropy(output, target, reduction="sum")
-            k = min(5, output.shape[1])
-            top = output.topk(k, dim=1).indices
-            hit = top.eq(target[:, None])
-            sums += torch.stack([hit[:, :1].sum(), hit.sum(), loss]).to(acc)
-            n_seen += target.numel()
-            n_replaced += int(n_bad.sum())
-            faults.point(fault)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    sums = torch.cat([sums, torch.tensor([n_seen, n_replaced], dtype=acc, device=device)])
-    if reduce:
-        all_reduce_sum(sums)
-    c1, c5, loss_sum, n, bad = sums.tolist()
-    n = max(n, 1.0)
-    stats = {"acc1": 100.0 * c1 / n, "acc5": 100.0 * c5 / n, "loss": loss_sum / n, "n": int(n), "bad_images": int(bad)}
-    if is_main:
-        logger.info(f"* {header}Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f}")
-        if bad:
-            logger.warning(f"{int(bad)} unreadable validation images were replaced by other samples")
-    return stats
-
-
-@torch.no_grad()
-def throughput(data_loader, model, device, *, amp_dtype=None, channels_last=False, warmup=10, iters=30):
-    """Inference images/s on one batch of ``data_loader`` (after ``warmup`` untimed passes)."""
-    model.eval()
-    images = next(iter(_batches(data_loader)))[0].to(device)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with autocast(device, amp_dtype), packed_weights(model):
-        for _ in range(warmup):
-            model(images)
-        synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            model(images)
-        synchronize(device)
-    dt = time.perf_counter() - t0
-    ips = iters * images.shape[0] / dt
-    logger.info(f"batch_size {images.shape[0]} throughput {ips:.1f} images/s (averaged over {iters} passes after "
-                f"{warmup} warm-up passes)")
-    return ips

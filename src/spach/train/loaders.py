@@ -16,9 +16,10 @@ from ..data import (EvalShardSampler, RASampler, ShuffleSampler, TolerantImageFo
 from ..errors import DataError, SpachError
 from ..runtime import device as devices
 from ..runtime.device import DistInfo
+from .checkpoint import CHECKPOINT_NAME
 from .config import AugConfig, DataConfig
 
-__all__ = ["Data", "Reading", "build_data", "data_root", "build_transforms", "open_shard_source",
+__all__ = ["Data", "Reading", "build_data", "loader_death", "data_root", "build_transforms", "open_shard_source",
            "build_shard_datasets", "build_datasets", "build_loaders"]
 
 logger = logging.getLogger("spach.train")
@@ -174,3 +175,17 @@ def _loader(data: DataConfig, dataset, sampler, batch_size, drop_last, device):
         dataset, sampler=sampler, batch_size=batch_size, num_workers=data.num_workers,
         pin_memory=data.pin_mem and device.type in ("cuda", "npu"), drop_last=drop_last,
         persistent_workers=False)  # fresh workers per epoch, seeded from the (checkpointed) torch RNG
+
+
+def loader_death(cfg, e: RuntimeError) -> str:
+    """One line for a data loader worker killed under the run (the out-of-memory killer, a kill by hand)."""
+    detail = str(e).strip().splitlines()[0][:160]
+    ckpt = os.path.join(cfg.output.output_dir, CHECKPOINT_NAME) if cfg.output.output_dir else ""
+    if cfg.eval_only:
+        then = "rerun the same command"
+    elif ckpt and os.path.isfile(ckpt):
+        then = f"rerunning the same command resumes from {ckpt}"
+    else:
+        then = "rerunning the same command starts the run again (no checkpoint had been written yet)"
+    return (f"a data loader worker died ({detail}); the usual cause is the out-of-memory killer: lower --num_workers "
+            f"or --batch-size if it was, then {then}")

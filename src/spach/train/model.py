@@ -117,5 +117,5 @@ def build_train_step(cfg: RunConfig, model, num_classes: int, dist: DistInfo, am
                                 d.distillation_alpha, d.distillation_tau)
     step = TrainStep(model=model, net=net, criterion=criterion, optimizer=optimizer, device=device,
                      amp_dtype=amp_dtype, scaler=build_scaler(device, amp_dtype), mixup_fn=mixup_fn,
-                     clip_grad=o.clip_grad, ema=ema)
+                     clip_grad=o.clip_grad, ema=ema, track_grad_norm=cfg.output.log_grad_norm)
     return step, _schedule(o)

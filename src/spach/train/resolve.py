@@ -193,6 +193,19 @@ def _scaled_lr(v: _Values):
     v.set("effective_lr", v["lr"] * v["batch_size"] * world / LR_BATCH, f"--lr x global batch / {LR_BATCH}")
 
 
+def _trackers(v: _Values, mode: str):
+    results = v["results_file"]
+    if results and not (v["eval"] and not v["throughput"]):
+        raise SpachError("--results-file holds evaluation results: use it with spach eval (or spach train --eval)")
+    if results and os.path.splitext(results)[1].lower() not in (".csv", ".json"):
+        raise SpachError(f"--results-file {results}: name a .csv or a .json file")
+    v.fill("log_interval", v["print_freq"], "--print-freq")
+    if mode == "train" and not (v["eval"] or v["throughput"]):
+        # a missing extra is one line naming it, before anything is built (not after the first epoch)
+        from .metrics import require_sinks
+        require_sinks(types.SimpleNamespace(**{k: v[k] for k in ("tensorboard", "log_wandb", "mlflow_uri")}))
+
+
 def _output_dir(v: _Values):
     if v["output_dir"] is None:
         data = os.path.basename(os.path.normpath(v["data_path"])) if v["data_path"] else "mnist5k"
@@ -225,6 +238,7 @@ def resolve_run(ns, mode: str = "train"):
     _device(v)
     _model_variant(v, start)
     _scaled_lr(v)
+    _trackers(v, mode)
     _output_dir(v)
     sections = {}
     for key, cls in SECTION_TYPES.items():

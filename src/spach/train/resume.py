@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -37,6 +38,8 @@ class Resumed:
     start_epoch: int = 0
     max_accuracy: float = 0.0
     last_good: str = ""  # the checkpoint a failed run would restart from ("" before the first save)
+    tracking: dict = dataclasses.field(default_factory=dict)  # tracker name -> run id (W&B, MLflow) to continue
+    steps_done: int = 0  # optimizer steps before the resumed epoch: the trackers' step axis carries on
 
 
 def _flag_name(dotted: str) -> str:
@@ -231,6 +234,11 @@ def _restore_training_state(ckpt: dict, path: str, step, dist: DistInfo, out: Re
         with _field(path, "scaler"):
             step.scaler.load_state_dict(ckpt["scaler"])
     out.max_accuracy = float(ckpt.get("max_accuracy", 0.0))
+    tracking = ckpt.get("tracking")
+    if isinstance(tracking, dict):
+        out.tracking = {str(k): v for k, v in tracking.items() if isinstance(v, str) and v}
+    global_step = ckpt.get("global_step")
+    out.steps_done = global_step if isinstance(global_step, int) and global_step > 0 else 0
     per_rank = ckpt.get("rng_per_rank")
     with _field(path, "rng"):
         if per_rank and len(per_rank) == dist.world_size:

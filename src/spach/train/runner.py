@@ -25,11 +25,13 @@ from . import faults
 from .checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_save, get_rng_state
 from .config import RunConfig
 from .resolve import resolve_run
-from .engine import TrainStep, evaluate, throughput, train_one_epoch
-from .loaders import Data, Reading, build_data
+from .engine import TrainStep, format_duration, train_one_epoch
+from .evaluation import evaluate, throughput
+from .loaders import Data, Reading, build_data, loader_death
 from .model import build_model, build_train_step, finetune
 from .optim import CosineSchedule
-from .output import prepare_output, take_output_dir
+from .metrics import build_metrics
+from .output import CONFIG_NAME, prepare_output, take_output_dir
 from .output_lock import OutputDirLock
 from .process import configure_process
 from .resume import Resumed, check_eval_classes, resume
@@ -70,25 +72,11 @@ def run(args, mode: str = "train") -> int:
     except RuntimeError as e:
         if "DataLoader worker" not in str(e):
             raise
-        raise SpachError(_loader_death(cfg, e)) from None
+        raise SpachError(loader_death(cfg, e)) from None
     finally:
         if lock is not None:
             lock.release()
         devices.destroy_distributed()
-
-
-def _loader_death(cfg: RunConfig, e: RuntimeError) -> str:
-    """One line for a data loader worker killed under the run (the out-of-memory killer, a kill by hand)."""
-    detail = str(e).strip().splitlines()[0][:160]
-    ckpt = os.path.join(cfg.output.output_dir, CHECKPOINT_NAME) if cfg.output.output_dir else ""
-    if cfg.eval_only:
-        then = "rerun the same command"
-    elif ckpt and os.path.isfile(ckpt):
-        then = f"rerunning the same command resumes from {ckpt}"
-    else:
-        then = "rerunning the same command starts the run again (no checkpoint had been written yet)"
-    return (f"a data loader worker died ({detail}); the usual cause is the out-of-memory killer: lower --num_workers "
-            f"or --batch-size if it was, then {then}")
 
 
 def build_run(cfg: RunConfig, dist: DistInfo, lock: Optional[OutputDirLock] = None, start=None) -> Run:
@@ -151,33 +139,59 @@ def _run(cfg: RunConfig, dist_info, lock, start) -> int:
                     f"(raise --epochs to continue, or pass another --output_dir)")
         logger.info(f"Max accuracy: {max_accuracy:.2f}%")
         return 0
-    tensorboard = out.tensorboard and run.save and run.dist.is_main
-    if tensorboard:
-        from ..tb import require_tensorboard
-        require_tensorboard()  # fail before the first epoch, with the install command
     logger.info(f"Start training for {epochs} epochs on {run.dist.world_size} x {run.device.type} "
                 f"(amp {cfg.device.amp}), {data.n_train} train / {data.n_val} val images, {len(data.class_names)} classes")
     last_good = run.resumed.last_good
+    steps = len(data.loader_train)
+    # the trackers' step axis: optimizer steps since the run began, carried on by a resume
+    global_step = run.resumed.steps_done or start_epoch * steps
+    metrics = build_metrics(cfg, run.save, run.dist.is_main, run.resumed.tracking)
+    # the ids of tracked runs not open now (a tracker left off on this resume, or switched off by a failure) are
+    # kept too, so that a later resume with it on continues its run
+    tracking = {**run.resumed.tracking, **metrics.run_ids()}
+    epoch_times = []
     start_time = time.time()
-    for epoch in range(start_epoch, epochs):
-        faults.set_epoch(epoch)
-        faults.point("epoch")
-        data.sampler_train.set_epoch(epoch)
-        train_stats = train_one_epoch(
-            step, data.loader_train, epoch, run.schedule, batch_transform=data.batch_transform,
-            channels_last=cfg.device.channels_last, print_freq=out.print_freq, is_main=run.dist.is_main,
-            show_progress=run.show_progress, last_good=last_good)
-        test_stats, ema_stats = _evaluate_epoch(run)
-        improved = test_stats["acc1"] > max_accuracy
-        max_accuracy = max(max_accuracy, test_stats["acc1"])
-        logger.info(f"Max accuracy: {max_accuracy:.2f}%")
-        rng, rng_all = _gather_rng(run.dist)
-        if run.save:
-            last_good = _save_epoch(run, epoch, train_stats, test_stats, ema_stats, max_accuracy, improved,
-                                    rng, rng_all)
-    if tensorboard:
-        from ..tb import close_tensorboard_writers
-        close_tensorboard_writers()
+    failed = True
+    try:
+        for epoch in range(start_epoch, epochs):
+            faults.set_epoch(epoch)
+            faults.point("epoch")
+            data.sampler_train.set_epoch(epoch)
+            t_epoch = time.time()
+            later = epochs - epoch - 1
+
+            def run_eta(epoch_left, epoch_s, later=later):  # later epochs take what the finished ones took
+                return epoch_left + later * (sum(epoch_times) / len(epoch_times) if epoch_times else epoch_s)
+
+            base = global_step
+            train_stats = train_one_epoch(
+                step, data.loader_train, epoch, run.schedule, batch_transform=data.batch_transform,
+                channels_last=cfg.device.channels_last, print_freq=out.print_freq, is_main=run.dist.is_main,
+                show_progress=run.show_progress, last_good=last_good, log_interval=out.log_interval,
+                on_log=(lambda n, scalars: metrics.log_step(base + n, scalars)) if metrics else None,
+                run_eta=run_eta)
+            global_step += steps
+            test_stats, ema_stats = _evaluate_epoch(run)
+            improved = test_stats["acc1"] > max_accuracy
+            max_accuracy = max(max_accuracy, test_stats["acc1"])
+            epoch_times.append(time.time() - t_epoch)
+            mean = sum(epoch_times) / len(epoch_times)
+            logger.info(f"Max accuracy: {max_accuracy:.2f}%  epoch time: {format_duration(epoch_times[-1])}  "
+                        f"eta: {format_duration(mean * later)} ({later} epochs left)")
+            rng, rng_all = _gather_rng(run.dist)
+            log_stats = _log_stats(run, epoch, train_stats, test_stats, ema_stats)
+            if run.save:
+                last_good = _save_epoch(run, epoch, log_stats, max_accuracy, improved, rng, rng_all,
+                                        tracking=tracking, global_step=global_step)
+            if metrics:  # after the checkpoint: nothing a tracker does can cost one
+                metrics.log_epoch(epoch, global_step, {**log_stats, "max_accuracy": max_accuracy,
+                                                       "epoch_time": epoch_times[-1]})
+                if run.save:
+                    metrics.artifacts([os.path.join(out.output_dir, name) for name in
+                                       (CONFIG_NAME, "log.txt", *((BEST_NAME,) if improved else ()))])
+        failed = False
+    finally:
+        metrics.close(failed)
     total = time.time() - start_time
     logger.info(f"Training time {total:.0f}s ({total / 60:.1f} min); max accuracy {max_accuracy:.2f}%"
                 + (f"; weights in {out.output_dir}" if run.save else ""))
@@ -198,6 +212,10 @@ def _evaluate_only(run: Run) -> int:
         raise SpachError(f"evaluating {cfg.output.resume} gave a non-finite loss (NaN/inf): its weights or their outputs "
                          f"are not finite (--amp {cfg.device.amp}); the accuracy above means nothing: use another "
                          f"checkpoint" + (" or --amp off" if cfg.device.amp != "off" else ""))
+    if cfg.output.results_file and run.dist.is_main:
+        from .results import append_results, results_row
+        append_results(cfg.output.results_file, results_row(cfg, stats, run.n_parameters))
+        logger.info(f"results appended to {cfg.output.results_file}")
     return 0
 
 
@@ -227,16 +245,20 @@ def _evaluate_epoch(run: Run):
     return test_stats, ema_stats
 
 
-def _save_epoch(run: Run, epoch, train_stats, test_stats, ema_stats, max_accuracy, improved, rng, rng_all) -> str:
+def _log_stats(run: Run, epoch, train_stats, test_stats, ema_stats) -> dict:
+    """The epoch's line of log.txt (and what the trackers get per epoch)."""
+    return {**{f"train_{k}": v for k, v in train_stats.items()},
+            **{f"test_{k}": v for k, v in test_stats.items() if k != "n"},
+            **({f"test_ema_{k}": v for k, v in ema_stats.items() if k != "n"} if ema_stats else {}),
+            "epoch": epoch, "n_parameters": run.n_parameters}
+
+
+def _save_epoch(run: Run, epoch, log_stats, max_accuracy, improved, rng, rng_all, tracking, global_step) -> str:
     """checkpoint.pth (and best.pth when the accuracy improved), then log.txt's line; rank 0 writes, every rank
     learns whether it worked. Returns the checkpoint now to restart from."""
     step, folder = run.step, run.cfg.output.output_dir
-    error, log_stats = None, None
+    error = None
     if run.dist.is_main:
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                     **{f"test_{k}": v for k, v in test_stats.items() if k != "n"},
-                     **({f"test_ema_{k}": v for k, v in ema_stats.items() if k != "n"} if ema_stats else {}),
-                     "epoch": epoch, "n_parameters": run.n_parameters}
         state = {
             "model": step.model.state_dict(),
             "optimizer": step.optimizer.state_dict(),
@@ -252,6 +274,8 @@ def _save_epoch(run: Run, epoch, train_stats, test_stats, ema_stats, max_accurac
             "class_names": list(run.data.class_names),
             "world_size": run.dist.world_size,
             "log_stats": log_stats,  # restores log.txt's line after a kill between the two writes
+            "tracking": tracking,  # the W&B / MLflow runs a resume continues
+            "global_step": global_step,
         }
         try:
             # checkpoint.pth last: it is the commit point. A kill before it reruns this epoch, which
@@ -269,7 +293,4 @@ def _save_epoch(run: Run, epoch, train_stats, test_stats, ema_stats, max_accurac
         log = os.path.join(folder, "log.txt")
         with os.fdopen(open_own(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, what="log file"), "a") as f:
             f.write(json.dumps(log_stats) + "\n")
-        if run.cfg.output.tensorboard:
-            from ..tb import write_tensorboard_scalars
-            write_tensorboard_scalars(os.path.join(folder, "tensorboard"), log_stats, epoch)
     return os.path.join(folder, CHECKPOINT_NAME)
