@@ -7,7 +7,6 @@ official releases (``{'model': sd}``, 1000 ImageNet classes). The file is opened
 (:func:`spach.weights.open_weights`). :func:`build_model` turns that into a ready, ``eval()``-mode model plus a :class:`ModelInfo`;
 the ``export`` and ``predict`` commands share it.
 """
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence, Tuple
