@@ -1,5 +1,6 @@
 """The project's own files are never written through a link it did not make, and every path a user names that
 cannot be used (a link, a loop, a folder, a FIFO, a name too long, a folder inside the data) is one line."""
+import contextlib
 import json
 import os
 import subprocess
@@ -145,16 +146,24 @@ def test_plot_skips_lines_whose_epoch_is_not_a_number(tmp_path, capsys):
     assert "skipped 2 line(s)" in capsys.readouterr().err
 
 
+@contextlib.contextmanager
+def _tmpfs(folder, options: str):
+    """A real tmpfs mounted at ``folder`` with ``options``; the test is skipped where mounting is not permitted."""
+    folder.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
 @pytest.fixture
 def read_only_folder(tmp_path):
-    """A real read-only file system (a tmpfs mounted read-only); skipped where mounting is not permitted."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    yield folder
-    subprocess.run(["umount", str(folder)], capture_output=True)
+    """A real read-only file system."""
+    with _tmpfs(tmp_path / "ro", "ro,size=1m") as folder:
+        yield folder
 
 
 def test_a_read_only_output_is_one_line_before_any_work(shapes, tmp_path, capsys, read_only_folder, one_thread):
@@ -170,12 +179,8 @@ def test_a_read_only_output_is_one_line_before_any_work(shapes, tmp_path, capsys
 
 
 def test_a_full_disk_while_taking_the_lock_leaves_no_lock_file(tmp_path):
-    folder = tmp_path / "tiny"
-    folder.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    try:
+    from spach.errors import SpachError
+    with _tmpfs(tmp_path / "tiny", "size=64k") as folder:
         fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)  # fill the file system to the last block
         try:
             while True:
@@ -184,12 +189,9 @@ def test_a_full_disk_while_taking_the_lock_leaves_no_lock_file(tmp_path):
             pass
         finally:
             os.close(fd)
-        from spach.errors import SpachError
         with pytest.raises(SpachError, match="the disk is full"):
             OutputDirLock(str(folder)).acquire()
         assert not (folder / LOCK_NAME).exists()
-    finally:
-        subprocess.run(["umount", str(folder)], capture_output=True)
 
 
 def test_eval_of_an_exported_safetensors_file_uses_its_metadata(shapes, tmp_path, capsys, one_thread):
