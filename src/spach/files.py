@@ -15,7 +15,7 @@ import os
 import stat
 
 __all__ = ["NotARegularFile", "path_kind", "open_regular", "regular_file_problem", "open_own", "os_error_reason",
-           "inside", "folder_write_problem"]
+           "inside", "under", "folder_write_problem"]
 
 # OSError kinds a user's path can cause, as the words that follow the path in a message
 _REASONS = {
@@ -82,13 +82,17 @@ def regular_file_problem(path) -> str:
     return f"is a {kind}, not a file"
 
 
+def under(path: str, folder: str) -> bool:
+    """Whether the path string ``path`` is ``folder`` or lies under it (no links resolved: real paths in)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def inside(path, folder) -> bool:
     """Whether ``path`` is ``folder`` or lies under it, links resolved (``path`` need not exist yet)."""
     try:
-        real, base = os.path.realpath(path), os.path.realpath(folder)
+        return under(os.path.realpath(path), os.path.realpath(folder))
     except (OSError, ValueError):
         return False
-    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
 
 
 def folder_write_problem(folder) -> str:

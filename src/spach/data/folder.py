@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
-from ..files import open_regular
+from ..files import open_regular, under
 
 __all__ = ["IMG_EXTENSIONS", "find_classes", "scan_split", "scan_images", "walk_images", "is_image_name",
            "check_dataset", "TolerantImageFolder", "load_rgb", "to_rgb", "BAD_IMAGE_ERRORS"]
@@ -61,10 +61,6 @@ def _entry_problem(entry: os.DirEntry) -> Optional[str]:
     except OSError:
         return "broken links"
     return None if stat.S_ISREG(st.st_mode) else "links to special files (FIFO, socket, device)"
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 class _Skipped:
@@ -122,10 +118,7 @@ class _SplitScan:
         stack = [(self.class_dirs[idx], self.reals[idx])]
         while stack:
             folder, real_folder = stack.pop()
-            try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
-            except OSError as e:
-                _raise_walk_error(e if e.filename else OSError(e.errno, e.strerror, folder))
+            entries = _sorted_entries(folder)
             subdirs = []
             for entry in entries:
                 if entry.is_dir():  # follows links
@@ -152,7 +145,7 @@ class _SplitScan:
         other = self.owner.get(real)
         if other is not None and other != idx:
             self.skipped.add("links to another class's folder", f"{entry.path} -> {self.class_dirs[other]}")
-        elif link and not _inside(real, self.reals[idx]):
+        elif link and not under(real, self.reals[idx]):
             self.skipped.add("folder links leading out of their class folder", f"{entry.path} -> {real}")
         elif real in visited:
             if link:
@@ -238,10 +231,7 @@ def walk_images(folder: str) -> Tuple[List[str], List[str]]:
     stack = [(folder, os.path.realpath(folder))]
     while stack:
         current, real_current = stack.pop()
-        try:
-            entries = sorted(os.scandir(current), key=lambda e: e.name)
-        except OSError as e:
-            _raise_walk_error(e if e.filename else OSError(e.errno, e.strerror, current))
+        entries = _sorted_entries(current)
         subdirs = []
         for entry in entries:
             if entry.is_dir():  # follows links
@@ -263,8 +253,14 @@ def walk_images(folder: str) -> Tuple[List[str], List[str]]:
     return files, skipped.lines(folder)
 
 
-def _raise_walk_error(err: OSError):
-    raise DataError(f"cannot read {err.filename}: {err.strerror}; fix its permissions (chmod -R a+rX)")
+def _sorted_entries(folder: str) -> list:
+    """A folder's entries in name order (both walks go depth first in name order); an unreadable folder is a
+    :class:`~spach.errors.DataError` naming it."""
+    try:
+        return sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise DataError(f"cannot read {e.filename or folder}: {e.strerror}; fix its permissions (chmod -R a+rX)") \
+            from None
 
 
 def class_difference(ref: Sequence[str], other: Sequence[str], ref_name: str, other_name: str) -> str:
