@@ -57,17 +57,26 @@ def _kind(mode: int) -> str:
     return "regular file" if stat.S_ISREG(mode) else "special file"
 
 
+# what a path is when it cannot be looked at, as a noun that reads after "is a"
+_UNREADABLE_KINDS = {
+    errno.ELOOP: "symbolic link loop",
+    errno.ENAMETOOLONG: "path too long for this system",
+    errno.EACCES: "path that cannot be reached (permission denied)",
+}
+
+
 def path_kind(path) -> str:
     """'regular file', 'folder', 'FIFO (named pipe)', 'socket', 'character device', 'block device', 'missing' (a
-    broken link included), or for a path that cannot be looked at, the reason (see :func:`os_error_reason`)."""
+    broken link included), or, for a path that cannot be looked at, what it is as a noun ('symbolic link loop',
+    'path too long for this system' ...): every kind reads after "is a"."""
     try:
         return _kind(os.stat(path).st_mode)
     except (FileNotFoundError, NotADirectoryError):
         return "missing"
     except OSError as e:  # a link loop, a name too long, a folder on the way that may not be entered ...
-        return os_error_reason(e)
+        return _UNREADABLE_KINDS.get(e.errno) or f"path that cannot be looked at ({e.strerror or type(e).__name__})"
     except ValueError:  # a NUL byte in the name
-        return "is not a valid path (it holds a NUL character)"
+        return "path that is not valid (it holds a NUL character)"
 
 
 def regular_file_problem(path) -> str:
@@ -77,8 +86,6 @@ def regular_file_problem(path) -> str:
         return ""
     if kind == "missing":
         return "does not exist"
-    if kind.startswith(("is ", "cannot ", "has ", "may ", "does ")):
-        return kind
     return f"is a {kind}, not a file"
 
 
