@@ -178,17 +178,22 @@ def test_a_read_only_output_is_one_line_before_any_work(shapes, tmp_path, capsys
     _one_line(capsys, "read-only file system")
 
 
+def _fill(folder):
+    """Fill the file system of ``folder`` to its last block."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 512)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def test_a_full_disk_while_taking_the_lock_leaves_no_lock_file(tmp_path):
     from spach.errors import SpachError
     with _tmpfs(tmp_path / "tiny", "size=64k") as folder:
-        fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)  # fill the file system to the last block
-        try:
-            while True:
-                os.write(fd, b"\0" * 512)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        _fill(folder)
         with pytest.raises(SpachError, match="the disk is full"):
             OutputDirLock(str(folder)).acquire()
         assert not (folder / LOCK_NAME).exists()
@@ -204,3 +209,18 @@ def test_eval_of_an_exported_safetensors_file_uses_its_metadata(shapes, tmp_path
     # no --model, --input-size or --crop-pct: the file's metadata names them, as a training checkpoint's args do
     assert main(["eval", "--checkpoint", str(out), "--data-path", shapes, "--device", "cpu", "--num_workers", "0"]) == 0
     assert "Creating model: spach_ms_xxs_patch4_224_attn (3 classes, input 32)" in capsys.readouterr().out
+
+
+def test_a_full_disk_while_predict_writes_its_output_is_one_line_and_keeps_the_old_file(shapes, tmp_path, capsys,
+                                                                                       one_thread):
+    run = tmp_path / "run"
+    assert main(["train", *fast_flags(shapes, run, epochs=1)]) == 0
+    with _tmpfs(tmp_path / "tiny", "size=64k") as folder:
+        (folder / "p.json").write_text("older results\n")
+        _fill(folder)
+        capsys.readouterr()
+        assert main(["predict", "--checkpoint", str(run / "checkpoint.pth"), os.path.join(shapes, "val"),
+                     os.path.join(shapes, "train"), "--output", str(folder / "p.json"), "-j", "0"]) == 2
+        _one_line(capsys, str(folder / "p.json"), "the disk is full", "an older one is kept")
+        assert (folder / "p.json").read_text() == "older results\n"
+        assert sorted(os.listdir(folder)) == ["filler", "p.json"]  # no partial file left

@@ -32,7 +32,7 @@ import torch
 
 from ..data.image_list import image_paths
 from ..errors import DataError, SpachError
-from ..files import path_kind
+from ..files import os_error_reason, path_kind
 from ..inference import build_model, predict_batches, warn
 from ._help import use_help_formatter
 
@@ -109,8 +109,8 @@ class ResultsFile:
         try:
             fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=folder)
         except OSError as e:  # read-only file system, no write permission
-            raise SpachError(f"cannot write --output {path}: {folder} is not writable ({e.strerror}); pass a path "
-                             f"in a folder you can write") from None
+            raise SpachError(f"cannot write --output {path}: {folder} {os_error_reason(e)}; pass a path in a folder "
+                             f"you can write") from None
         self.file = os.fdopen(fd, "w", newline="", encoding="utf-8")
         self.rows = 0
 
@@ -121,7 +121,19 @@ class ResultsFile:
         else:
             self.file.write("[")
 
+    def _failed(self, e: OSError) -> SpachError:
+        """A write that failed midway (a full disk, a quota): one line; the partial file goes in __exit__."""
+        return SpachError(f"cannot write --output {self.path}: {os.path.dirname(os.path.abspath(self.path))} "
+                          f"{os_error_reason(e)}; no {os.path.basename(self.path)} was written (an older one is "
+                          f"kept): free space or pass a path elsewhere")
+
     def add(self, records):
+        try:
+            self._add(records)
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def _add(self, records):
         for rec in records:
             if self.csv:
                 preds = rec["predictions"]
@@ -132,11 +144,14 @@ class ResultsFile:
             self.rows += 1
 
     def commit(self):
-        if not self.csv:
-            self.file.write("\n]\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        try:
+            if not self.csv:
+                self.file.write("\n]\n")
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        except OSError as e:
+            raise self._failed(e) from None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o666 & ~umask)  # as a plain open() would have made it, not mkstemp's 0600
@@ -146,7 +161,10 @@ class ResultsFile:
         return self
 
     def __exit__(self, *exc):
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # its buffer could not be written (a full disk): the file is dropped below anyway
+            pass
         if os.path.exists(self.tmp):  # not committed
             os.remove(self.tmp)
 

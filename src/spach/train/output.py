@@ -123,8 +123,9 @@ def _check_output_dir(path: str, create: bool = True):
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise SpachError(f"cannot create --output_dir {path}: it {os_error_reason(e)}; pick a writable folder") from None
-    if not os.access(path, os.W_OK):
-        raise SpachError(f"--output_dir {path} is not writable: fix its permissions or pick another folder")
+    problem = folder_write_problem(path)
+    if problem:
+        raise SpachError(f"--output_dir {path} {problem}: fix it or pick another folder")
 
 
 def on_main(dist: DistInfo, fn):
