@@ -224,3 +224,23 @@ def test_a_full_disk_while_predict_writes_its_output_is_one_line_and_keeps_the_o
         _one_line(capsys, str(folder / "p.json"), "the disk is full", "an older one is kept")
         assert (folder / "p.json").read_text() == "older results\n"
         assert sorted(os.listdir(folder)) == ["filler", "p.json"]  # no partial file left
+
+
+def test_export_onto_a_disk_without_room_is_one_line_before_writing(shapes, tmp_path, capsys, one_thread):
+    run = tmp_path / "run"
+    assert main(["train", *fast_flags(shapes, run, epochs=1)]) == 0
+    with _tmpfs(tmp_path / "small", "size=1m") as folder:
+        for fmt in ("safetensors", "torchscript", "onnx", "hf"):  # TorchScript's writer would abort the process
+            capsys.readouterr()
+            assert main(["export", "--checkpoint", str(run / "checkpoint.pth"), "--format", fmt, "--output",
+                         str(folder / f"m.{fmt}")]) == 2
+            _one_line(capsys, f"{folder} has ", "MB free, and this needs about")
+        assert os.listdir(folder) == []
+        # a library's own write error on a full disk is recognised as the disk's doing, whatever wraps it
+        from safetensors.torch import save_file
+        import torch
+        from spach.files import write_failure_reason
+        _fill(folder)
+        with pytest.raises(Exception) as caught:
+            save_file({"w": torch.zeros(4096)}, str(folder / "w.safetensors"))
+        assert write_failure_reason(caught.value) == "cannot be written: the disk is full"

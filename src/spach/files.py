@@ -15,7 +15,7 @@ import os
 import stat
 
 __all__ = ["NotARegularFile", "path_kind", "open_regular", "regular_file_problem", "open_own", "os_error_reason",
-           "inside", "under", "folder_write_problem"]
+           "inside", "under", "folder_write_problem", "write_failure_reason", "space_problem"]
 
 # OSError kinds a user's path can cause, as the words that follow the path in a message
 _REASONS = {
@@ -117,6 +117,38 @@ def folder_write_problem(folder) -> str:
     except OSError:
         pass
     return ""
+
+
+def write_failure_reason(e: BaseException) -> str:
+    """Why a write failed, when ``e`` (or an exception it was raised from) is the file system's doing: a full disk,
+    a quota, a read-only target, missing permissions; '' for anything else. Libraries that write files (torch,
+    safetensors, onnx) wrap the OSError or only keep its words."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            return os_error_reason(e)
+        text = str(e)
+        if "No space left on device" in text or "os error 28" in text:
+            return _REASONS[errno.ENOSPC]
+        if "Read-only file system" in text or "os error 30" in text:
+            return _REASONS[errno.EROFS]
+        e = e.__cause__ or e.__context__
+    return ""
+
+
+def space_problem(folder, need_bytes: int) -> str:
+    """'' when ``folder``'s file system has ``need_bytes`` free, else the words for a message. Checked before a
+    large write whose library cannot fail cleanly half-way (TorchScript's writer aborts the process on a full
+    disk)."""
+    import shutil
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    if free >= need_bytes:
+        return ""
+    return f"has {free / 2 ** 20:.1f} MB free, and this needs about {need_bytes / 2 ** 20:.1f} MB"
 
 
 def open_own(path, flags: int, perm: int = 0o644, what: str = "file") -> int:

@@ -25,6 +25,7 @@ import warnings
 import torch
 
 from ..errors import SpachError
+from ..files import space_problem, write_failure_reason
 from ..inference import ModelInfo, build_model
 from ..weights import HF_CONFIG, HF_WEIGHTS, is_hf_hub, is_url, local_weights, open_weights, url_file_name
 from ._help import use_help_formatter
@@ -96,6 +97,10 @@ def run(args) -> int:
     # export never leaves a broken file under the output's name (nor removes an older one)
     # (named with the format's extension: the safetensors check reloads it by name, whatever --output is called)
     partial = os.path.join(parent, f".{os.path.basename(output)}.partial{FORMATS[args.format]}")
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 5 // 4 + 2 ** 20
+    problem = space_problem(parent, need)
+    if problem:
+        raise SpachError(f"cannot write {output}: {parent} {problem}; free space or pass an --output elsewhere")
     try:
         if args.format == "hf":
             exporter[args.format](model, info, partial, args, weights)
@@ -103,6 +108,12 @@ def run(args) -> int:
         else:
             exporter[args.format](model, info, partial, args)
             os.replace(partial, output)
+    except Exception as e:
+        reason = write_failure_reason(e)
+        if not reason:
+            raise
+        raise SpachError(f"cannot write {output}: {parent} {reason}; nothing was written under that name (an older "
+                         f"file is kept): free space or pass an --output elsewhere") from None
     finally:
         if os.path.isdir(partial):
             shutil.rmtree(partial)
@@ -223,6 +234,8 @@ def export_onnx(model, info: ModelInfo, output: str, args) -> float:
     except ImportError as e:  # onnxscript is what the torch.export-based exporter runs on
         raise SpachError(f"{ONNX_INSTALL} ({e})") from None
     except Exception as e:
+        if write_failure_reason(e):  # the disk, not the exporter: said once, by the caller
+            raise
         detail = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
         hint = (f"; try another --opset than {args.opset}" if legacy else
                 f"; --opset {MIN_DYNAMO_OPSET - 1} uses torch's TorchScript-based exporter instead")
