@@ -1,6 +1,11 @@
 """Samplers: repeated augmentation for training, exact sharding for distributed evaluation.
 
-Both are functions of ``(seed, epoch, rank, world_size)`` only, so a resumed run draws the same order.
+An epoch of training is one global sequence of samples, a function of ``(seed, epoch)`` only: rank ``r`` of
+``W`` reads its positions ``r, r+W, r+2W ...``. So the samples of optimizer step ``s`` at a global batch ``G`` are
+positions ``[s*G, (s+1)*G)`` whatever the number of processes and the accumulation that make up ``G``, and a run
+that resumes at position ``start`` (``set_epoch(epoch, start)``, a multiple of ``G``) on any number of processes
+reads the rest of the same sequence: no sample repeated, none skipped. ``global_batch`` trims the epoch to whole
+global batches (the samples after the last one come first in another epoch's order).
 """
 import math
 
@@ -22,21 +27,48 @@ def _epoch_order(n: int, shuffle: bool, seed: int, epoch: int):
 class _EpochSampler(Sampler):
     """What the training samplers share: the dataset size, this process's shard, the seed and the epoch."""
 
-    def __init__(self, dataset_len: int, num_replicas: int, rank: int, shuffle: bool, seed: int):
+    def __init__(self, dataset_len: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+                 global_batch: int = 0):
         if dataset_len < num_replicas:
             raise ValueError(f"{dataset_len} samples cannot be split over {num_replicas} processes")
+        if global_batch and global_batch % num_replicas:
+            raise ValueError(f"a global batch of {global_batch} cannot be split over {num_replicas} processes")
         self.dataset_len = dataset_len
         self.num_replicas = num_replicas
         self.rank = rank
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self.start = 0
+        # the positions an epoch uses: whole global batches (or, without one, an equal share for every rank)
+        unit = global_batch or num_replicas
+        self.epoch_len = dataset_len // unit * unit
 
     def _order(self):
         return _epoch_order(self.dataset_len, self.shuffle, self.seed, self.epoch)
 
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
+    def _sequence(self):
+        """The epoch's global sequence of dataset indices (at least ``epoch_len`` long)."""
+        return self._order()
+
+    def set_epoch(self, epoch: int, start: int = 0):
+        """Read ``epoch``'s sequence from global position ``start`` (the samples all ranks consumed before a
+        mid-epoch resume; a multiple of the number of processes)."""
+        if start % self.num_replicas or not 0 <= start <= self.epoch_len:
+            raise ValueError(f"position {start} does not start a step of {self.num_replicas} processes in an epoch "
+                             f"of {self.epoch_len} samples")
+        self.epoch, self.start = epoch, start
+
+    def items(self):
+        """This rank's ``(global position, dataset index)`` pairs of the epoch, from ``start`` on."""
+        sequence = self._sequence()
+        return ((p, sequence[p]) for p in range(self.start + self.rank, self.epoch_len, self.num_replicas))
+
+    def __iter__(self):
+        return (index for _, index in self.items())
+
+    def __len__(self):
+        return (self.epoch_len - self.start) // self.num_replicas
 
 
 class RASampler(_EpochSampler):
@@ -45,36 +77,18 @@ class RASampler(_EpochSampler):
     ``len(dataset) // world_size`` samples per rank, as many as without repetition."""
 
     def __init__(self, dataset_len: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
-                 repeats: int = 3, seed: int = 0):
-        super().__init__(dataset_len, num_replicas, rank, shuffle, seed)
+                 repeats: int = 3, seed: int = 0, global_batch: int = 0):
+        super().__init__(dataset_len, num_replicas, rank, shuffle, seed, global_batch)
         self.repeats = repeats
-        self.num_samples = int(math.ceil(dataset_len * repeats / num_replicas))
-        self.total_size = self.num_samples * num_replicas
-        self.num_selected_samples = dataset_len // num_replicas
 
-    def __iter__(self):
-        indices = [i for i in self._order() for _ in range(self.repeats)]
-        indices += indices[:self.total_size - len(indices)]
-        indices = indices[self.rank:self.total_size:self.num_replicas]
-        return iter(indices[:self.num_selected_samples])
-
-    def __len__(self):
-        return self.num_selected_samples
+    def _sequence(self):
+        # each image `repeats` times in a row: consecutive positions go to different ranks
+        return [i for i in self._order() for _ in range(self.repeats)]
 
 
 class ShuffleSampler(_EpochSampler):
     """A seeded per-epoch permutation, sharded over ranks (``DistributedSampler`` with ``drop_last``
     semantics, so every rank gets the same number of samples)."""
-
-    def __init__(self, dataset_len: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
-        super().__init__(dataset_len, num_replicas, rank, shuffle, seed)
-        self.num_samples = dataset_len // num_replicas
-
-    def __iter__(self):
-        return iter(self._order()[self.rank:self.num_samples * self.num_replicas:self.num_replicas])
-
-    def __len__(self):
-        return self.num_samples
 
 
 class EvalShardSampler(Sampler):

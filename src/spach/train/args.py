@@ -121,6 +121,12 @@ def _model_flags(parser, dd):
 def _optimizer_flags(parser, dd):
     g = _group(parser, "optim")
     _flag(g, *_SHARED["batch_size"][0], **_SHARED["batch_size"][1], ev=True)
+    _flag(g, "--grad-accum-steps", dest="grad_accum_steps", type=positive_int, default=None,
+          help="accumulate the gradients of N batches per optimizer step: global batch = --batch-size x N x "
+               "processes (default 1, or what --global-batch implies)%(default).0s")
+    _flag(g, "--global-batch", dest="global_batch_size", type=positive_int, default=None, metavar="G",
+          help="the global batch to train at (the recipe's 1024 = 8 cards x 128): --grad-accum-steps becomes "
+               "G / (--batch-size x processes), which must divide")
     _flag(g, "--epochs", dest="epochs", type=positive_int, default=None, help="epochs " + dd("epochs"))
     _flag(g, "--opt", dest="opt", default="adamw", choices=["adamw", "sgd"])
     _flag(g, "--opt-eps", dest="opt_eps", type=in_range(0, 1, low_open=True), default=1e-8)
@@ -193,6 +199,15 @@ def _run_flags(parser, dd):
     _bool_pair(g, "auto-resume", "auto_resume", True, "resume from <output_dir>/checkpoint.pth when it exists",
                "always start afresh")
     _flag(g, "--start_epoch", dest="start_epoch", type=nonneg_int, default=0)
+    _flag(g, "--recovery-interval", dest="recovery_interval", type=nonneg_int, default=0, metavar="N",
+          help="also write recovery.pth every N optimizer steps inside an epoch (replacing the last one), so that a "
+               "kill without warning loses at most N steps; 0: only at epoch ends and on SIGTERM / SIGUSR1 / SIGINT")
+    _flag(g, "--checkpoint-hist", dest="checkpoint_hist", type=nonneg_int, default=0, metavar="K",
+          help="also keep the K best epoch checkpoints as checkpoint-<epoch>.pth (timm's --checkpoint-hist), for "
+               "`spach average`; 0: keep none")
+    _flag(g, "--allow-batch-change", dest="allow_batch_change", action="store_true",
+          help="resume even though the global batch differs from the checkpoint's (the lr is rescaled and the epoch's "
+               "remaining samples are split into the new batches)")
     _flag(g, "--eval", dest="eval", action="store_true", help="only evaluate (--resume CKPT)")
     _flag(g, "--eval-ema", dest="eval_ema", action="store_true", help="with --eval: evaluate the checkpoint's EMA weights")
     _flag(g, "--dist-eval", dest="dist_eval", action="store_true", help="shard evaluation over the processes", ev=True)
@@ -253,6 +268,8 @@ def _device_flags(parser, dd):
     _flag(g, *_SHARED["channels_last"][0], **_SHARED["channels_last"][1], ev=True)
     _flag(g, *_SHARED["grad_checkpointing"][0], **_SHARED["grad_checkpointing"][1])
     _flag(g, *_SHARED["compile"][0], **_SHARED["compile"][1], ev=True)
+    _flag(g, "--sync-bn", dest="sync_bn", action="store_true",
+          help="synchronise BatchNorm statistics across processes (models with BatchNorm, under torchrun)")
     _flag(g, "--world_size", dest="world_size", type=int, default=1, help="set by torchrun (WORLD_SIZE)", ev=True)
     _flag(g, "--dist_url", dest="dist_url", default="env://", help="kept for compatibility; torchrun's env:// is used",
           ev=True)

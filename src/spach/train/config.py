@@ -51,6 +51,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     batch_size: int
+    grad_accum_steps: int          # resolved: 1, or --global-batch / (batch x processes)
+    global_batch_size: Optional[int]  # --global-batch as given (None: batch x accumulation x processes)
     epochs: int
     opt: str
     opt_eps: float
@@ -71,7 +73,7 @@ class OptimConfig:
     warmup_epochs: float
     cooldown_epochs: float
     sched_per_step: bool
-    global_batch: int = field(default=0, metadata=_DERIVED)       # batch x processes
+    global_batch: int = field(default=0, metadata=_DERIVED)       # batch x accumulation x processes
     effective_lr: float = field(default=0.0, metadata=_DERIVED)   # lr x global batch / LR_BATCH
 
 
@@ -116,6 +118,9 @@ class OutputConfig:
     resume: str
     auto_resume: bool
     start_epoch: int
+    recovery_interval: int         # optimizer steps between mid-epoch recovery checkpoints (0: none)
+    checkpoint_hist: int           # the K best epoch checkpoints kept as checkpoint-<epoch>.pth (0: none)
+    allow_batch_change: bool       # a resume may change the global batch
     eval: bool
     eval_ema: bool
     dist_eval: bool
@@ -145,6 +150,7 @@ class DeviceConfig:
     channels_last: bool
     grad_checkpointing: bool
     compile: bool
+    sync_bn: bool
     world_size: int                # the number of processes (torchrun's WORLD_SIZE)
     dist_url: str
     local_rank: int

@@ -188,9 +188,27 @@ def _model_variant(v: _Values, start):
 
 
 def _scaled_lr(v: _Values):
-    world = v["world_size"]
-    v.set("global_batch", v["batch_size"] * world, f"--batch-size x {world} process(es)")
-    v.set("effective_lr", v["lr"] * v["batch_size"] * world / LR_BATCH, f"--lr x global batch / {LR_BATCH}")
+    """The accumulation (--grad-accum-steps, or what --global-batch implies), the global batch and the lr scaled
+    to it."""
+    world, batch, accum, wanted = v["world_size"], v["batch_size"], v["grad_accum_steps"], v["global_batch_size"]
+    per_step = batch * world
+    if wanted is not None:
+        if wanted % per_step:
+            raise SpachError(f"--global-batch {wanted} is not a multiple of --batch-size {batch} x {world} process(es) "
+                             f"= {per_step}: pick a --batch-size that divides {wanted // world if wanted % world == 0 else wanted}"
+                             f" per process, or a --global-batch that is a multiple of {per_step}")
+        implied = wanted // per_step
+        if accum is not None and accum != implied:
+            raise SpachError(f"--global-batch {wanted} means --grad-accum-steps {implied} at --batch-size {batch} x "
+                             f"{world} process(es), not {accum}: give one of the two")
+        v.set("grad_accum_steps", implied, f"--global-batch {wanted} / (--batch-size {batch} x {world} process(es))")
+    elif accum is None:
+        v.set("grad_accum_steps", 1, "default")
+    accum = v["grad_accum_steps"]
+    v.set("global_batch", per_step * accum,
+          f"--batch-size x {accum} accumulation x {world} process(es)" if accum > 1 else
+          f"--batch-size x {world} process(es)")
+    v.set("effective_lr", v["lr"] * per_step * accum / LR_BATCH, f"--lr x global batch / {LR_BATCH}")
 
 
 def _trackers(v: _Values, mode: str):
