@@ -217,7 +217,7 @@ class Workload:
             scaler=build_scaler(self.device, self.amp_dtype), mixup_fn=self.mixup_fn)
 
     def train_step(self, x, y):
-        return train_step(self.step_pieces, x, y)
+        return train_step(self.step_pieces, [(x, y)])
 
     def infer_step(self, x, y=None):
         with torch.inference_mode(), autocast(self.device, self.amp_dtype):

@@ -7,8 +7,6 @@ that resumes at position ``start`` (``set_epoch(epoch, start)``, a multiple of `
 reads the rest of the same sequence: no sample repeated, none skipped. ``global_batch`` trims the epoch to whole
 global batches (the samples after the last one come first in another epoch's order).
 """
-import math
-
 import torch
 from torch.utils.data import Sampler
 
@@ -40,9 +38,8 @@ class _EpochSampler(Sampler):
         self.seed = seed
         self.epoch = 0
         self.start = 0
-        # the positions an epoch uses: whole global batches (or, without one, an equal share for every rank)
-        unit = global_batch or num_replicas
-        self.epoch_len = dataset_len // unit * unit
+        self.unit = global_batch or num_replicas  # an epoch uses whole global batches (or equal shares per rank)
+        self.epoch_len = dataset_len // self.unit * self.unit
 
     def _order(self):
         return _epoch_order(self.dataset_len, self.shuffle, self.seed, self.epoch)
@@ -53,11 +50,13 @@ class _EpochSampler(Sampler):
 
     def set_epoch(self, epoch: int, start: int = 0):
         """Read ``epoch``'s sequence from global position ``start`` (the samples all ranks consumed before a
-        mid-epoch resume; a multiple of the number of processes)."""
-        if start % self.num_replicas or not 0 <= start <= self.epoch_len:
+        mid-epoch resume; a multiple of the number of processes). The epoch then ends after the last whole global
+        batch from ``start`` on (where it always ends when ``start`` is a multiple of the global batch)."""
+        if start % self.num_replicas or not 0 <= start <= self.dataset_len:
             raise ValueError(f"position {start} does not start a step of {self.num_replicas} processes in an epoch "
-                             f"of {self.epoch_len} samples")
+                             f"of {self.dataset_len} samples")
         self.epoch, self.start = epoch, start
+        self.epoch_len = start + (self.dataset_len - start) // self.unit * self.unit
 
     def items(self):
         """This rank's ``(global position, dataset index)`` pairs of the epoch, from ``start`` on."""

@@ -143,6 +143,8 @@ def init_distributed(device_kind: str, timeout_s: int = 1800, index: Optional[in
 
 
 def destroy_distributed():
+    global _HOST_GROUP
+    _HOST_GROUP = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -161,6 +163,23 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+_HOST_GROUP = None
+
+
+def host_group():
+    """A gloo process group over the same ranks, for small host-side messages (a stop flag every step) that must
+    not wait for the device: on nccl / hccl a collective on a host tensor is not possible, and one on a device
+    tensor would synchronise the host with the device. Its own group even when the default one is gloo, so its
+    messages never queue behind (or interleave with) DDP's gradient all-reduces. Created once, by every rank (it
+    is a collective). None outside torchrun."""
+    global _HOST_GROUP
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    return _HOST_GROUP
 
 
 def broadcast_object(obj, src: int = 0):

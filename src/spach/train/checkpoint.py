@@ -22,10 +22,12 @@ from ..files import regular_file_problem
 from ..weights import open_weights
 from . import faults
 
-__all__ = ["atomic_save", "atomic_write", "open_checkpoint", "load_checkpoint", "get_rng_state", "set_rng_state", "CHECKPOINT_NAME", "BEST_NAME"]
+__all__ = ["atomic_save", "atomic_write", "open_checkpoint", "load_checkpoint", "get_rng_state", "set_rng_state", "CHECKPOINT_NAME", "BEST_NAME",
+           "RECOVERY_NAME", "position"]
 
 CHECKPOINT_NAME = "checkpoint.pth"
 BEST_NAME = "best.pth"
+RECOVERY_NAME = "recovery.pth"  # the state in the middle of an epoch (--recovery-interval, or a stop signal)
 
 
 def atomic_save(obj, path: str):
@@ -98,6 +100,16 @@ def open_checkpoint(path: str):
         raise CheckpointError(f"{path} is not a training checkpoint (no 'model' entry): use --finetune or "
                               f"--checkpoint for a bare weights file")
     return weights
+
+
+def position(ckpt: dict):
+    """Where a checkpoint's state stands in its run: ``(epoch, step)``, the next step to train. An epoch checkpoint
+    stands at step 0 of the epoch after its ``epoch``; a recovery checkpoint at its recorded step."""
+    rec = ckpt.get("recovery")
+    if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and isinstance(rec.get("step"), int):
+        return rec["epoch"], rec["step"]
+    epoch = ckpt.get("epoch")
+    return (epoch + 1 if isinstance(epoch, int) and not isinstance(epoch, bool) else 0), 0
 
 
 def load_checkpoint(path: str) -> dict:

@@ -8,6 +8,8 @@ The hot path queues work on the device and never waits for it: losses are summed
 the same steps it counts: the clock starts after the warm-up steps, behind a device synchronise, and stops
 behind another; the per-rank rates are summed over ranks.
 """
+import contextlib
+import dataclasses
 import logging
 import math
 import sys
@@ -22,7 +24,7 @@ from ..errors import DataError, SpachError
 from ..runtime.device import all_reduce_sum, autocast, max_memory_gib, synchronize, world_size
 from . import faults
 
-__all__ = ["TrainStep", "train_step", "build_scaler", "train_one_epoch", "NonFiniteLossError", "format_duration"]
+__all__ = ["TrainStep", "EpochProgress", "train_step", "build_scaler", "train_one_epoch", "NonFiniteLossError", "format_duration"]
 
 logger = logging.getLogger("spach.train")
 
@@ -61,38 +63,53 @@ class TrainStep:
     grad_norm: Optional[torch.Tensor] = None  # the last step's norm (on the device) when clipping or tracking
 
 
-def train_step(step: TrainStep, samples: torch.Tensor, targets: torch.Tensor,
-               index: Optional[int] = None) -> torch.Tensor:
-    """One optimizer step on a batch already on the device: mixup, forward and loss under autocast, backward
-    (scaled for fp16), optional gradient clipping, the optimizer update, the EMA update. Returns the loss
+def _no_sync(net: nn.Module):
+    """DDP's ``no_sync`` (gradients kept local, no all-reduce) around the backward passes of the micro-batches that
+    do not step the optimizer; nothing without DDP."""
+    ddp = getattr(net, "_orig_mod", net)  # under torch.compile the DDP module is the compiled one's original
+    return ddp.no_sync() if hasattr(ddp, "no_sync") else contextlib.nullcontext()
+
+
+def train_step(step: TrainStep, micro_batches, index: Optional[int] = None, count: int = 1) -> torch.Tensor:
+    """One optimizer step over ``count`` micro-batches ``(samples, targets)`` already on the device (a sequence, or
+    an iterator that loads each when it is needed): per micro-batch mixup, forward and loss under autocast and
+    backward of ``loss / count`` (scaled for fp16), the gradients all-reduced only with the last one; then
+    optional gradient clipping, the optimizer update and the EMA update, once. Returns the micro-batches' mean loss
     (detached); nothing here waits for the device. ``index`` is the step's number in its epoch, for the
-    fault-injection point between the forward and the backward pass."""
-    if step.mixup_fn is not None:
-        samples, targets = step.mixup_fn(samples, targets)
-    with autocast(step.device, step.amp_dtype):
-        outputs = step.net(samples)
-        loss = step.criterion(samples, outputs, targets)
-    if index is not None:
-        faults.point("step", index)
+    fault-injection point between the first forward and backward pass."""
     optimizer, scaler = step.optimizer, step.scaler
     optimizer.zero_grad(set_to_none=True)
+    total = None
+    for k, (samples, targets) in enumerate(micro_batches):
+        last = k == count - 1
+        with contextlib.nullcontext() if last else _no_sync(step.net):
+            if step.mixup_fn is not None:
+                samples, targets = step.mixup_fn(samples, targets)
+            with autocast(step.device, step.amp_dtype):
+                outputs = step.net(samples)
+                loss = step.criterion(samples, outputs, targets)
+            if index is not None and k == 0:
+                faults.point("step", index)
+            part = loss / count if count > 1 else loss
+            (scaler.scale(part) if scaler is not None else part).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+        if last:
+            break
     # an infinite bound measures the norm without clipping; the norm stays on the device (read when logged)
     max_norm = step.clip_grad or (float("inf") if step.track_grad_norm else None)
     if scaler is not None:
-        scaler.scale(loss).backward()
         if max_norm:
             scaler.unscale_(optimizer)
             step.grad_norm = torch.nn.utils.clip_grad_norm_(step.net.parameters(), max_norm)
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
         if max_norm:
             step.grad_norm = torch.nn.utils.clip_grad_norm_(step.net.parameters(), max_norm)
         optimizer.step()
     if step.ema is not None:
         step.ema.update(step.model)
-    return loss.detach()
+    return total / count if count > 1 else total
 
 
 def _loader_error(e: Exception) -> Exception:
@@ -117,14 +134,14 @@ def _batches(loader):
         yield batch
 
 
-def _progress(total, desc, enabled):
+def _progress(total, desc, enabled, initial=0):
     if not enabled:
         return None
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
 
 
 def _acc_dtype(device) -> torch.dtype:
@@ -132,52 +149,99 @@ def _acc_dtype(device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
+@dataclass
+class EpochProgress:
+    """What this rank's part of an epoch has done so far, kept in a mid-epoch recovery checkpoint so that the
+    resumed epoch's stats (its line of log.txt) come out as an uninterrupted epoch's: optimizer steps done, the
+    sum of their losses, their learning rates, the unreadable images drawn and the training seconds spent."""
+    steps_done: int = 0
+    loss_sum: float = 0.0
+    lrs: list = dataclasses.field(default_factory=list)
+    bad_images: int = 0
+    elapsed: float = 0.0
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _DeviceBatches:
+    """The loader's batches moved to the device and finished there (the fast pipeline's normalise and erasing,
+    channels-last); counts the unreadable images the loader replaced."""
+
+    def __init__(self, loader, device, batch_transform, channels_last):
+        self.it = _batches(loader)
+        self.device, self.batch_transform, self.channels_last = device, batch_transform, channels_last
+        self.bad_images = 0
+        self.batch_size = None
+
+    def take(self, n: int):
+        """The next ``n`` micro-batches, each loaded when the step asks for it."""
+        for _ in range(n):
+            samples, targets, n_bad = next(self.it)
+            self.bad_images += int(n_bad.sum())
+            self.batch_size = samples.shape[0]
+            samples = samples.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            if self.batch_transform is not None:
+                samples = self.batch_transform(samples)
+            if self.channels_last:
+                samples = samples.contiguous(memory_format=torch.channels_last)
+            yield samples, targets
+
+
 def train_one_epoch(step: TrainStep, data_loader, epoch: int, schedule, *, batch_transform=None,
                     channels_last: bool = False, print_freq: int = 10, fps_warmup_steps: int = 3,
                     is_main: bool = True, show_progress: bool = False, last_good: str = "",
                     log_interval: Optional[int] = None, on_log: Optional[Callable[[int, dict], None]] = None,
-                    run_eta: Optional[Callable[[float, float], float]] = None):
-    """One epoch of :func:`train_step` over ``data_loader``, the learning rate set by ``schedule``.
-    ``batch_transform`` finishes batches on the device (the fast data pipeline's normalise and random
-    erasing), before mixup. ``last_good`` (the checkpoint a run would restart from) goes into the message of a
-    non-finite loss. Every ``log_interval`` steps ``on_log(steps_done_in_epoch, scalars)`` gets the step's
-    loss, lr, images/s, memory and grad norm (main rank). ``run_eta(epoch_left_s, epoch_s)`` turns the epoch's
-    remaining and projected seconds into the run's remaining seconds, for the progress lines."""
+                    run_eta: Optional[Callable[[float, float], float]] = None, accum: int = 1,
+                    steps: Optional[int] = None, progress: Optional[EpochProgress] = None,
+                    after_step: Optional[Callable[[int, Callable[[], EpochProgress]], bool]] = None):
+    """One epoch of :func:`train_step` over ``data_loader``, ``accum`` micro-batches per optimizer step, the
+    learning rate set by ``schedule`` per optimizer step. ``batch_transform`` finishes batches on the device
+    (the fast data pipeline's normalise and random erasing), before mixup. ``last_good`` (the checkpoint a run
+    would restart from) goes into the message of a non-finite loss. Every ``log_interval`` optimizer steps
+    ``on_log(steps_done_in_epoch, scalars)`` gets the step's loss, lr, images/s, memory and grad norm (main rank).
+    ``run_eta(epoch_left_s, epoch_s)`` turns the epoch's remaining and projected seconds into the run's remaining
+    seconds, for the progress lines.
+
+    A mid-epoch resume passes the epoch's ``steps`` (optimizer steps in all) and its ``progress`` so far; the
+    loader then yields only the remaining batches. After every optimizer step ``after_step(steps_done, snapshot)``
+    may write a recovery checkpoint (``snapshot()`` is the progress then) and returns True to stop the epoch
+    there: this function then returns None instead of the epoch's stats."""
     step.net.train()
     device, optimizer = step.device, step.optimizer
-    steps = len(data_loader)
+    progress = progress or EpochProgress()
+    first = progress.steps_done
+    steps = steps if steps is not None else len(data_loader) // accum
     if steps == 0:
         raise DataError("the training loader has no full batch: lower --batch-size")
-    warmup = min(fps_warmup_steps, steps - 1)
-    lr = schedule.apply(optimizer, epoch, 0, steps)
+    warmup = min(first + fps_warmup_steps, steps - 1)
     acc = _acc_dtype(device)
-    loss_sum = torch.zeros((), device=device, dtype=acc)
+    loss_sum = torch.full((), progress.loss_sum, device=device, dtype=acc)
     window_sum = torch.zeros((), device=device, dtype=acc)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
-    n_bad_images = 0
-    window_start, window_n = 0, 0
+    window_start, window_n = first, 0
     log_interval = log_interval or print_freq
     t_window = time.perf_counter()
-    lrs = []
-    bar = _progress(steps, f"Epoch {epoch}", show_progress and is_main)
-    t_epoch = time.perf_counter()
-    t0 = t_epoch
+    lrs = list(progress.lrs)
+    bar = _progress(steps, f"Epoch {epoch}", show_progress and is_main, initial=first)
+    t_epoch = time.perf_counter() - progress.elapsed
+    t0 = time.perf_counter()
     n_timed = 0
-    batch_size = None
+    batches = _DeviceBatches(data_loader, device, batch_transform, channels_last)
+    # (an epoch resumed after its last step trains nothing: the optimizer keeps that step's rate)
+    lr = schedule.apply(optimizer, epoch, first, steps) if first < steps else (lrs[-1] if lrs else 0.0)
 
-    for i, (samples, targets, n_bad) in enumerate(_batches(data_loader)):
-        n_bad_images += int(n_bad.sum())
-        if schedule.per_step and i:
+    def snapshot() -> EpochProgress:
+        return EpochProgress(i + 1, float(loss_sum.item()), list(lrs), progress.bad_images + batches.bad_images,
+                             time.perf_counter() - t_epoch)
+
+    for i in range(first, steps):
+        if schedule.per_step and i > first:
             lr = schedule.apply(optimizer, epoch, i, steps)
         lrs.append(lr)
-        batch_size = samples.shape[0]
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if batch_transform is not None:
-            samples = batch_transform(samples)
-        if channels_last:
-            samples = samples.contiguous(memory_format=torch.channels_last)
-        loss = train_step(step, samples, targets, index=i)
+        loss = train_step(step, batches.take(accum), index=i, count=accum)
+        batch_size = batches.batch_size * accum
 
         loss_d = loss.detach().to(acc)
         finite = torch.isfinite(loss_d)
@@ -205,7 +269,7 @@ def train_one_epoch(step: TrainStep, data_loader, epoch: int, schedule, *, batch
             check = all_reduce_sum(check)
             bad_step = int(first_bad.item())
             if check[1].item() > 0 or not math.isfinite(check[0].item()):
-                raise _non_finite(epoch, bad_step if bad_step >= 0 else window_start, lrs, lr, last_good)
+                raise _non_finite(epoch, bad_step if bad_step >= 0 else window_start, lrs, first, lr, last_good)
             window_avg = check[0].item() / window_n / world_size()
             now = time.perf_counter()  # the .item() above waited for the device: the window's time is honest
             ips = window_n * batch_size * world_size() / max(now - t_window, 1e-9)
@@ -214,8 +278,9 @@ def train_one_epoch(step: TrainStep, data_loader, epoch: int, schedule, *, batch
                 scalars = {"loss": window_avg, "lr": lr, "images_per_s": ips, "memory_gib": max_memory_gib(device),
                            "grad_norm": step.grad_norm.item() if step.grad_norm is not None else None}
                 on_log(i + 1, {k: v for k, v in scalars.items() if v is not None})
-            left = (now - t_epoch) / (i + 1) * (steps - i - 1)
-            eta = _eta(left, run_eta(left, (now - t_epoch) / (i + 1) * steps) if run_eta else None)
+            done = i + 1 - first
+            left = (now - t_epoch - progress.elapsed) / done * (steps - i - 1)
+            eta = _eta(left, run_eta(left, now - t_epoch + left) if run_eta else None)
             if bar is not None:
                 bar.set_postfix(loss=f"{window_avg:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", eta=eta)
             elif is_main and printing:
@@ -224,6 +289,10 @@ def train_one_epoch(step: TrainStep, data_loader, epoch: int, schedule, *, batch
                             f"time: {now - t_epoch:.1f}s")
             window_sum.zero_()
             window_start, window_n = i + 1, 0
+        if after_step is not None and after_step(i + 1, snapshot):
+            if bar is not None:
+                bar.close()
+            return None
 
     synchronize(device)
     t1 = time.perf_counter()
@@ -231,11 +300,13 @@ def train_one_epoch(step: TrainStep, data_loader, epoch: int, schedule, *, batch
         bar.close()
     # the same steps are counted and timed: warm-up steps are out of both
     fps_local = n_timed / (t1 - t0) if t1 > t0 and n_timed else 0.0
-    return _epoch_stats(epoch, steps, lrs, loss_sum, fps_local, n_bad_images, t1 - t_epoch, acc, device, is_main)
+    n_bad = progress.bad_images + batches.bad_images
+    return _epoch_stats(epoch, steps, lrs, loss_sum, fps_local, n_bad, t1 - t_epoch, acc, device, is_main)
 
 
-def _non_finite(epoch, bad_step, lrs, lr, last_good) -> "NonFiniteLossError":
-    bad_lr = lrs[bad_step] if bad_step < len(lrs) else lr
+def _non_finite(epoch, bad_step, lrs, first, lr, last_good) -> "NonFiniteLossError":
+    # lrs holds the epoch's rates from its step 0 (a mid-epoch resume restores the earlier ones)
+    bad_lr = lrs[bad_step] if 0 <= bad_step < len(lrs) else lr
     return NonFiniteLossError(
         f"training loss became non-finite (NaN/inf) at epoch {epoch}, step {bad_step}, lr {bad_lr:.3g}; "
         f"stopped without saving. " + (f"The last good checkpoint is {last_good}: resume from it with a "

@@ -2,8 +2,9 @@
 
 Inert unless the environment variable ``SPACH_FAULT_AT`` is set (one ``os.environ`` lookup per point). It holds
 comma-separated points, each ``[ACTION@]EVENT:EPOCH[:STEP]``; ACTION is ``kill`` (SIGKILL, the default: a crash
-or pre-emption, nothing flushed or cleaned up) or ``stop`` (SIGSTOP, so a test can change the disk under a live
-run and then SIGCONT it). The events:
+or pre-emption, nothing flushed or cleaned up), ``stop`` (SIGSTOP, so a test can change the disk under a live
+run and then SIGCONT it), or ``term`` / ``usr1`` / ``int`` (SIGTERM / SIGUSR1 / SIGINT: a pre-emption notice,
+which the run answers by stopping after the step). The events:
 
 * ``epoch:E``              start of epoch E (before any of its steps)
 * ``step:E:S``             step S of epoch E, after the forward pass, before backward and the optimizer update
@@ -20,6 +21,10 @@ import signal
 __all__ = ["set_epoch", "armed", "point"]
 
 _epoch = 0
+
+
+_ACTIONS = {"stop": signal.SIGSTOP, "term": signal.SIGTERM, "usr1": getattr(signal, "SIGUSR1", signal.SIGTERM),
+            "int": signal.SIGINT}
 
 
 def set_epoch(epoch: int):
@@ -45,7 +50,7 @@ def armed(event: str, step=None):
     for entry in spec.split(","):
         action, _, where = entry.strip().rpartition("@")
         if where == key:
-            return signal.SIGSTOP if action == "stop" else signal.SIGKILL
+            return _ACTIONS.get(action, signal.SIGKILL)
     return None
 
 

@@ -13,6 +13,7 @@ import torch
 
 from ..data import (EvalShardSampler, RASampler, ShuffleSampler, TolerantImageFolder, build_transform, check_dataset,
                     prepare_demo_dataset)
+from ..data.seeding import SeededKeys, SeededSamples
 from ..errors import DataError, SpachError
 from ..runtime import device as devices
 from ..runtime.device import DistInfo
@@ -39,11 +40,13 @@ class Data:
 
 @dataclass(frozen=True)
 class Reading:
-    """How batches are read: the batch size per process, the sampler seed, sharded evaluation, eval only."""
+    """How batches are read: the batch size per process, the sampler seed, sharded evaluation, eval only, and the
+    global batch (batch x accumulation x processes) an epoch is cut into."""
     batch_size: int
     seed: int
     dist_eval: bool
     eval_only: bool
+    global_batch: int = 0
 
 
 def data_root(data: DataConfig, dist: DistInfo) -> str:
@@ -155,26 +158,44 @@ def build_loaders(data: DataConfig, reading: Reading, dataset_train, dataset_val
         sampler_train = None
     elif streaming:
         sampler_train = dataset_train
-    elif data.repeated_aug:
-        sampler_train = RASampler(n_train, num_replicas=world, rank=rank, shuffle=True, seed=reading.seed)
     else:
-        sampler_train = ShuffleSampler(n_train, num_replicas=world, rank=rank, shuffle=True, seed=reading.seed)
+        kind = RASampler if data.repeated_aug else ShuffleSampler
+        sampler_train = kind(n_train, num_replicas=world, rank=rank, shuffle=True, seed=reading.seed,
+                             global_batch=reading.global_batch)
     dist_eval = reading.dist_eval and dist.distributed
     if streaming:
         sampler_val = None
     else:
         sampler_val = EvalShardSampler(n_val, world, rank) if dist_eval else EvalShardSampler(n_val, 1, 0)
-    loader_train = None if eval_only else _loader(data, dataset_train, None if streaming else sampler_train,
-                                                  reading.batch_size, True, dist.device)
+    if eval_only:
+        loader_train = None
+    elif streaming:
+        loader_train = _loader(data, dataset_train, None, reading.batch_size, True, dist.device)
+    else:  # each sample augmented from its own seed (spach.data.seeding): the same wherever a run stopped
+        loader_train = _loader(data, SeededSamples(dataset_train), SeededKeys(sampler_train, reading.seed),
+                               reading.batch_size, True, dist.device)
     loader_val = _loader(data, dataset_val, sampler_val, int(1.5 * reading.batch_size), False, dist.device)
     return loader_train, sampler_train, loader_val, dist_eval
 
 
 def _loader(data: DataConfig, dataset, sampler, batch_size, drop_last, device):
+    # The loader's own generator draws its workers' base seed, so that starting an iterator (every epoch, and
+    # again at a mid-epoch resume) leaves the training process's random stream where it was. Fresh workers per
+    # epoch; they leave stop signals to the training process (spach.train.preemption).
     return torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=batch_size, num_workers=data.num_workers,
         pin_memory=data.pin_mem and device.type in ("cuda", "npu"), drop_last=drop_last,
-        persistent_workers=False)  # fresh workers per epoch, seeded from the (checkpointed) torch RNG
+        persistent_workers=False, generator=torch.Generator().manual_seed(0),
+        worker_init_fn=_ignore_stop_signals if data.num_workers else None)
+
+
+def _ignore_stop_signals(worker_id: int):
+    """A loader worker ignores SIGTERM / SIGUSR1 / SIGINT (a terminal's Ctrl-C and SLURM reach every process of
+    the job): the training process finishes its step and shuts the workers down itself."""
+    import signal
+    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def loader_death(cfg, e: RuntimeError) -> str:

@@ -24,11 +24,12 @@ import torch
 from ..errors import CheckpointError
 from ..runtime.device import DistInfo
 from ..files import open_own
-from .checkpoint import CHECKPOINT_NAME, atomic_write, open_checkpoint, set_rng_state
+from .checkpoint import CHECKPOINT_NAME, RECOVERY_NAME, atomic_write, open_checkpoint, position, set_rng_state
 from .config import RESUME_IDENTITY, RunConfig
+from .engine import EpochProgress
 
 __all__ = ["Resumed", "continue_from", "resume", "check_eval_classes", "check_same_run", "check_resume_fields", "with_current_kernels",
-           "sync_log"]
+           "sync_log", "newest_state", "stored_layout"]
 
 logger = logging.getLogger("spach.train")
 
@@ -39,7 +40,10 @@ class Resumed:
     max_accuracy: float = 0.0
     last_good: str = ""  # the checkpoint a failed run would restart from ("" before the first save)
     tracking: dict = dataclasses.field(default_factory=dict)  # tracker name -> run id (W&B, MLflow) to continue
-    steps_done: int = 0  # optimizer steps before the resumed epoch: the trackers' step axis carries on
+    steps_done: int = 0  # optimizer steps before the resumed point: the trackers' step axis carries on
+    start_step: int = 0  # a mid-epoch resume: the optimizer steps of start_epoch already done
+    start_samples: int = 0  # ... and the samples of the epoch's global sequence they consumed
+    progress: Optional[EpochProgress] = None  # ... and this rank's share of that epoch's stats so far
 
 
 def _flag_name(dotted: str) -> str:
@@ -176,7 +180,7 @@ def continue_from(cfg: RunConfig, owned: bool):
     holds another run state of its own, continuing either would overwrite the other, so the conflict is refused
     in one line naming both files."""
     out = cfg.output
-    auto = os.path.join(out.output_dir, CHECKPOINT_NAME) if owned and out.auto_resume else ""
+    auto = newest_state(out.output_dir) if owned and out.auto_resume else ""
     has_auto = bool(auto) and os.path.isfile(auto)
     if out.resume and has_auto:
         try:
@@ -192,6 +196,34 @@ def continue_from(cfg: RunConfig, owned: bool):
     if has_auto:
         return auto, True
     return out.resume, False
+
+
+def _peek_position(path: str):
+    """``(epoch, step)`` of a checkpoint in the output folder, read without loading its tensors; None when the
+    file is absent or unreadable (the other one is then taken)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        from ..weights import open_weights
+        contents = open_weights(path, mapped=True).contents
+        return position(contents) if isinstance(contents, dict) and "model" in contents else None
+    except (CheckpointError, OSError, RuntimeError) as e:
+        logger.warning(f"{path} does not read ({str(e).splitlines()[0][:160]}): not resuming from it")
+        return None
+
+
+def newest_state(folder: str) -> str:
+    """The newest complete state of a run folder: its epoch checkpoint or its recovery checkpoint, whichever
+    stands later in the run (a recovery checkpoint older than the epoch checkpoint is what a kill between that
+    checkpoint's commit and the recovery file's removal leaves). The epoch checkpoint's path when neither exists."""
+    epoch_ckpt, recovery = os.path.join(folder, CHECKPOINT_NAME), os.path.join(folder, RECOVERY_NAME)
+    if not os.path.lexists(recovery):
+        return epoch_ckpt
+    at_recovery = _peek_position(recovery)
+    at_epoch = _peek_position(epoch_ckpt)
+    if at_recovery is not None and (at_epoch is None or at_recovery > at_epoch):
+        return recovery
+    return epoch_ckpt
 
 
 def resume(cfg: RunConfig, step, dist: DistInfo, owned: bool, class_names) -> Resumed:
@@ -212,8 +244,12 @@ def resume(cfg: RunConfig, step, dist: DistInfo, owned: bool, class_names) -> Re
     load_pretrained(step.model, weights)
     check_resume_fields(ckpt, path, dist.world_size)
     if "optimizer" in ckpt and "epoch" in ckpt:
+        _check_layout(ckpt, path, cfg, dist)
         _restore_training_state(ckpt, path, step, dist, out)
+        if isinstance(ckpt.get("recovery"), dict):
+            _restore_position(ckpt["recovery"], path, cfg, dist, out)
         if auto and dist.is_main:
+            # (a recovery checkpoint carries the line of the last finished epoch)
             sync_log(os.path.join(cfg.output.output_dir, "log.txt"), out.start_epoch - 1, ckpt.get("log_stats"))
     del ckpt, weights
     return out
@@ -246,6 +282,81 @@ def _restore_training_state(ckpt: dict, path: str, step, dist: DistInfo, out: Re
         elif "rng" in ckpt and dist.world_size == 1:
             set_rng_state(ckpt["rng"])
     logger.info(f"resumed {path} at epoch {out.start_epoch} (max accuracy so far {out.max_accuracy:.2f}%)")
+
+
+def stored_layout(ckpt: dict):
+    """``(global batch, processes, batch per process, accumulation)`` a checkpoint was trained at; a checkpoint
+    written before accumulation existed (or by the original code) has no accumulation and its process count in
+    ``world_size`` (the original's ``args.world_size``)."""
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    layout = ckpt.get("layout")
+    if isinstance(layout, dict) and all(_is_int(layout.get(k)) and layout[k] > 0
+                                        for k in ("global_batch", "world_size", "batch_size", "grad_accum_steps")):
+        return layout["global_batch"], layout["world_size"], layout["batch_size"], layout["grad_accum_steps"]
+    world = ckpt.get("world_size", args.get("world_size", 1))
+    batch = args.get("batch_size")
+    if not (_is_int(world) and world > 0 and _is_int(batch) and batch > 0):
+        return None
+    return batch * world, world, batch, 1
+
+
+def _describe(batch, world, accum) -> str:
+    return f"{batch} per process" + (f" x {accum} accumulation" if accum > 1 else "") + f" x {world} process(es)"
+
+
+def _check_layout(ckpt: dict, path: str, cfg: RunConfig, dist: DistInfo):
+    """The same global batch, however it is made up now; a changed one only when asked (--allow-batch-change)."""
+    stored = stored_layout(ckpt)
+    if stored is None:
+        return
+    g_then, world, batch, accum = stored
+    o = cfg.optim
+    then, now = _describe(batch, world, accum), _describe(o.batch_size, dist.world_size, o.grad_accum_steps)
+    if g_then != o.global_batch:
+        if not cfg.output.allow_batch_change:
+            raise CheckpointError(
+                f"{path} was trained at a global batch of {g_then} ({then}); this run's is {o.global_batch} ({now}): "
+                f"keep {g_then} (e.g. --global-batch {g_then}) to continue the same run, or add --allow-batch-change "
+                f"to change it deliberately (the lr is scaled to the new global batch)")
+        logger.warning(f"the global batch changes from {g_then} ({then}) to {o.global_batch} ({now}) "
+                       f"(--allow-batch-change); the lr becomes {o.effective_lr:g}")
+    elif then != now:
+        logger.info(f"resuming on another layout: global batch {g_then} = {now} (was {then})")
+
+
+def _restore_position(rec: dict, path: str, cfg: RunConfig, dist: DistInfo, out: Resumed):
+    """A recovery checkpoint: the epoch and step to continue at, the samples of the epoch already consumed and
+    this rank's share of the epoch's stats (its own when the process count is unchanged, else the ranks' shares
+    merged: losses as a mean over the old ranks, unreadable images on the first rank)."""
+    epoch, steps, samples = rec.get("epoch"), rec.get("step"), rec.get("samples")
+    shares = rec.get("progress")
+    if not (_is_int(epoch) and epoch >= 0 and _is_int(steps) and steps >= 0 and _is_int(samples) and samples >= 0
+            and isinstance(shares, list) and shares and all(isinstance(p, dict) for p in shares)):
+        raise _bad(path, "recovery", "not an epoch, step, samples and progress")
+    try:
+        shares = [EpochProgress(**p) for p in shares]
+    except TypeError:
+        raise _bad(path, "recovery", "a progress entry with unknown fields") from None
+    g = cfg.optim.global_batch
+    if samples % dist.world_size:
+        raise CheckpointError(f"{path} stopped after {samples} samples of epoch {epoch}, which {dist.world_size} "
+                              f"processes cannot share evenly: resume it on a number of processes that divides "
+                              f"{samples}, or resume {os.path.join(os.path.dirname(path), CHECKPOINT_NAME)} (the "
+                              f"epoch's start) with --resume and --no-auto-resume")
+    if cfg.data.data_set == "WDS" and len(shares) != dist.world_size:
+        raise CheckpointError(f"{path} stopped inside epoch {epoch} on {len(shares)} process(es); WebDataset shards are "
+                              f"dealt out per process, so the epoch can only be finished on {len(shares)}: rerun "
+                              f"with {len(shares)} processes, or restart the epoch on {dist.world_size} with --resume "
+                              f"{os.path.join(os.path.dirname(path), CHECKPOINT_NAME)} --no-auto-resume")
+    if len(shares) == dist.world_size:
+        mine = shares[dist.rank]
+    else:
+        mine = EpochProgress(shares[0].steps_done, sum(p.loss_sum for p in shares) / len(shares), shares[0].lrs,
+                             sum(p.bad_images for p in shares) if dist.rank == 0 else 0,
+                             max(p.elapsed for p in shares))
+    mine.steps_done = samples // g  # the same step unless the global batch changed (--allow-batch-change)
+    out.start_epoch, out.start_step, out.start_samples, out.progress = epoch, mine.steps_done, samples, mine
+    logger.info(f"resumed {path} in epoch {epoch} after step {steps} ({samples} samples of the epoch done)")
 
 
 @contextlib.contextmanager

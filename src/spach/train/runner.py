@@ -5,7 +5,6 @@
 output folder and its owner, the data, the model, the training step and the resume from it, each room taking the
 section it needs; then either one evaluation / throughput pass, or per epoch train, evaluate and save.
 """
-import json
 import logging
 import math
 import os
@@ -17,12 +16,11 @@ from typing import Optional
 import torch
 from timm.utils import distribute_bn
 
-from ..errors import CheckpointError, SpachError
-from ..files import open_own
+from ..errors import SpachError
 from ..runtime import device as devices
 from ..runtime.device import DistInfo
 from . import faults
-from .checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_save, get_rng_state
+from .checkpoint import BEST_NAME, CHECKPOINT_NAME, RECOVERY_NAME
 from .config import RunConfig
 from .resolve import resolve_run
 from .engine import TrainStep, format_duration, train_one_epoch
@@ -33,8 +31,10 @@ from .optim import CosineSchedule
 from .metrics import build_metrics
 from .output import CONFIG_NAME, prepare_output, take_output_dir
 from .output_lock import OutputDirLock
+from .preemption import EXIT_PREEMPTED, Preemption
 from .process import configure_process
 from .resume import Resumed, check_eval_classes, resume
+from .saving import drop_recovery, gather_rng, save_epoch, save_recovery
 
 __all__ = ["run", "build_run", "Run"]
 
@@ -86,7 +86,8 @@ def build_run(cfg: RunConfig, dist: DistInfo, lock: Optional[OutputDirLock] = No
     checkpoint's."""
     save, owned = prepare_output(cfg.output, dist, cfg.eval_only, lock)
     configure_process(dist, cfg.output.seed, cfg.output.deterministic)
-    reading = Reading(cfg.optim.batch_size, cfg.output.seed, cfg.output.dist_eval, cfg.eval_only)
+    reading = Reading(cfg.optim.batch_size, cfg.output.seed, cfg.output.dist_eval, cfg.eval_only,
+                      cfg.optim.global_batch)
     data = build_data(cfg.data, cfg.aug, reading, dist)
     n_classes = len(data.class_names)
     logger.info(f"Creating model: {cfg.model.model} ({n_classes} classes, input {cfg.data.input_size})")
@@ -114,15 +115,6 @@ def build_run(cfg: RunConfig, dist: DistInfo, lock: Optional[OutputDirLock] = No
     return run
 
 
-def _gather_rng(dist_info):
-    state = get_rng_state()
-    if dist_info.distributed:
-        states = [None] * dist_info.world_size
-        torch.distributed.all_gather_object(states, state)
-        return state, states
-    return state, [state]
-
-
 def _source(cfg: RunConfig, key: str, flag: str) -> str:
     source = cfg.sources.get(key, "default")
     return flag if source == "command line" else source
@@ -132,71 +124,139 @@ def _run(cfg: RunConfig, dist_info, lock, start) -> int:
     run = build_run(cfg, dist_info, lock, start)
     if cfg.eval_only:
         return _evaluate_only(run)
-    data, step, out = run.data, run.step, cfg.output
-    epochs = cfg.optim.epochs
-    start_epoch, max_accuracy = run.resumed.start_epoch, run.resumed.max_accuracy
-    if start_epoch >= epochs:
-        logger.info(f"{out.output_dir} already holds {start_epoch} of {epochs} epochs: nothing to train "
+    out, epochs, resumed = cfg.output, cfg.optim.epochs, run.resumed
+    if resumed.start_epoch >= epochs:
+        logger.info(f"{out.output_dir} already holds {resumed.start_epoch} of {epochs} epochs: nothing to train "
                     f"(raise --epochs to continue, or pass another --output_dir)")
-        logger.info(f"Max accuracy: {max_accuracy:.2f}%")
+        logger.info(f"Max accuracy: {resumed.max_accuracy:.2f}%")
         return 0
+    o = cfg.optim
     logger.info(f"Start training for {epochs} epochs on {run.dist.world_size} x {run.device.type} "
-                f"(amp {cfg.device.amp}), {data.n_train} train / {data.n_val} val images, {len(data.class_names)} classes")
-    last_good = run.resumed.last_good
-    steps = len(data.loader_train)
-    # the trackers' step axis: optimizer steps since the run began, carried on by a resume
-    global_step = run.resumed.steps_done or start_epoch * steps
-    metrics = build_metrics(cfg, run.save, run.dist.is_main, run.resumed.tracking)
+                f"(amp {cfg.device.amp}), {run.data.n_train} train / {run.data.n_val} val images, "
+                f"{len(run.data.class_names)} classes")
+    logger.info(f"global batch {o.global_batch} = {o.batch_size} per card"
+                + (f" x {o.grad_accum_steps} accumulation" if o.grad_accum_steps > 1 else "")
+                + f" x {run.dist.world_size} card(s)")
+    stopper = Preemption().install()
+    try:
+        return _train(run, stopper)
+    finally:
+        stopper.restore()
+
+
+class _Loop:
+    """The state the epoch loop carries from epoch to epoch (and into recovery checkpoints)."""
+
+    def __init__(self, run: Run):
+        resumed = run.resumed
+        self.max_accuracy = resumed.max_accuracy
+        self.last_good = resumed.last_good
+        self.last_log = None  # the last finished epoch's log line (a recovery checkpoint carries it)
+        # the trackers' step axis: optimizer steps since the run began, carried on by a resume
+        self.global_step = resumed.steps_done or resumed.start_epoch * (len(run.data.loader_train)
+                                                                         // run.cfg.optim.grad_accum_steps)
+        self.epoch_times = []
+
+
+def _train(run: Run, stopper: Preemption) -> int:
+    cfg, data, out = run.cfg, run.data, run.cfg.output
+    epochs, accum, resumed = cfg.optim.epochs, cfg.optim.grad_accum_steps, run.resumed
+    loop = _Loop(run)
+    metrics = build_metrics(cfg, run.save, run.dist.is_main, resumed.tracking)
     # the ids of tracked runs not open now (a tracker left off on this resume, or switched off by a failure) are
     # kept too, so that a later resume with it on continues its run
-    tracking = {**run.resumed.tracking, **metrics.run_ids()}
-    epoch_times = []
+    tracking = {**resumed.tracking, **metrics.run_ids()}
     start_time = time.time()
     failed = True
     try:
-        for epoch in range(start_epoch, epochs):
+        for epoch in range(resumed.start_epoch, epochs):
             faults.set_epoch(epoch)
             faults.point("epoch")
-            data.sampler_train.set_epoch(epoch)
-            t_epoch = time.time()
+            mid = epoch == resumed.start_epoch and resumed.progress is not None
+            data.sampler_train.set_epoch(epoch, resumed.start_samples if mid else 0)
+            progress = resumed.progress if mid else None
+            steps = (progress.steps_done if progress else 0) + len(data.loader_train) // accum
+            t_epoch = time.time() - (progress.elapsed if progress else 0.0)
             later = epochs - epoch - 1
 
             def run_eta(epoch_left, epoch_s, later=later):  # later epochs take what the finished ones took
-                return epoch_left + later * (sum(epoch_times) / len(epoch_times) if epoch_times else epoch_s)
+                times = loop.epoch_times
+                return epoch_left + later * (sum(times) / len(times) if times else epoch_s)
 
-            base = global_step
+            base = loop.global_step - (progress.steps_done if progress else 0)
+
+            def after_step(done, snapshot, epoch=epoch, steps=steps, base=base):
+                stop = stopper.agreed()
+                due = out.recovery_interval and done % out.recovery_interval == 0 and done < steps
+                if run.save and (stop or due):
+                    path = save_recovery(run, epoch, done, snapshot(), loop.max_accuracy, tracking, base + done,
+                                         loop.last_log)
+                    loop.last_good = path
+                if stop:
+                    _stopped(run, stopper, epoch, done, steps)
+                return stop
+
             train_stats = train_one_epoch(
-                step, data.loader_train, epoch, run.schedule, batch_transform=data.batch_transform,
+                run.step, data.loader_train, epoch, run.schedule, batch_transform=data.batch_transform,
                 channels_last=cfg.device.channels_last, print_freq=out.print_freq, is_main=run.dist.is_main,
-                show_progress=run.show_progress, last_good=last_good, log_interval=out.log_interval,
-                on_log=(lambda n, scalars: metrics.log_step(base + n, scalars)) if metrics else None,
-                run_eta=run_eta)
-            global_step += steps
-            test_stats, ema_stats = _evaluate_epoch(run)
-            improved = test_stats["acc1"] > max_accuracy
-            max_accuracy = max(max_accuracy, test_stats["acc1"])
-            epoch_times.append(time.time() - t_epoch)
-            mean = sum(epoch_times) / len(epoch_times)
-            logger.info(f"Max accuracy: {max_accuracy:.2f}%  epoch time: {format_duration(epoch_times[-1])}  "
-                        f"eta: {format_duration(mean * later)} ({later} epochs left)")
-            rng, rng_all = _gather_rng(run.dist)
-            log_stats = _log_stats(run, epoch, train_stats, test_stats, ema_stats)
-            if run.save:
-                last_good = _save_epoch(run, epoch, log_stats, max_accuracy, improved, rng, rng_all,
-                                        tracking=tracking, global_step=global_step)
-            if metrics:  # after the checkpoint: nothing a tracker does can cost one
-                metrics.log_epoch(epoch, global_step, {**log_stats, "max_accuracy": max_accuracy,
-                                                       "epoch_time": epoch_times[-1]})
-                if run.save:
-                    metrics.artifacts([os.path.join(out.output_dir, name) for name in
-                                       (CONFIG_NAME, "log.txt", *((BEST_NAME,) if improved else ()))])
+                show_progress=run.show_progress, last_good=loop.last_good, log_interval=out.log_interval,
+                on_log=(lambda n, scalars, base=base: metrics.log_step(base + n, scalars)) if metrics else None,
+                run_eta=run_eta, accum=accum, steps=steps, progress=progress, after_step=after_step)
+            if train_stats is None:
+                failed = False
+                return EXIT_PREEMPTED
+            loop.global_step = base + steps
+            _end_epoch(run, loop, epoch, train_stats, time.time() - t_epoch, later, metrics, tracking)
+            if stopper.agreed_now():
+                _stopped(run, stopper, epoch + 1, 0, 0)
+                failed = False
+                return EXIT_PREEMPTED
         failed = False
     finally:
         metrics.close(failed)
     total = time.time() - start_time
-    logger.info(f"Training time {total:.0f}s ({total / 60:.1f} min); max accuracy {max_accuracy:.2f}%"
+    logger.info(f"Training time {total:.0f}s ({total / 60:.1f} min); max accuracy {loop.max_accuracy:.2f}%"
                 + (f"; weights in {out.output_dir}" if run.save else ""))
     return 0
+
+
+def _end_epoch(run: Run, loop: _Loop, epoch, train_stats, epoch_time, later, metrics, tracking):
+    """Evaluate, log, save the epoch checkpoint (then drop the recovery checkpoint it supersedes), track."""
+    out = run.cfg.output
+    test_stats, ema_stats = _evaluate_epoch(run)
+    improved = test_stats["acc1"] > loop.max_accuracy
+    loop.max_accuracy = max(loop.max_accuracy, test_stats["acc1"])
+    loop.epoch_times.append(epoch_time)
+    mean = sum(loop.epoch_times) / len(loop.epoch_times)
+    logger.info(f"Max accuracy: {loop.max_accuracy:.2f}%  epoch time: {format_duration(epoch_time)}  "
+                f"eta: {format_duration(mean * later)} ({later} epochs left)")
+    rng, rng_all = gather_rng(run.dist)
+    log_stats = _log_stats(run, epoch, train_stats, test_stats, ema_stats)
+    loop.last_log = log_stats
+    if run.save:
+        loop.last_good = save_epoch(run, epoch, log_stats, loop.max_accuracy, improved, rng, rng_all,
+                                    tracking=tracking, global_step=loop.global_step)
+        drop_recovery(run)
+    if metrics:  # after the checkpoint: nothing a tracker does can cost one
+        metrics.log_epoch(epoch, loop.global_step, {**log_stats, "max_accuracy": loop.max_accuracy,
+                                                    "epoch_time": epoch_time})
+        if run.save:
+            metrics.artifacts([os.path.join(out.output_dir, name) for name in
+                               (CONFIG_NAME, "log.txt", *((BEST_NAME,) if improved else ()))])
+
+
+def _stopped(run: Run, stopper: Preemption, epoch: int, done: int, steps: int):
+    """The one line a stop signal ends the run with: where it stopped and how to continue."""
+    if not run.dist.is_main:
+        return
+    where = f"after step {done}/{steps} of epoch {epoch}" if steps else f"at the end of epoch {epoch - 1}"
+    if run.save:
+        state = os.path.join(run.cfg.output.output_dir, RECOVERY_NAME if steps else CHECKPOINT_NAME)
+        logger.warning(f"{stopper.name}: stopped {where}; the state is in {state}: rerun the same command to "
+                       f"continue there (exit status {EXIT_PREEMPTED})")
+    else:
+        logger.warning(f"{stopper.name}: stopped {where}; nothing is saved (--output_dir ''), a rerun starts "
+                       f"afresh (exit status {EXIT_PREEMPTED})")
 
 
 def _evaluate_only(run: Run) -> int:
@@ -252,46 +312,3 @@ def _log_stats(run: Run, epoch, train_stats, test_stats, ema_stats) -> dict:
             **{f"test_{k}": v for k, v in test_stats.items() if k != "n"},
             **({f"test_ema_{k}": v for k, v in ema_stats.items() if k != "n"} if ema_stats else {}),
             "epoch": epoch, "n_parameters": run.n_parameters}
-
-
-def _save_epoch(run: Run, epoch, log_stats, max_accuracy, improved, rng, rng_all, tracking, global_step) -> str:
-    """checkpoint.pth (and best.pth when the accuracy improved), then log.txt's line; rank 0 writes, every rank
-    learns whether it worked. Returns the checkpoint now to restart from."""
-    step, folder = run.step, run.cfg.output.output_dir
-    error = None
-    if run.dist.is_main:
-        state = {
-            "model": step.model.state_dict(),
-            "optimizer": step.optimizer.state_dict(),
-            "lr_scheduler": run.schedule.state_dict(),
-            "epoch": epoch,
-            "model_ema": step.ema.module.state_dict() if step.ema is not None else None,
-            "scaler": step.scaler.state_dict() if step.scaler is not None else None,
-            "args": run.cfg.checkpoint_args(),
-            "max_accuracy": max_accuracy,
-            "sampler_epoch": epoch + 1,
-            "rng": rng,
-            "rng_per_rank": rng_all,
-            "class_names": list(run.data.class_names),
-            "world_size": run.dist.world_size,
-            "log_stats": log_stats,  # restores log.txt's line after a kill between the two writes
-            "tracking": tracking,  # the W&B / MLflow runs a resume continues
-            "global_step": global_step,
-        }
-        try:
-            # checkpoint.pth last: it is the commit point. A kill before it reruns this epoch, which
-            # rewrites best.pth; the other order could leave best.pth an epoch behind for good.
-            if improved:
-                atomic_save(state, os.path.join(folder, BEST_NAME))
-            atomic_save(state, os.path.join(folder, CHECKPOINT_NAME))
-        except CheckpointError as e:
-            error = str(e)
-        del state
-    error = devices.broadcast_object(error)
-    if error:
-        raise CheckpointError(error + " Training stopped so that no epoch goes unsaved.")
-    if run.dist.is_main:
-        log = os.path.join(folder, "log.txt")
-        with os.fdopen(open_own(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, what="log file"), "a") as f:
-            f.write(json.dumps(log_stats) + "\n")
-    return os.path.join(folder, CHECKPOINT_NAME)
