@@ -433,3 +433,112 @@ def test_a_stale_index_gives_one_val_size_and_says_so(wds, tmp_path, caplog):
     items = list(source.dataset("val", None, train=False))
     assert len(items) == source.count("val") == 34  # what the log's val size says is what is evaluated
     assert "holds more samples than the 10 its index lists" in caplog.text
+
+
+# ---------------------------------------------------------------- mid-epoch resume
+
+
+def _jitter(img):
+    """A random augmentation that draws from all three CPU generators."""
+    import random
+
+    import numpy as np
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32)[::4, ::4].copy())
+    return x + torch.rand(1) + random.random() + float(np.random.rand())
+
+
+class _Counting(ShardDataset):
+    """Counts the images it decodes (in this process)."""
+
+    decodes = 0
+
+    def _decode(self, data):
+        type(self).decodes += 1
+        return super()._decode(data)
+
+
+def _train_set(source, world, rank, batch, start=0, epoch=1, repeats=1):
+    ds = source.dataset("train", _jitter, train=True, num_replicas=world, rank=rank, seed=5, batch_size=batch,
+                        repeats=repeats)
+    ds.__class__ = _Counting
+    ds.set_epoch(epoch, start)
+    return ds
+
+
+def _batches(ds, batch, workers, stop=None):
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, drop_last=True)
+    n = len(loader)
+    out = []
+    for x, t, flag in loader:
+        out.append((x, t, flag))
+        if len(out) == stop:
+            break
+    return n, out
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for (x, t, f), (y, u, g) in zip(a, b):
+        assert torch.equal(x, y) and torch.equal(t, u) and torch.equal(f, g)
+
+
+@pytest.mark.parametrize("world, workers, repeats", [(1, 0, 1), (1, 2, 3), (2, 0, 3), (2, 2, 1)])
+def test_a_resumed_epoch_reads_the_rest_of_the_same_batches(wds, world, workers, repeats):
+    source = WdsSource(wds)  # 96 train images in 8 shards of 12
+    batch = 4
+    steps = 96 // world // batch
+    k = 3  # not a multiple of the workers: the resumed loader's worker 0 carries on for the old worker 1
+    for rank in range(world):
+        n, whole = _batches(_train_set(source, world, rank, batch, repeats=repeats), batch, workers)
+        assert n == steps == len(whole)
+        _, first = _batches(_train_set(source, world, rank, batch, repeats=repeats), batch, workers, stop=k)
+        resumed = _train_set(source, world, rank, batch, start=k * batch * world, repeats=repeats)
+        assert len(resumed) == (steps - k) * batch  # what is left of this rank's epoch
+        n, rest = _batches(resumed, batch, workers)
+        assert n == steps - k  # len(loader): the steps left in the epoch
+        _same(first + rest, whole)
+        # per-sample seeds: every place draws its own augmentation (repeated augmentation's copies too)
+        assert len({float(v) for x, _, _ in whole for v in x[:, 0, 0, 0]}) == steps * batch
+    done = _train_set(source, world, 0, batch, start=steps * batch * world)
+    assert len(done) == 0 and list(done) == []
+    for bad in (batch * world + world // 2 + 1, 96 + batch * world, -batch * world):
+        with pytest.raises(ValueError, match="does not start a step"):
+            _train_set(source, world, 0, batch, start=bad)
+
+
+def test_a_resume_skips_without_decoding_and_keeps_the_callers_random_state(wds):
+    import random
+
+    import numpy as np
+    source = WdsSource(wds)
+    batch, k = 4, 5
+    _Counting.decodes = 0
+    whole = list(_train_set(source, 2, 1, batch))
+    assert _Counting.decodes == len(whole) == 48
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    _Counting.decodes = 0
+    rest = list(_train_set(source, 2, 1, batch, start=k * batch * 2))
+    assert _Counting.decodes == len(rest) == 48 - k * batch  # the skipped samples are never decoded
+    assert [t for _, t, _ in rest] == [t for _, t, _ in whole[k * batch:]]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, whole[k * batch:]))
+    after = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1])
+    assert torch.equal(before[0], after[0]) and before[1] == after[1] and (before[2] == after[2]).all()
+
+
+def test_an_undecodable_image_is_stood_in_for_alike_after_a_resume(wds, tmp_path):
+    d = _copy(wds, tmp_path / "bad-images")
+    names = json.load(open(os.path.join(d, "_info.json")))["splits"]["train"]["filenames"]
+    for name in names[:3]:  # two bad images in each of three shards
+        m = _members(os.path.join(d, name))
+        for key in sorted(k for k in m if k.endswith(".jpg"))[3:5]:
+            m[key] = b"not an image"
+        _rewrite(os.path.join(d, name), m)
+    source = WdsSource(d)
+    batch = 4
+    whole = list(_train_set(source, 1, 0, batch))
+    assert len(whole) == 96 and sum(f for _, _, f in whole) == 6  # each bad image counted once, at its place
+    for k in (1, 7, 12, 23):
+        rest = list(_train_set(source, 1, 0, batch, start=k * batch))
+        assert len(rest) == len(whole) - k * batch
+        for (x, t, f), (y, u, g) in zip(rest, whole[k * batch:]):
+            assert torch.equal(x, y) and t == u and f == g

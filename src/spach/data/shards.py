@@ -19,15 +19,34 @@ fewer shards than ranks (or workers) the remaining split is by sample (everyone 
 k-th sample). Validation reads every shard once, nothing padded or repeated, so ``--dist-eval`` counts each image
 exactly once. The order is a function of (seed, epoch, rank, worker) only, so a resumed run reads the same data.
 
+**Augmentation and mid-epoch resume.** Each training sample's transform runs with torch's CPU generator, Python's
+``random`` and NumPy's global generator seeded by :func:`spach.data.seeding.sample_seed` from (seed, epoch, its
+position), and the caller's states put back afterwards (with ``num_workers=0`` the caller is the training process).
+The position is the sample's place in the epoch as a sampler's global sequence numbers it: sample ``i`` of rank
+``r``'s batches is position ``i*W + r``, where a DataLoader takes batch ``k`` from worker ``k % workers``, so worker
+``w``'s ``m``-th sample is ``i = (w + workers*(m // B))*B + m % B``. ``set_epoch(epoch, start)`` resumes after the
+``start`` samples all ranks consumed (a multiple of ``W x B``, on the same ``W`` and number of loader workers): with
+``k = start // W // B`` batches done on each rank, a resumed loader's worker ``w`` plays the uninterrupted epoch's
+worker ``(w + k) % workers`` (the one that would have made batch ``k + w``), passes over the samples that worker
+already yielded in its raw stream, through the same shuffle buffer and without decoding them, and yields the rest
+of its batches: the same samples, in the same order, augmented the same. ``len()`` is then the rest of this rank's
+epoch, so the loader's ``len()`` is the number of steps left.
+
 **Bad data.** A shard that is missing, truncated or not a tar, a sample without an image or a label, a label
 outside the class list, an image that does not decode: skipped, logged once per shard, and counted in the
 ``replaced`` flag of the next sample (the epoch's skipped count); with ``strict`` one :class:`DataError` names the
-shard and the member. A worker whose shards give no readable sample at all stops with an error instead of waiting.
+shard and the member. In training an image that does not decode (found only by decoding it) keeps its place instead:
+the next sample of the worker's stream that decodes stands in for it, flagged, and it counts once, at its own
+place in the first pass (a repeated augmentation's copy or a re-read meets it again without counting), so which
+sample is where never depends on what was decoded, and a resumed epoch need not decode what it passes over.
+A worker whose shards give no readable sample at all stops with an error instead of waiting (so does one that
+meets a whole pass, or 4 shuffle buffers in a row, of images that do not decode).
 
 **HFDS** is a map-style dataset (``datasets.load_from_disk`` for a ``save_to_disk`` folder, else
 ``datasets.load_dataset`` on a Hub-format local copy): the ImageFolder samplers, repeated augmentation and
 resume apply to it unchanged.
 """
+import collections
 import io
 import json
 import logging
@@ -40,6 +59,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import DataError, SpachError
 from ..files import open_regular
+from . import seeding
 from .folder import BAD_IMAGE_ERRORS, class_difference, load_rgb
 
 __all__ = ["INFO_NAME", "VAL_NAMES", "IMAGE_SUFFIXES", "ShardSplit", "WdsSource", "HfdsSource", "ShardDataset",
@@ -197,6 +217,10 @@ def _refuse_class_mismatch(classes: List[str], other: List[str], where: str, ref
                     f"both splits need the same class list in the same order")
 
 
+def _undecodable(e: Exception) -> str:
+    return f"not a decodable image ({type(e).__name__}: {e})" if str(e) else "not a decodable image"
+
+
 class _Skipped(Exception):
     """A sample (or the rest of a shard) that cannot be used; ``count`` samples are lost."""
 
@@ -207,7 +231,7 @@ class _Skipped(Exception):
 
 class ShardDataset(IterableDataset):
     """One split of WebDataset shards as ``(image, target, replaced)`` items (see the module docstring for the
-    epoch, sharding and bad-data rules). ``set_epoch`` before each epoch, as for a sampler."""
+    epoch, sharding, seeding, resume and bad-data rules). ``set_epoch`` before each epoch, as for a sampler."""
 
     def __init__(self, split: ShardSplit, num_classes: int, transform: Optional[Callable] = None, *, train: bool,
                  strict: bool = False, num_replicas: int = 1, rank: int = 0, seed: int = 0, batch_size: int = 1,
@@ -229,16 +253,29 @@ class ShardDataset(IterableDataset):
         self.repeats = max(1, repeats)
         self.shuffle_buffer = shuffle_buffer
         self.epoch = 0
+        self.start = 0  # global samples of the epoch consumed before this reader (a mid-epoch resume)
         self._reported = set()  # (shard, reason) already logged by this process
         self._counted = set()
         self.steps = (n // num_replicas) // batch_size if train else 0
 
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0):
+        """Read ``epoch`` from global position ``start``: the samples all ranks together consumed before a
+        mid-epoch resume (a multiple of ``num_replicas x batch_size``, consumed on as many ranks and with as many
+        loader workers as now). The rest of the epoch is what an uninterrupted one yields after them."""
+        unit = self.num_replicas * self.batch_size
+        if (start and not self.train) or start % unit or not 0 <= start <= self.steps * unit:
+            raise ValueError(f"position {start} does not start a step of {self.num_replicas} process(es) x "
+                             f"{self.batch_size} samples in an epoch of {self.steps * unit} samples")
+        self.epoch, self.start = epoch, start
+
+    @property
+    def done_batches(self) -> int:
+        """This rank's batches of the epoch before ``start``."""
+        return self.start // self.num_replicas // self.batch_size
 
     def __len__(self):
-        if self.train:
-            return self.steps * self.batch_size
+        if self.train:  # what is left of this rank's epoch: a DataLoader's len() is this // batch_size
+            return (self.steps - self.done_batches) * self.batch_size
         shards, (mod, rem) = split_slots(len(self.split.shards), self.rank, self.num_replicas, 0, 1)
         return _kept(sum(self.split.counts[i] for i in shards), mod, rem)
 
@@ -256,18 +293,37 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[Tuple[object, int, int]]:
         self._counted = set()  # (shard, member) skipped in this epoch by this reader: each counts once
         worker, workers = self._worker()
+        done = self.done_batches if self.train else 0
+        # A DataLoader takes batch k from worker k % workers. A resumed loader starts again at its worker 0, which
+        # must produce what the uninterrupted epoch's batch `done` is: that of worker `done % workers`.
+        worker = (worker + done) % workers
         order = self._shard_order()
         positions, (mod, rem) = split_slots(len(order), self.rank, self.num_replicas, worker, workers)
         shards = [order[p] for p in positions]
         if not self.train:
             yield from self._decoded(self._raw(shards, mod, rem))
             return
-        quota = len(range(worker, self.steps, workers)) * self.batch_size
-        if quota == 0:
+        per_worker = len(range(worker, self.steps, workers))  # batches of this worker in the whole epoch
+        skip = len(range(worker, done, workers)) * self.batch_size  # its samples yielded before `start`
+        quota = per_worker * self.batch_size
+        if quota == skip:
             return
+        B, W = self.batch_size, self.num_replicas
+
+        def position(m: int) -> int:
+            """The epoch position of this worker's ``m``-th sample: its place in the rank's batches, interleaved
+            over ranks as a sampler's global sequence is (rank r reads positions r, r+W, ...)."""
+            return ((worker + workers * (m // B)) * B + m % B) * W + self.rank
+
+        yield from self._train_items(self._stream(shards, mod, rem, worker), skip, quota, position)
+
+    def _stream(self, shards: List[int], mod: int, rem: int, worker: int):
+        """A training worker's samples, undecoded and in epoch order, pass after pass over its shards:
+        ``(pass, shard, member, image bytes, target, n_skipped_before, original)`` (``original``: not a repeated
+        augmentation's copy). Endless: the caller takes its quota."""
         wds = require_shards_extra("webdataset")
         rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
-        produced = 0
+        pending = 0
         for n_pass in range(1 << 30):
             if n_pass:  # a re-read's order depends only on the shard list: readers splitting it by sample stay in step
                 shards = list(shards)
@@ -277,23 +333,75 @@ class ShardDataset(IterableDataset):
             # has not first drawn once
             stream = wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 128), rng=rng)(
                 self._repeated(shards, mod, rem))
-            for item in self._decoded(stream):
+            for shard, member, data, target, skipped, original in stream:
+                pending += skipped
+                if data is None:
+                    continue
                 got += 1
-                yield item
-                produced += 1
-                if produced == quota:
-                    return
+                yield n_pass, shard, member, data, target, pending, original
+                pending = 0
             if got == 0:
                 names = ", ".join(os.path.basename(self.split.shards[i]) for i in shards[:4])
                 raise DataError(f"no readable sample in shard(s) {names}{' ...' if len(shards) > 4 else ''} of split "
                                 f"'{self.split.name}': check them (tar -tvf) or repack with `spach pack`")
 
+    def _train_items(self, stream, skip: int, quota: int, position: Callable[[int], int]):
+        """Samples ``skip`` to ``quota`` of a worker's ``stream`` as ``(image, target, replaced)``, the first
+        ``skip`` passed over undecoded. Sample ``m`` is a function of the stream up to it (and a little after)
+        only, so a worker that skips reads what one that did not reads from there on: an image that does not decode
+        is stood in for by the next one of the stream that does (as in an ImageFolder) and counted at its original's
+        place in the first pass; each transform draws from the CPU generators seeded by its epoch position."""
+        ahead = collections.deque()  # [sample, image] read past the current sample while looking for a stand-in
+        for _ in range(skip):
+            next(stream)
+        with_seeds = seeding._Reseeded
+        for m in range(skip, quota):
+            entry = ahead.popleft() if ahead else [next(stream), None]
+            n_pass, shard, member, data, target, pending, original = entry[0]
+            img = entry[1] if entry[1] is not None else self._try_decode(data)
+            if isinstance(img, Exception):
+                if original and n_pass == 0:  # one count per bad image (copies and re-reads meet it again)
+                    pending += self._skip(_Skipped(shard, member, _undecodable(img)))
+                img, target = self._stand_in(stream, ahead, n_pass)
+            if self.transform is not None:
+                with with_seeds() as rng:
+                    rng.seed(seeding.sample_seed(self.seed, self.epoch, position(m)))
+                    img = self.transform(img)
+            yield img, target, pending
+
+    def _stand_in(self, stream, ahead, n_pass: int):
+        """The image and target of the first sample after the current one that decodes (decoded once: kept for
+        its own turn)."""
+        for i in range(1 << 62):
+            if i == len(ahead):
+                ahead.append([next(stream), None])
+            entry = ahead[i]
+            # a whole pass read without one image that decodes, or more in a row than memory should hold
+            if entry[0][0] > n_pass + 1 or i >= 4 * max(self.shuffle_buffer, 256):
+                names = ", ".join(sorted({os.path.basename(e[0][1]) for e in ahead})[:4])
+                raise DataError(f"{i + 1} images in a row do not decode, in shard(s) {names} of split "
+                                f"'{self.split.name}': check them or repack with `spach pack`")
+            if entry[1] is None:
+                entry[1] = self._try_decode(entry[0][3])
+            if not isinstance(entry[1], Exception):
+                return entry[1].copy(), entry[0][4]
+
+    def _try_decode(self, data: bytes):
+        """The decoded image, or the error that stopped it."""
+        try:
+            return self._decode(data)
+        except BAD_IMAGE_ERRORS as e:
+            return e
+
+    def _decode(self, data: bytes):
+        return load_rgb(io.BytesIO(data))
+
     def _repeated(self, shards: List[int], mod: int, rem: int):
         for sample in self._raw(shards, mod, rem):
-            yield sample
+            yield sample + (True,)
             if sample[2] is not None:  # repeated augmentation: copies of a sample, spread by the buffer
                 for _ in range(self.repeats - 1):
-                    yield sample[:4] + (0,)
+                    yield sample[:4] + (0, False)
 
     def _raw(self, shards: List[int], mod: int, rem: int):
         """``(shard, member, image bytes, target, n_skipped_before)`` for every kept sample of ``shards``; skipped
@@ -420,11 +528,9 @@ class ShardDataset(IterableDataset):
             pending += skipped
             if data is None:
                 continue
-            try:
-                img = load_rgb(io.BytesIO(data))
-            except BAD_IMAGE_ERRORS as e:
-                reason = f"not a decodable image ({type(e).__name__}: {e})" if str(e) else "not a decodable image"
-                pending += self._skip(_Skipped(shard, member, reason))
+            img = self._try_decode(data)
+            if isinstance(img, Exception):
+                pending += self._skip(_Skipped(shard, member, _undecodable(img)))
                 continue
             if self.transform is not None:
                 img = self.transform(img)
