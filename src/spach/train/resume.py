@@ -247,7 +247,7 @@ def resume(cfg: RunConfig, step, dist: DistInfo, owned: bool, class_names) -> Re
         _check_layout(ckpt, path, cfg, dist)
         _restore_training_state(ckpt, path, step, dist, out)
         if isinstance(ckpt.get("recovery"), dict):
-            _restore_position(ckpt["recovery"], path, cfg, dist, out)
+            _restore_position(ckpt, path, cfg, dist, out)
         if auto and dist.is_main:
             # (a recovery checkpoint carries the line of the last finished epoch)
             sync_log(os.path.join(cfg.output.output_dir, "log.txt"), out.start_epoch - 1, ckpt.get("log_stats"))
@@ -324,10 +324,11 @@ def _check_layout(ckpt: dict, path: str, cfg: RunConfig, dist: DistInfo):
         logger.info(f"resuming on another layout: global batch {g_then} = {now} (was {then})")
 
 
-def _restore_position(rec: dict, path: str, cfg: RunConfig, dist: DistInfo, out: Resumed):
+def _restore_position(ckpt: dict, path: str, cfg: RunConfig, dist: DistInfo, out: Resumed):
     """A recovery checkpoint: the epoch and step to continue at, the samples of the epoch already consumed and
     this rank's share of the epoch's stats (its own when the process count is unchanged, else the ranks' shares
     merged: losses as a mean over the old ranks, unreadable images on the first rank)."""
+    rec = ckpt["recovery"]
     epoch, steps, samples = rec.get("epoch"), rec.get("step"), rec.get("samples")
     shares = rec.get("progress")
     if not (_is_int(epoch) and epoch >= 0 and _is_int(steps) and steps >= 0 and _is_int(samples) and samples >= 0
@@ -343,10 +344,13 @@ def _restore_position(rec: dict, path: str, cfg: RunConfig, dist: DistInfo, out:
                               f"processes cannot share evenly: resume it on a number of processes that divides "
                               f"{samples}, or resume {os.path.join(os.path.dirname(path), CHECKPOINT_NAME)} (the "
                               f"epoch's start) with --resume and --no-auto-resume")
-    if cfg.data.data_set == "WDS" and len(shares) != dist.world_size:
-        raise CheckpointError(f"{path} stopped inside epoch {epoch} on {len(shares)} process(es); WebDataset shards are "
-                              f"dealt out per process, so the epoch can only be finished on {len(shares)}: rerun "
-                              f"with {len(shares)} processes, or restart the epoch on {dist.world_size} with --resume "
+    workers, batch = (ckpt.get("args") or {}).get("num_workers"), (ckpt.get("args") or {}).get("batch_size")
+    if cfg.data.data_set == "WDS" and (len(shares), workers, batch) != (dist.world_size, cfg.data.num_workers,
+                                                                         cfg.optim.batch_size):
+        raise CheckpointError(f"{path} stopped inside epoch {epoch} on {len(shares)} process(es) x {workers} loader "
+                              f"worker(s) x batch {batch}; WebDataset shards are dealt out per process and worker, so "
+                              f"the epoch can only be finished on the same: rerun with {len(shares)} processes, "
+                              f"--num_workers {workers} and --batch-size {batch}, or restart the epoch with --resume "
                               f"{os.path.join(os.path.dirname(path), CHECKPOINT_NAME)} --no-auto-resume")
     if len(shares) == dist.world_size:
         mine = shares[dist.rank]
