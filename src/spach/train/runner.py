@@ -27,6 +27,7 @@ from .config import RunConfig
 from .resolve import resolve_run
 from .engine import TrainStep, format_duration, train_one_epoch
 from .evaluation import evaluate, throughput
+from .history import keep_history
 from .loaders import Data, Reading, build_data, loader_death
 from .model import build_model, build_train_step, finetune
 from .optim import CosineSchedule
@@ -291,6 +292,7 @@ def _save_epoch(run: Run, epoch, log_stats, max_accuracy, improved, rng, rng_all
     if error:
         raise CheckpointError(error + " Training stopped so that no epoch goes unsaved.")
     if run.dist.is_main:
+        keep_history(run.cfg.output, epoch, log_stats)  # --checkpoint-hist: after checkpoint.pth is committed
         log = os.path.join(folder, "log.txt")
         with os.fdopen(open_own(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, what="log file"), "a") as f:
             f.write(json.dumps(log_stats) + "\n")
