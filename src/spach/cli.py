@@ -1,4 +1,4 @@
-"""The ``spach`` command line: ``spach train | eval | benchmark | models | export | plot | predict | pack | push``.
+"""The ``spach`` command line: ``spach train | eval | benchmark | models | average | export | plot | predict | pack | push``.
 
 Each sub-command lives in its own module under :mod:`spach.commands` exposing ``add_arguments(parser)``
 and ``run(args) -> int``; a module is imported only when its command runs (or its ``--help`` is asked for), so
@@ -17,6 +17,7 @@ COMMANDS = {
     "eval": ("spach.commands.evaluate", "evaluate a checkpoint on the val/ split of a dataset"),
     "benchmark": ("spach.commands.benchmark", "measure training / inference throughput"),
     "models": ("spach.commands.models", "list the SPACH models: params, GFLOPs, published top-1"),
+    "average": ("spach.commands.average", "average the weights of a run's best epoch checkpoints (--checkpoint-hist)"),
     "export": ("spach.commands.export", "export a model to ONNX, safetensors, TorchScript or a Hugging Face folder"),
     "plot": ("spach.commands.plot", "plot loss / accuracy / lr curves from output folders"),
     "predict": ("spach.commands.predict", "top-k classes of image files or folders, shown or written to CSV / JSON"),

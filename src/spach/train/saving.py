@@ -16,6 +16,7 @@ from ..errors import CheckpointError
 from ..files import open_own
 from ..runtime import device as devices
 from .checkpoint import BEST_NAME, CHECKPOINT_NAME, RECOVERY_NAME, atomic_save, get_rng_state
+from .history import keep_history
 
 __all__ = ["save_epoch", "save_recovery", "drop_recovery", "gather_rng"]
 
@@ -93,6 +94,7 @@ def save_epoch(run, epoch, log_stats, max_accuracy, improved, rng, rng_all, trac
     _write(run, names, lambda: _state(run, epoch, max_accuracy, rng, rng_all, tracking, global_step, log_stats),
            "Training stopped so that no epoch goes unsaved.")
     if run.dist.is_main:
+        keep_history(run.cfg.output, epoch, log_stats)  # --checkpoint-hist: after checkpoint.pth is committed
         log = os.path.join(folder, "log.txt")
         with os.fdopen(open_own(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, what="log file"), "a") as f:
             f.write(json.dumps(log_stats) + "\n")
