@@ -243,7 +243,7 @@ def resume(cfg: RunConfig, step, dist: DistInfo, owned: bool, class_names) -> Re
     from ..models import load_pretrained
     load_pretrained(step.model, weights)
     check_resume_fields(ckpt, path, dist.world_size)
-    if "optimizer" in ckpt and "epoch" in ckpt:
+    if "optimizer" in ckpt and ("epoch" in ckpt or isinstance(ckpt.get("recovery"), dict)):
         _check_layout(ckpt, path, cfg, dist)
         _restore_training_state(ckpt, path, step, dist, out)
         if isinstance(ckpt.get("recovery"), dict):
@@ -258,7 +258,7 @@ def resume(cfg: RunConfig, step, dist: DistInfo, owned: bool, class_names) -> Re
 def _restore_training_state(ckpt: dict, path: str, step, dist: DistInfo, out: Resumed):
     with _field(path, "optimizer"):
         step.optimizer.load_state_dict(with_current_kernels(ckpt["optimizer"], step.optimizer))
-    out.start_epoch = int(ckpt["epoch"]) + 1
+    out.start_epoch = int(ckpt.get("epoch", -1)) + 1
     if step.ema is not None:
         if isinstance(ckpt.get("model_ema"), dict):
             with _field(path, "model_ema"):

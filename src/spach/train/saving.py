@@ -111,7 +111,10 @@ def save_recovery(run, epoch, steps_done, progress, max_accuracy, tracking, glob
                 "progress": shares}
 
     def state():
+        # "epoch" keeps its meaning, the last finished epoch: absent inside the first one
         out = _state(run, epoch - 1, max_accuracy, rng, rng_all, tracking, global_step, last_log)
+        if epoch == 0:
+            del out["epoch"], out["sampler_epoch"]
         out["recovery"] = recovery
         return out
 
