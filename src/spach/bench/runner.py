@@ -2,8 +2,8 @@
 
 One :class:`Workload` is a built model + optimiser + batch source for one configuration. It runs warm-up steps
 (never counted, never timed), then timed blocks of ``steps`` steps each: the clock starts behind a device
-synchronise and stops behind another, and the images counted are exactly ``steps * batch_size`` per block.
-The reported rate is the median over blocks.
+synchronise and stops behind another, and the images counted are exactly ``steps * batch_size`` (times
+``grad_accum_steps`` in training) per block. The reported rate is the median over blocks.
 
 The training step is the one ``spach train`` runs, :func:`spach.train.engine.train_step`, built from the same
 pieces (:func:`~spach.train.optim.build_optimizer`, :func:`~spach.train.losses.build_criterion`,
@@ -13,6 +13,7 @@ fp16, AdamW with DeiT's weight-decay groups (fused where the device has the kern
 synchronisation (no ``.item()``) inside the step.
 """
 import contextlib
+import itertools
 import math
 import os
 import resource
@@ -65,6 +66,7 @@ class BenchConfig:
     channels_last: bool = False
     compile: bool = False
     grad_checkpointing: bool = False
+    grad_accum_steps: int = 1           # train: micro-batches per optimizer step (a step counts all their images)
     fused_optimizer: bool = True        # the optimizer kernels `spach train` takes (False: foreach AdamW)
     fused_attn: bool = True             # SDPA attention (False: explicit softmax)
     cpu_bf16_explicit_attn: bool = True  # bf16 CPU training takes the explicit softmax (False: SDPA there too)
@@ -217,7 +219,12 @@ class Workload:
             scaler=build_scaler(self.device, self.amp_dtype), mixup_fn=self.mixup_fn)
 
     def train_step(self, x, y):
-        return train_step(self.step_pieces, [(x, y)])
+        accum = self.cfg.grad_accum_steps
+        if accum == 1:
+            return train_step(self.step_pieces, [(x, y)])
+        # the further micro-batches are read when the step asks for them, as in training
+        micro = itertools.chain([(x, y)], (self.next_batch() for _ in range(accum - 1)))
+        return train_step(self.step_pieces, micro, count=accum)
 
     def infer_step(self, x, y=None):
         with torch.inference_mode(), autocast(self.device, self.amp_dtype):
@@ -306,7 +313,7 @@ class Workload:
 def _result(wl: Workload, times: List[float], mem: PeakMemory, peak_mb: float, base_rss_mb,
             cpu_times: Optional[List[float]] = None) -> Dict:
     cfg = wl.cfg
-    per_block = cfg.steps * cfg.batch_size
+    per_block = cfg.steps * cfg.batch_size * cfg.grad_accum_steps
     rates = [per_block / t for t in times]
     threads = torch.get_num_threads()
     # images per second of CPU time per thread: the rate the threads would reach with the cores to themselves

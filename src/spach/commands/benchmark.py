@@ -24,7 +24,8 @@ def add_arguments(parser):
                         help="model name, or several separated by commas (see `spach models`); not with --loader")
     parser.add_argument("--mode", default="train", choices=["train", "infer", "both"])
     # shared with `spach train`: one spelling, default and validation (compile time is excluded from the timing)
-    add_shared_flags(parser, ("batch_size", "device", "amp", "channels_last", "compile", "grad_checkpointing"))
+    add_shared_flags(parser, ("batch_size", "grad_accum_steps", "device", "amp", "channels_last", "compile",
+                              "grad_checkpointing"))
     parser.add_argument("--data", default="synthetic",
                         help="'synthetic' (random tensors on the device) or a folder of JPEGs (ImageFolder; "
                              "its train/ split if present) read through the real DataLoader")
@@ -109,10 +110,17 @@ def configs_from_args(args):
             cfgs.append(BenchConfig(
                 model=name, mode=mode, batch_size=batch, device=device, amp=amp, channels_last=args.channels_last,
                 compile=args.compile, grad_checkpointing=args.grad_checkpointing and mode == "train",
+                grad_accum_steps=(args.grad_accum_steps or 1) if mode == "train" else 1,
                 fused_optimizer=args.fused_optimizer, fused_attn=args.fused_attn, data=args.data,
                 data_pipeline=args.data_pipeline, workers=workers, steps=args.steps, warmup=args.warmup,
                 repeats=args.repeats, img_size=args.img_size, num_classes=args.num_classes, mixup=args.mixup))
     return cfgs
+
+
+def _batch(r) -> str:
+    """The batch per step: ``8x4`` for 4 accumulated micro-batches of 8."""
+    accum = r.get("grad_accum_steps", 1)
+    return f"{r['batch_size']}x{accum}" if accum > 1 else str(r["batch_size"])
 
 
 def _fmt(v, spec):
@@ -126,7 +134,7 @@ def print_table(results, file=None):
     print(header, file=file)
     print("-" * len(header), file=file)
     for r in results:
-        print(f"{r['model']:34s} {r['mode']:5s} {r['batch_size']:5d} {r['amp']:>4s} {r['img_per_s']:9.1f} "
+        print(f"{r['model']:34s} {r['mode']:5s} {_batch(r):>5s} {r['amp']:>4s} {r['img_per_s']:9.1f} "
               f"{r['step_ms']:9.1f} {_fmt(r['peak_mem_mb'], '9.0f')} {r['tflops']:8.3f} "
               f"{_fmt(r['mfu_pct'], '6.1f')}", file=file)
     if results:

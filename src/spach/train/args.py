@@ -121,9 +121,7 @@ def _model_flags(parser, dd):
 def _optimizer_flags(parser, dd):
     g = _group(parser, "optim")
     _flag(g, *_SHARED["batch_size"][0], **_SHARED["batch_size"][1], ev=True)
-    _flag(g, "--grad-accum-steps", dest="grad_accum_steps", type=positive_int, default=None,
-          help="accumulate the gradients of N batches per optimizer step: global batch = --batch-size x N x "
-               "processes (default 1, or what --global-batch implies)%(default).0s")
+    _flag(g, *_SHARED["grad_accum_steps"][0], **_SHARED["grad_accum_steps"][1])
     _flag(g, "--global-batch", dest="global_batch_size", type=positive_int, default=None, metavar="G",
           help="the global batch to train at (the recipe's 1024 = 8 cards x 128): --grad-accum-steps becomes "
                "G / (--batch-size x processes), which must divide")
@@ -246,6 +244,10 @@ _SHARED = {
     "batch_size": (("--batch-size",), dict(dest="batch_size", type=positive_int, default=None,
                                            help="batch size per process (default: spach train: DeiT 128 / demo 128; "
                                                 "spach benchmark: 128 on cuda, 16 on cpu)%(default).0s")),
+    "grad_accum_steps": (("--grad-accum-steps",), dict(
+        dest="grad_accum_steps", type=positive_int, default=None,
+        help="accumulate the gradients of N batches per optimizer step: global batch = --batch-size x N x processes "
+             "(default 1, or what --global-batch implies; spach benchmark: images/s counts all N)%(default).0s")),
     "device": (("--device",), dict(dest="device", default=None,
                                    help="cuda | npu | cpu | mps, optionally with an index (cuda:1) (default: the best "
                                         "available)%(default).0s")),
