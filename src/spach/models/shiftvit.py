@@ -346,7 +346,7 @@ class ShiftViT(BaseNet):
     def checkpoint_mismatch_hint(self, state_dict) -> Optional[str]:
         """For a file that does not fit: if it is this architecture with the other normalization, say so."""
         found = norm_layer_of_state_dict(state_dict)
-        built = "BN" if isinstance(self.norm, nn.BatchNorm2d) else "GN1"
+        built = "BN" if isinstance(self.norm, nn.modules.batchnorm._BatchNorm) else "GN1"  # also when synchronised
         if found is None or found == built:
             return None
         return (f"it holds {_NORM_NAMES[found]} weights and this model was built with norm_layer={built!r}: build "

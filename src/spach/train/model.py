@@ -12,7 +12,7 @@ from .engine import TrainStep, build_scaler
 from .losses import build_criterion
 from .optim import CosineSchedule, build_optimizer
 
-__all__ = ["build_model", "finetune", "build_teacher", "build_train_step"]
+__all__ = ["build_model", "finetune", "build_teacher", "build_train_step", "sync_batchnorm"]
 
 logger = logging.getLogger("spach.train")
 
@@ -94,10 +94,36 @@ def _schedule(o: OptimConfig) -> CosineSchedule:
                           per_step=o.sched_per_step)
 
 
+def sync_batchnorm(model, model_name: str, dist: DistInfo):
+    """``--sync-bn``: ``model`` with its BatchNorm layers synchronised over the process group (in place; see
+    :mod:`spach.train.sync_bn`). A model without BatchNorm is refused, in one line naming the fix."""
+    from .sync_bn import NATIVE_SYNC_DEVICES, ONE_PROCESS, convert_sync_batchnorm, has_batchnorm
+    from ..models import variant_options
+    if not has_batchnorm(model):
+        fix = (" or train its BatchNorm variant with --norm-layer BN" if "norm_layer" in variant_options(model_name)
+               else "")
+        raise SpachError(f"--sync-bn: --model {model_name} has no BatchNorm layer (its LayerNorm / GroupNorm "
+                         f"normalise each sample on its own and need no synchronisation): drop --sync-bn{fix}")
+    if not dist.distributed:  # resolve_config refuses it first; a caller that skipped it gets the same answer
+        raise SpachError(ONE_PROCESS)
+    n = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    converted = convert_sync_batchnorm(model, dist.device.type)
+    kind = ("torch.nn.SyncBatchNorm" if dist.device.type in NATIVE_SYNC_DEVICES else
+            f"spach's all-reduce BatchNorm on {dist.device.type}")
+    logger.info(f"--sync-bn: {n} BatchNorm layers normalise over the global batch of {dist.world_size} processes "
+                f"({kind})")
+    return converted
+
+
 def build_train_step(cfg: RunConfig, model, num_classes: int, dist: DistInfo, amp_dtype):
-    """EMA, the DDP / compile wrappers, the optimizer (at the configuration's scaled lr), its schedule, the grad
-    scaler, mixup and the loss. Returns ``(TrainStep, CosineSchedule)``."""
+    """Sync BN, EMA, the DDP / compile wrappers, the optimizer (at the configuration's scaled lr), its schedule,
+    the grad scaler, mixup and the loss. Returns ``(TrainStep, CosineSchedule)``; ``TrainStep.model`` is the
+    model (with --sync-bn, its BatchNorm layers replaced in place, same state_dict keys)."""
     device, o = dist.device, cfg.optim
+    if cfg.device.sync_bn:
+        # before the EMA copies the model, so that both hold the same layer types (the EMA is only evaluated:
+        # its layers run as plain BatchNorm)
+        model = sync_batchnorm(model, cfg.model.model, dist)
     ema = None
     if cfg.model.model_ema:
         ema = ModelEma(model, decay=cfg.model.model_ema_decay,

@@ -165,6 +165,15 @@ def _device(v: _Values):
         v.set("amp", amp, v.sources.get("amp", "command line"))
 
 
+def _check_processes(v: _Values):
+    """The checks that need the number of processes (resolved by :func:`_device`)."""
+    training = not (v["eval"] or v["throughput"])
+    if training and v["sync_bn"] and v["world_size"] < 2:
+        # whether the model has BatchNorm is known once it is built (spach.train.model.sync_batchnorm)
+        from .sync_bn import ONE_PROCESS
+        raise SpachError(ONE_PROCESS)
+
+
 def _model_variant(v: _Values, start):
     """ShiftViT's --norm-layer / --act-layer: the flag, else what the weights the run starts from hold, else
     the family default; a variant flag on a model without variants is refused."""
@@ -254,6 +263,7 @@ def resolve_run(ns, mode: str = "train"):
     _recipe_defaults(v, start)
     _check(v, mode)
     _device(v)
+    _check_processes(v)
     _model_variant(v, start)
     _scaled_lr(v)
     _trackers(v, mode)

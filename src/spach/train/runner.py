@@ -109,6 +109,7 @@ def build_run(cfg: RunConfig, dist: DistInfo, lock: Optional[OutputDirLock] = No
     run = Run(cfg, dist, save, amp_dtype, sys.stdout.isatty(), data, model, n_parameters)
     if not cfg.eval_only:
         run.step, run.schedule = build_train_step(cfg, model, n_classes, dist, amp_dtype)
+        run.model = run.step.model  # the same module (--sync-bn replaces layers inside it)
         run.resumed = resume(cfg, run.step, dist, save and owned, data.class_names)
     if save:  # every check passed: create the folder (if new), own it, write config.yaml
         take_output_dir(cfg, dist, lock)
@@ -285,10 +286,14 @@ def _evaluate_epoch(run: Run):
     device, ema = run.device, run.step.ema
     common = dict(amp_dtype=run.amp_dtype, channels_last=run.cfg.device.channels_last, reduce=run.data.dist_eval,
                   is_main=run.dist.is_main)
-    if run.dist.distributed:
-        # DDP does not broadcast buffers (broadcast_buffers=False), so each rank's BatchNorm running statistics
-        # follow its own batches: average them (timm's distribute_bn), so that every rank evaluates, and the
-        # checkpoint saves, the same model; --dist-eval then equals one process evaluating that checkpoint
+    # DDP does not broadcast buffers (broadcast_buffers=False), so each rank's BatchNorm running statistics
+    # follow its own batches: average them (timm's distribute_bn), so that every rank evaluates, and the
+    # checkpoint saves, the same model; --dist-eval then equals one process evaluating that checkpoint.
+    # With --sync-bn every rank updates them from the same all-reduced global-batch statistics (equal on every
+    # rank, from the same start that DDP broadcast): they are already equal, and so are the EMA's, which follow
+    # them; the average would be one all-reduce per BatchNorm buffer for nothing.
+    average_bn = run.dist.distributed and not run.cfg.device.sync_bn
+    if average_bn:
         distribute_bn(run.model, run.dist.world_size, reduce=True)
     test_stats = evaluate(run.data.loader_val, run.step.net, device, show_progress=run.show_progress, **common)
     logger.info(f"Accuracy of the network on the {test_stats['n']} test images: {test_stats['acc1']:.1f}%")
@@ -297,7 +302,7 @@ def _evaluate_epoch(run: Run):
     ema_device = next(ema.module.parameters()).device
     if ema_device != device:  # --model-ema-force-cpu: evaluate on the training device, keep it on the CPU
         ema.module.to(device)
-    if run.dist.distributed:  # the EMA of each rank's statistics differs the same way
+    if average_bn:  # the EMA of each rank's statistics differs the same way
         distribute_bn(ema.module, run.dist.world_size, reduce=True)
     ema_stats = evaluate(run.data.loader_val, ema.module, device, header="EMA ", **common)
     if ema_device != device:
