@@ -124,14 +124,16 @@ def build_train_step(cfg: RunConfig, model, num_classes: int, dist: DistInfo, am
         # before the EMA copies the model, so that both hold the same layer types (the EMA is only evaluated:
         # its layers run as plain BatchNorm)
         model = sync_batchnorm(model, cfg.model.model, dist)
-    ema = None
-    if cfg.model.model_ema:
-        ema = ModelEma(model, decay=cfg.model.model_ema_decay,
-                       device=torch.device("cpu") if cfg.model.model_ema_force_cpu else None)
     wrapped = model
     if dist.distributed:
         ids = [device.index] if device.type in ("cuda", "npu") else None
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    ema = None
+    if cfg.model.model_ema:
+        # after DDP, which gives every rank rank 0's initial weights: each rank's EMA starts from those (before,
+        # a rank's EMA began at its own random initialisation, and an EMA evaluated with --dist-eval mixed them)
+        ema = ModelEma(model, decay=cfg.model.model_ema_decay,
+                       device=torch.device("cpu") if cfg.model.model_ema_force_cpu else None)
     net = torch.compile(wrapped) if cfg.device.compile else wrapped
     logger.info(f"lr {o.lr:g} x global batch {o.global_batch} / 512 = {o.effective_lr:g}")
     optimizer = build_optimizer(model, device, name=o.opt, lr=o.effective_lr, weight_decay=o.weight_decay,
