@@ -178,19 +178,19 @@ def _stop(nodes):
 
 
 def wait_nodes(group: Nodes, timeout=300) -> List[Node]:
-    """Wait for every agent of ``group`` (all of them are killed once ``timeout`` seconds have passed, or when
-    one of them fails and the others are still running ``timeout`` / 4 later); fills in each node's
-    ``returncode``, ``stdout`` and ``stderr`` and removes the temporary folder. Raises TimeoutError, with the
-    output so far, if the group had to be killed at the deadline."""
+    """Wait for every agent of ``group``; fills in each node's ``returncode``, ``stdout`` and ``stderr`` and
+    removes the temporary folder. The agents still running are killed once ``timeout`` seconds have passed, or
+    ``timeout`` / 4 after the first agent ended (the group ends together: the others wait for a node that is
+    gone); those keep the returncode -9. Raises TimeoutError, with the output so far, at the deadline."""
     deadline = time.monotonic() + timeout
-    failed_at = None
+    first_end = None
     timed_out = False
     try:
         while any(n.proc.poll() is None for n in group):
             now = time.monotonic()
-            if failed_at is None and any(n.proc.poll() not in (None, 0) for n in group):
-                failed_at = now
-            if now > deadline or (failed_at is not None and now - failed_at > timeout / 4):
+            if first_end is None and any(n.proc.poll() is not None for n in group):
+                first_end = now
+            if now > deadline or (first_end is not None and now - first_end > timeout / 4):
                 timed_out = now > deadline
                 break
             time.sleep(0.2)
