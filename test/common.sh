@@ -3,13 +3,19 @@
 # The caller sets: Network, MODE (full | performance | eval), RANK_SIZE_DEFAULT (1 or auto), EPOCHS_DEFAULT
 # (empty: spach's default), then calls `spach_launch "$@"`.
 # Options: --data_path=DIR (required), --nproc=N (processes on this node), --resume=CKPT (eval),
-#   multi-node: --nnodes=N --node_rank=R --master_addr=HOST --master_port=PORT (or --rdzv_endpoint=HOST:PORT),
+#   multi-node (the same command on every node, each with its own --node_rank):
+#   --nnodes=N --node_rank=R --master_addr=HOST0 --master_port=PORT (static rendezvous: node R runs the ranks
+#   R*nproc .. R*nproc+nproc-1), or --rdzv_endpoint=HOST0:PORT [--rdzv_id=ID] (c10d: ranks in joining order);
 #   every other --flag=value (or --flag) goes to `spach train` unchanged (--model=, --batch_size=, --device=, ...).
-# Environment: PYTHON (default python3), ASCEND_DEVICE_ID (output id, default 0), NO_NUMACTL=1 disables binding.
+# Environment: PYTHON (default python3), ASCEND_DEVICE_ID (output id, default 0), NO_NUMACTL=1 disables binding;
+#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT: defaults for the multi-node flags (the flags win).
+# The node that runs rank 0 writes the run's log, the summary and the checkpoints; the other nodes log what their
+# own ranks print to train_<id>_node<R>.log and print no summary.
 
 spach_launch() {
     local data_path="" nproc="" model="" batch_size=128 device="" epochs="${EPOCHS_DEFAULT}"
-    local resume="" nnodes=1 node_rank=0 master_addr="" master_port="" rdzv_endpoint=""
+    local resume="" nnodes="${NNODES:-1}" node_rank="${NODE_RANK:-0}" master_addr="${MASTER_ADDR:-}"
+    local master_port="${MASTER_PORT:-}" rdzv_endpoint="" rdzv_id=""
     local passthrough=() para key
     for para in "$@"; do
         key="${para%%=*}"
@@ -23,13 +29,31 @@ spach_launch() {
             --epochs) epochs="${para#*=}" ;;
             --resume|--checkpoint) resume="${para#*=}" ;;
             --nnodes) nnodes="${para#*=}" ;;
-            --node_rank) node_rank="${para#*=}" ;;
-            --master_addr) master_addr="${para#*=}" ;;
-            --master_port) master_port="${para#*=}" ;;
-            --rdzv_endpoint) rdzv_endpoint="${para#*=}" ;;
+            --node_rank|--node-rank) node_rank="${para#*=}" ;;
+            --master_addr|--master-addr) master_addr="${para#*=}" ;;
+            --master_port|--master-port) master_port="${para#*=}" ;;
+            --rdzv_endpoint|--rdzv-endpoint) rdzv_endpoint="${para#*=}" ;;
+            --rdzv_id|--rdzv-id) rdzv_id="${para#*=}" ;;
+            --world_size|--world-size)
+                # the ModelZoo's train_cluster.sh scripts take --world_size=<number of machines>; spach's own
+                # --world_size is the number of processes, set by torchrun: neither is meant here
+                echo "[Error] ${para}: pass the number of machines as --nnodes=N and the processes per machine as" \
+                     "--nproc=N (torchrun sets the world size, nnodes x nproc)"
+                return 1 ;;
             *) passthrough+=("${para}") ;;
         esac
     done
+    local n
+    for n in nnodes node_rank; do
+        if ! [[ "${!n}" =~ ^[0-9]+$ ]]; then
+            echo "[Error] --${n}=${!n}: must be a whole number"
+            return 1
+        fi
+    done
+    if (( nnodes < 1 || node_rank >= nnodes )); then
+        echo "[Error] --node_rank=${node_rank} with --nnodes=${nnodes}: node ranks go from 0 to nnodes - 1"
+        return 1
+    fi
     if [[ -z "${data_path}" ]]; then
         echo "[Error] para \"data_path\" must be configured: --data_path=DIR (DIR/train/<class>/, DIR/val/<class>/)"
         return 1
@@ -71,6 +95,9 @@ d='${device}'.split(':')[0]; print(device_count(d) if d in a() else 0)" 2>/dev/n
     mkdir -p "${out_dir}"
     local log="${out_dir}/train_${id}.log"
     [[ "${MODE}" == "eval" ]] && log="${out_dir}/eval_${id}.log"
+    # another node's ranks print little (rank 0 logs the run); its own file, so that nodes sharing a file system
+    # (or rehearsing on one host) do not write over node 0's log
+    (( node_rank > 0 )) && log="${log%.log}_node${node_rank}.log"
     : > "${log}"
 
     # eval reads the model (and input size) from the checkpoint unless --model= is given
@@ -94,6 +121,7 @@ d='${device}'.split(':')[0]; print(device_count(d) if d in a() else 0)" 2>/dev/n
         launcher=("${PYTHON}" -m torch.distributed.run --nproc_per_node "${nproc}" --nnodes "${nnodes}" --node_rank "${node_rank}")
         if [[ -n "${rdzv_endpoint}" ]]; then
             launcher+=(--rdzv_backend c10d --rdzv_endpoint "${rdzv_endpoint}")
+            [[ -n "${rdzv_id}" ]] && launcher+=(--rdzv_id "${rdzv_id}")
         elif (( nnodes > 1 )); then
             launcher+=(--master_addr "${master_addr:-127.0.0.1}" --master_port "${master_port:-29500}")
         else
@@ -123,6 +151,29 @@ d='${device}'.split(':')[0]; print(device_count(d) if d in a() else 0)" 2>/dev/n
     rc=$?
     end_time=$(date +%s)
     e2e_time=$(( end_time - start_time ))
+
+    # the summary comes from rank 0's lines: on the node that ran rank 0 (static rendezvous: node 0; c10d: the
+    # node whose log has them, as ranks follow the joining order there)
+    local main_node=1
+    if (( nnodes > 1 )); then
+        if [[ -n "${rdzv_endpoint}" ]]; then
+            grep -qE '^(Epoch: \[[0-9]+\]|Accuracy of the network on)' "${log}" || main_node=0
+            # nothing from rank 0 anywhere (a failed start): node 0 reports
+            (( main_node == 0 && node_rank == 0 && rc != 0 )) && main_node=1
+        else
+            (( node_rank == 0 )) || main_node=0
+        fi
+    fi
+    if (( main_node == 0 )); then
+        echo "[node ${node_rank} of ${nnodes}] this node's ranks ran; rank 0's node prints the result and writes" \
+             "the summary. Log: ${log}"
+        if (( rc != 0 )); then
+            echo "[Error] spach exited with status ${rc}; last lines of ${log}:"
+            tail -n 15 "${log}"
+            return "${rc}"
+        fi
+        return 0
+    fi
 
     local BatchSize="${batch_size}" DeviceType CaseName summary
     DeviceType="$(uname -m)"

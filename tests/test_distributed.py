@@ -1,31 +1,11 @@
 """Two CPU processes on gloo under torchrun: DDP training, all-reduced stats, --dist-eval = single-process eval,
 resume of the group."""
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
-import tempfile
 
 import torch
 
-from train_helpers import REPO, fast_flags, make_shapes_folder, run_spach
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*argv, nproc=2, timeout=300):
-    # torchrun leaves a torchelastic_* log folder in the temporary directory: give it one that goes afterwards
-    with tempfile.TemporaryDirectory(prefix="spach-torchrun-") as tmp:
-        env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=tmp)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(_free_port()), "-m", "spach", *map(str, argv)]
-        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+from train_helpers import fast_flags, make_shapes_folder, run_spach, torchrun, torchrun_nodes
 
 
 def _eval_line(text):
@@ -90,3 +70,42 @@ def test_ddp_trains_and_resumes_smlpnet(tmp_path):
     r = torchrun("train", *fast_flags(data, out, *flags, epochs=2, batch=8))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "auto resume from" in r.stdout and "Epoch: [1]" in r.stdout and "Epoch: [0]" not in r.stdout
+
+
+def _model_tensors(out):
+    return torch.load(out / "checkpoint.pth", weights_only=True)["model"]
+
+
+def test_two_agents_train_as_one_agent_with_two_processes(tmp_path):
+    """The multi-node rehearsal on one host: two torchrun agents (--nnodes 2, one process each, node 0 and 1)
+    train the same weights, bit for bit, as one agent with two processes: same world size, same ranks, same data
+    order. Static rendezvous (--master_addr/--master_port): node R runs rank R. c10d: ranks in the agents' joining
+    order (node_rank is ignored), which moves rank 0, but not the result. Both agents write one --output_dir on
+    one host: only rank 0 takes its lock and writes."""
+    data = make_shapes_folder(tmp_path / "shapes", n_train=32, n_val=15)
+
+    def flags(out):
+        return ["train", *fast_flags(data, out, "--deterministic", epochs=2, batch=8)]
+
+    one = torchrun(*flags(tmp_path / "one"), nproc=2)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
+    reference = _model_tensors(tmp_path / "one")
+
+    n0, n1 = torchrun_nodes(*flags(tmp_path / "static"))
+    assert n0.returncode == 0 and n1.returncode == 0, n0.stderr[-3000:] + n1.stderr[-3000:]
+    assert "world_size: 2" in n0.stdout and n0.stdout.count("Averaged stats:") == 2
+    assert n1.stdout == ""  # rank 1 logs nothing
+    log = [json.loads(l) for l in (tmp_path / "static" / "log.txt").read_text().splitlines()]
+    assert [l["epoch"] for l in log] == [0, 1]
+    assert not (tmp_path / "static" / ".spach.lock").exists()  # released by its one owner
+    static = _model_tensors(tmp_path / "static")
+    assert static.keys() == reference.keys()
+    assert all(torch.equal(static[k], reference[k]) for k in reference)
+    ck = torch.load(tmp_path / "static" / "checkpoint.pth", weights_only=True)
+    assert ck["world_size"] == 2 and len(ck["rng_per_rank"]) == 2
+
+    nodes = torchrun_nodes(*flags(tmp_path / "c10d"), rendezvous="c10d")
+    assert [n.returncode for n in nodes] == [0, 0], "".join(n.stderr[-3000:] for n in nodes)
+    assert sum("world_size: 2" in n.stdout for n in nodes) == 1  # one of them ran rank 0
+    c10d = _model_tensors(tmp_path / "c10d")
+    assert all(torch.equal(c10d[k], reference[k]) for k in reference)

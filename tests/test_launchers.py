@@ -4,10 +4,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
-from train_helpers import REPO, TINY_MODEL, make_shapes_folder
+from train_helpers import REPO, TINY_MODEL, make_shapes_folder, torchrun_nodes
 
 TEST_DIR = os.path.join(REPO, "test")
 TINY = [f"--model={TINY_MODEL}", "--batch_size=16", "--input_size=32", "--device=cpu", "--num_workers=0",
@@ -33,9 +34,12 @@ def out_id(request):
 
 
 def launch(script, *args, cwd=REPO, out_id="0", timeout=300):
-    env = dict(os.environ, PYTHON=sys.executable, ASCEND_DEVICE_ID=out_id, OMP_NUM_THREADS="1")
-    path = os.path.join("test", script) if cwd == REPO else script
-    return subprocess.run(["bash", path, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    # torchrun leaves a torchelastic_* log folder in the temporary directory: give it one that goes afterwards
+    with tempfile.TemporaryDirectory(prefix="spach-launch-") as tmp:
+        env = dict(os.environ, PYTHON=sys.executable, ASCEND_DEVICE_ID=out_id, OMP_NUM_THREADS="1", TMPDIR=tmp)
+        path = os.path.join("test", script) if cwd == REPO else script
+        return subprocess.run(["bash", path, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
 
 
 def summary(out_id, case):
@@ -109,6 +113,45 @@ def test_performance_8p_on_two_processes_then_eval_8p(shapes, out_id):
     assert acc == pytest.approx(float(last_acc))  # dist-eval of the checkpoint = the accuracy training reported
     s = summary(out_id, "SPACH_bs16_2p_eval")
     assert float(s["ActualAccuracy"]) == acc and "E2EEvalTime" in s
+
+
+def test_full_8p_as_two_nodes_on_one_host(shapes, out_id):
+    """The multi-node flags: node 0 and node 1 of a two-machine job (one process each) started on this host at
+    the same time, node 0 by flags and node 1 by the NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT environment. Node 0
+    runs rank 0: it logs the run and prints and writes the summary, once; node 1 keeps its own log."""
+    script = os.path.join("test", "train_full_8p.sh")
+    common = [f"--data_path={shapes}", *TINY, "--epochs=1", "--nproc=1"]
+
+    def node(rank, port):
+        if rank == 0:
+            return ["bash", script, *common, "--nnodes=2", "--node_rank=0", "--master_addr=127.0.0.1",
+                    f"--master_port={port}"]
+        return ["env", "NNODES=2", "NODE_RANK=1", "MASTER_ADDR=127.0.0.1", f"MASTER_PORT={port}",
+                "bash", script, *common]
+
+    n0, n1 = torchrun_nodes(launcher=node, env={"PYTHON": sys.executable, "ASCEND_DEVICE_ID": out_id})
+    assert n0.returncode == 0 and n1.returncode == 0, n0.stdout + n0.stderr + n1.stdout + n1.stderr
+    assert "--nproc_per_node 1 --nnodes 2 --node_rank 0 --master_addr 127.0.0.1" in n0.stdout
+    assert "--nproc_per_node 1 --nnodes 2 --node_rank 1 --master_addr 127.0.0.1" in n1.stdout
+    out = os.path.join(TEST_DIR, "output", out_id)
+    both = n0.stdout + n1.stdout
+    assert both.count("Final result") == 1 and both.count("Final Performance images/sec") == 1
+    assert "Final Train Accuracy" in n0.stdout and "rank 0's node prints the result" in n1.stdout
+    s = summary(out_id, "SPACH_bs16_2p_acc")
+    assert list(s) == MODELZOO_KEYS and s["RankSize"] == "2" and float(s["ActualFPS"]) > 0
+    log0 = open(os.path.join(out, f"train_{out_id}.log")).read()
+    assert "world_size: 2" in log0 and log0.count("Averaged stats:") == 1
+    log1 = open(os.path.join(out, f"train_{out_id}_node1.log")).read()  # node 0's log is not written over
+    assert "Epoch: [0]" not in log1 and "Averaged stats:" not in log1
+    assert sorted(f for f in os.listdir(out) if f.endswith("_acc.log")) == ["SPACH_bs16_2p_acc.log"]
+    assert os.path.isfile(os.path.join(out, "checkpoint.pth"))
+
+
+def test_multinode_flags_are_checked(out_id):
+    r = launch("train_full_8p.sh", "--data_path=/tmp", "--world_size=2", out_id=out_id)
+    assert r.returncode == 1 and "--nnodes=N" in r.stdout
+    r = launch("train_full_8p.sh", "--data_path=/tmp", "--nnodes=2", "--node_rank=2", out_id=out_id)
+    assert r.returncode == 1 and "node ranks go from 0 to nnodes - 1" in r.stdout
 
 
 def test_missing_data_path_is_an_error(out_id):
