@@ -109,3 +109,16 @@ def test_two_agents_train_as_one_agent_with_two_processes(tmp_path):
     assert sum("world_size: 2" in n.stdout for n in nodes) == 1  # one of them ran rank 0
     c10d = _model_tensors(tmp_path / "c10d")
     assert all(torch.equal(c10d[k], reference[k]) for k in reference)
+
+    # a worker of node 1 is SIGKILLed in step 4 of epoch 1 (a lost process, no signal to answer); torchrun
+    # --max-restarts 1 restarts both agents' workers, which resume from the newest state, recovery.pth of step 2
+    # (--recovery-interval 2), and end with the same weights, bit for bit
+    out = tmp_path / "restarted"
+    nodes = torchrun_nodes(*flags(out), "--recovery-interval", "2", torchrun_flags=["--max-restarts", "1"],
+                           node_env={1: {"SPACH_FAULT_AT": "step:1:3", "SPACH_FAULT_RANK": "1"}})
+    assert [n.returncode for n in nodes] == [0, 0], "".join(n.stderr[-3000:] for n in nodes)
+    text = nodes[0].stdout + nodes[0].stderr
+    assert f"auto resume from {out / 'recovery.pth'}" in text
+    assert "in epoch 1 after step 2 (32 samples of the epoch done)" in text
+    restarted = _model_tensors(out)
+    assert all(torch.equal(restarted[k], reference[k]) for k in reference)
