@@ -2,10 +2,12 @@
 recovery checkpoints, kill -9 with --recovery-interval, resuming on another number of processes."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import torch
 from spach.cli import main
 from spach.data import RASampler, ShuffleSampler
 from spach.train.preemption import EXIT_PREEMPTED
-from train_helpers import REPO, fast_flags, make_shapes_folder, run_spach
+from train_helpers import REPO, fast_flags, free_port, make_shapes_folder, run_spach, torchrun
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,18 +139,6 @@ def test_a_recovery_older_than_the_epoch_checkpoint_is_not_resumed(shapes, tmp_p
 
 # --- accumulation -----------------------------------------------------------------------------------------
 
-def torchrun(*argv, nproc=2, env=None, timeout=300):
-    with tempfile.TemporaryDirectory(prefix="spach-torchrun-") as tmp:  # torchrun's torchelastic_* logs go too
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        full = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=tmp, **(env or {}))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(port), "-m", "spach", *map(str, argv)]
-        return subprocess.run(cmd, cwd=REPO, env=full, capture_output=True, text=True, timeout=timeout)
-
-
 def _plain(shapes, out, *extra, epochs=2):
     # GroupNorm / LayerNorm model; the crops stay random (each sample's draws depend on its place in the epoch,
     # not on the batch layout), drop-path and mixup off (they draw per batch). One --lr for every layout: the
@@ -245,3 +235,32 @@ def test_resume_on_another_number_of_processes_and_a_changed_global_batch(shapes
     assert f"in epoch 0 after step {stopped} ({stopped * 16} samples of the epoch done)" in r.stdout
     log = _log(out)
     assert [row["epoch"] for row in log] == [0, 1]
+
+
+def test_sigterm_to_torchrun_stops_every_rank_and_the_rerun_continues(shapes, tmp_path):
+    # what a spot instance's notice or `scancel` does to a torchrun job: torchrun gets SIGTERM and passes it on
+    out, log = tmp_path / "run", tmp_path / "agent.log"
+    flags = _plain(shapes, out, "--batch-size", "8", "--print-freq", "1", epochs=3)
+    with tempfile.TemporaryDirectory(prefix="spach-torchrun-") as tmp, open(log, "w") as sink:
+        env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=tmp)
+        agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                  "--master_port", str(free_port()), "-m", "spach", *flags], cwd=REPO, env=env,
+                                 stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 120
+            while "Epoch: [0]  [2/6]" not in log.read_text() and agent.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(timeout=120)
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+    text = log.read_text()
+    assert text.count("SIGTERM received: stopping after the current step") == 2  # both workers got it
+    stopped = re.search(r"SIGTERM: stopped (after step (\d+)/6 of epoch (\d+)|at the end of epoch (\d+)); the "
+                        r"state is in (\S+): rerun the same command", text)
+    assert stopped, text[-3000:]
+    r = torchrun(*flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"auto resume from {stopped.group(5)}" in r.stdout + r.stderr
+    assert [row["epoch"] for row in _log(out)] == [0, 1, 2]

@@ -124,14 +124,22 @@ def _loader_error(e: Exception) -> Exception:
 
 def _batches(loader):
     it = iter(loader)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except DataError as e:
-            raise _loader_error(e) from None
-        yield batch
+    try:
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except DataError as e:
+                raise _loader_error(e) from None
+            yield batch
+    finally:
+        # the loader's workers shut down here, whatever ended the loop (the end, an error, a stop signal, the
+        # generator closed): they ignore stop signals (spach.train.loaders), so left to the interpreter's exit,
+        # which ends child processes with SIGTERM, they would keep it waiting
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _progress(total, desc, enabled, initial=0):
@@ -174,6 +182,9 @@ class _DeviceBatches:
         self.bad_images = 0
         self.batch_size = None
 
+    def close(self):
+        self.it.close()
+
     def take(self, n: int):
         """The next ``n`` micro-batches, each loaded when the step asks for it."""
         for _ in range(n):
@@ -187,6 +198,60 @@ class _DeviceBatches:
             if self.channels_last:
                 samples = samples.contiguous(memory_format=torch.channels_last)
             yield samples, targets
+
+
+class _Window:
+    """The steps since the last progress line: their loss on the device, the first non-finite one, their time.
+    Every ``print_freq`` / ``log_interval`` steps (and at the epoch's last) :meth:`report` reads them, the only
+    host-device sync of the loop; every rank syncs at the same steps (an all-reduce), so all agree on a bad loss."""
+
+    def __init__(self, step, epoch, steps, first, t_epoch, elapsed, *, print_freq, log_interval, on_log, run_eta,
+                 bar, is_main, last_good):
+        self.step, self.epoch, self.steps, self.first = step, epoch, steps, first
+        self.t_epoch, self.elapsed = t_epoch, elapsed
+        self.print_freq, self.log_interval = print_freq, log_interval or print_freq
+        self.on_log, self.run_eta, self.bar, self.is_main, self.last_good = on_log, run_eta, bar, is_main, last_good
+        device = step.device
+        self.acc = _acc_dtype(device)
+        self.sum = torch.zeros((), device=device, dtype=self.acc)
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        self.start, self.n, self.t = first, 0, time.perf_counter()
+
+    def add(self, i: int, loss_d: torch.Tensor):
+        finite = torch.isfinite(loss_d)
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, torch.full_like(self.first_bad, i),
+                                     self.first_bad)
+        self.sum += loss_d
+        self.n += 1
+
+    def report(self, i: int, lr: float, lrs, images_per_step: int):
+        last = i + 1 == self.steps
+        printing = (i + 1) % self.print_freq == 0 or last
+        logging_step = (i + 1) % self.log_interval == 0 or last
+        if not (printing or logging_step):
+            return
+        check = all_reduce_sum(torch.stack([self.sum, (self.first_bad >= 0).to(self.acc)]))
+        bad_step = int(self.first_bad.item())
+        if check[1].item() > 0 or not math.isfinite(check[0].item()):
+            raise _non_finite(self.epoch, bad_step if bad_step >= 0 else self.start, lrs, lr, self.last_good)
+        avg = check[0].item() / self.n / world_size()
+        now = time.perf_counter()  # the .item() above waited for the device: the window's time is honest
+        ips = self.n * images_per_step * world_size() / max(now - self.t, 1e-9)
+        self.t = now
+        if logging_step and self.on_log is not None:
+            step = self.step
+            scalars = {"loss": avg, "lr": lr, "images_per_s": ips, "memory_gib": max_memory_gib(step.device),
+                       "grad_norm": step.grad_norm.item() if step.grad_norm is not None else None}
+            self.on_log(i + 1, {k: v for k, v in scalars.items() if v is not None})
+        left = (now - self.t_epoch - self.elapsed) / (i + 1 - self.first) * (self.steps - i - 1)
+        eta = _eta(left, self.run_eta(left, now - self.t_epoch + left) if self.run_eta else None)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", eta=eta)
+        elif self.is_main and printing:
+            logger.info(f"Epoch: [{self.epoch}]  [{i + 1:>{len(str(self.steps))}}/{self.steps}]  lr: {lr:.6f}  "
+                        f"loss: {avg:.4f}  images/s: {ips:.1f}  eta: {eta}  time: {now - self.t_epoch:.1f}s")
+        self.sum.zero_()
+        self.start, self.n = i + 1, 0
 
 
 def train_one_epoch(step: TrainStep, data_loader, epoch: int, schedule, *, batch_transform=None,
@@ -218,14 +283,12 @@ def train_one_epoch(step: TrainStep, data_loader, epoch: int, schedule, *, batch
     warmup = min(first + fps_warmup_steps, steps - 1)
     acc = _acc_dtype(device)
     loss_sum = torch.full((), progress.loss_sum, device=device, dtype=acc)
-    window_sum = torch.zeros((), device=device, dtype=acc)
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)
-    window_start, window_n = first, 0
-    log_interval = log_interval or print_freq
-    t_window = time.perf_counter()
     lrs = list(progress.lrs)
     bar = _progress(steps, f"Epoch {epoch}", show_progress and is_main, initial=first)
     t_epoch = time.perf_counter() - progress.elapsed
+    window = _Window(step, epoch, steps, first, t_epoch, progress.elapsed, print_freq=print_freq,
+                     log_interval=log_interval, on_log=on_log, run_eta=run_eta, bar=bar, is_main=is_main,
+                     last_good=last_good)
     t0 = time.perf_counter()
     n_timed = 0
     batches = _DeviceBatches(data_loader, device, batch_transform, channels_last)
@@ -236,75 +299,38 @@ def train_one_epoch(step: TrainStep, data_loader, epoch: int, schedule, *, batch
         return EpochProgress(i + 1, float(loss_sum.item()), list(lrs), progress.bad_images + batches.bad_images,
                              time.perf_counter() - t_epoch)
 
-    for i in range(first, steps):
-        if schedule.per_step and i > first:
-            lr = schedule.apply(optimizer, epoch, i, steps)
-        lrs.append(lr)
-        loss = train_step(step, batches.take(accum), index=i, count=accum)
-        batch_size = batches.batch_size * accum
-
-        loss_d = loss.detach().to(acc)
-        finite = torch.isfinite(loss_d)
-        first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, i), first_bad)
-        loss_sum += loss_d
-        window_sum += loss_d
-        window_n += 1
-
-        if i + 1 == warmup:
-            synchronize(device)
-            t0 = time.perf_counter()
-        if i >= warmup:
-            n_timed += batch_size
-
+    try:
+        for i in range(first, steps):
+            if schedule.per_step and i > first:
+                lr = schedule.apply(optimizer, epoch, i, steps)
+            lrs.append(lr)
+            loss_d = train_step(step, batches.take(accum), index=i, count=accum).detach().to(acc)
+            loss_sum += loss_d
+            window.add(i, loss_d)
+            if i + 1 == warmup:
+                synchronize(device)
+                t0 = time.perf_counter()
+            if i >= warmup:
+                n_timed += batches.batch_size * accum
+            if bar is not None:
+                bar.update(1)  # host-side only: no device sync
+            window.report(i, lr, lrs, batches.batch_size * accum)
+            if after_step is not None and after_step(i + 1, snapshot):
+                return None
+    finally:
+        batches.close()
         if bar is not None:
-            bar.update(1)  # host-side only: no device sync
-        last = i + 1 == steps
-        printing = (i + 1) % print_freq == 0 or last
-        # every rank syncs at the same steps (the all-reduce below), whether or not it logs anything
-        logging_step = (i + 1) % log_interval == 0 or last
-        if printing or logging_step:
-            # the only host-device sync of the loop: every print_freq / log_interval steps (all ranks agree on a
-            # bad loss)
-            check = torch.stack([window_sum, (first_bad >= 0).to(acc)])
-            check = all_reduce_sum(check)
-            bad_step = int(first_bad.item())
-            if check[1].item() > 0 or not math.isfinite(check[0].item()):
-                raise _non_finite(epoch, bad_step if bad_step >= 0 else window_start, lrs, first, lr, last_good)
-            window_avg = check[0].item() / window_n / world_size()
-            now = time.perf_counter()  # the .item() above waited for the device: the window's time is honest
-            ips = window_n * batch_size * world_size() / max(now - t_window, 1e-9)
-            t_window = now
-            if logging_step and on_log is not None:
-                scalars = {"loss": window_avg, "lr": lr, "images_per_s": ips, "memory_gib": max_memory_gib(device),
-                           "grad_norm": step.grad_norm.item() if step.grad_norm is not None else None}
-                on_log(i + 1, {k: v for k, v in scalars.items() if v is not None})
-            done = i + 1 - first
-            left = (now - t_epoch - progress.elapsed) / done * (steps - i - 1)
-            eta = _eta(left, run_eta(left, now - t_epoch + left) if run_eta else None)
-            if bar is not None:
-                bar.set_postfix(loss=f"{window_avg:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", eta=eta)
-            elif is_main and printing:
-                logger.info(f"Epoch: [{epoch}]  [{i + 1:>{len(str(steps))}}/{steps}]  lr: {lr:.6f}  "
-                            f"loss: {window_avg:.4f}  images/s: {ips:.1f}  eta: {eta}  "
-                            f"time: {now - t_epoch:.1f}s")
-            window_sum.zero_()
-            window_start, window_n = i + 1, 0
-        if after_step is not None and after_step(i + 1, snapshot):
-            if bar is not None:
-                bar.close()
-            return None
+            bar.close()
 
     synchronize(device)
     t1 = time.perf_counter()
-    if bar is not None:
-        bar.close()
     # the same steps are counted and timed: warm-up steps are out of both
     fps_local = n_timed / (t1 - t0) if t1 > t0 and n_timed else 0.0
     n_bad = progress.bad_images + batches.bad_images
     return _epoch_stats(epoch, steps, lrs, loss_sum, fps_local, n_bad, t1 - t_epoch, acc, device, is_main)
 
 
-def _non_finite(epoch, bad_step, lrs, first, lr, last_good) -> "NonFiniteLossError":
+def _non_finite(epoch, bad_step, lrs, lr, last_good) -> "NonFiniteLossError":
     # lrs holds the epoch's rates from its step 0 (a mid-epoch resume restores the earlier ones)
     bad_lr = lrs[bad_step] if 0 <= bad_step < len(lrs) else lr
     return NonFiniteLossError(
