@@ -3,6 +3,7 @@ recovery checkpoints, kill -9 with --recovery-interval, resuming on another numb
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,6 +227,16 @@ def test_resume_on_another_number_of_processes_and_a_changed_global_batch(shapes
         "was trained at a global batch of 16 (8 per process x 2 process(es)); this run's is 8 (8 per process x 1 "
         "process(es)): keep 16 (e.g. --global-batch 16) to continue the same run, or add --allow-batch-change to "
         "change it deliberately (the lr is scaled to the new global batch)")
+
+    # ... and accepted when asked: the epoch's remaining samples are cut into the new global batch
+    changed = tmp_path / "changed"
+    shutil.copytree(out, changed)
+    r = run_spach(*_plain(shapes, changed, "--batch-size", "8", "--allow-batch-change"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "the global batch changes from 16 (8 per process x 2 process(es)) to 8 (8 per process x 1 process(es)) " \
+           "(--allow-batch-change); the lr becomes" in r.stdout + r.stderr
+    assert f"in epoch 0 after step {stopped * 2} ({stopped * 16} samples of the epoch done)" in r.stdout
+    assert [row["epoch"] for row in _log(changed)] == [0, 1]
 
     # one process, the same global batch by accumulation: the same epoch goes on where it stopped
     r = run_spach(*flags)

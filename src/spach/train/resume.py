@@ -360,7 +360,7 @@ def _restore_position(ckpt: dict, path: str, cfg: RunConfig, dist: DistInfo, out
                              max(p.elapsed for p in shares))
     mine.steps_done = samples // g  # the same step unless the global batch changed (--allow-batch-change)
     out.start_epoch, out.start_step, out.start_samples, out.progress = epoch, mine.steps_done, samples, mine
-    logger.info(f"resumed {path} in epoch {epoch} after step {steps} ({samples} samples of the epoch done)")
+    logger.info(f"resumed {path} in epoch {epoch} after step {mine.steps_done} ({samples} samples of the epoch done)")
 
 
 @contextlib.contextmanager
