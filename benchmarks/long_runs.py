@@ -5,8 +5,9 @@ signal to the process's exit.
     python benchmarks/long_runs.py signal [--model spach_ms_s_patch4_224_conv] [--tries 3]
 
 ``accumulation`` runs ``spach benchmark --mode train`` at the same global batch as 1 x G, 2 x G/2 and 4 x G/4
-(batch x accumulated micro-batches), the configurations alternating round by round, and prints each one's median
-images/s and its ratio to the plain path (1 x G) per round.
+(batch x accumulated micro-batches), and each micro-batch size alone (G/2 x 1, G/4 x 1), the configurations
+alternating round by round; prints each one's median images/s, its ratio to the plain path (G x 1) per round, and
+each accumulation's ratio to its micro-batch alone (what accumulating itself costs).
 
 ``signal`` starts ``spach train`` on the embedded demo data at input 224 with a Conv-MS-S model and an output
 folder, waits until a step has been logged, sends SIGTERM and measures the time until the process has exited
@@ -36,9 +37,11 @@ def _cpu_flags() -> str:
 
 def accumulation(args):
     layouts = [(args.global_batch // a, a) for a in (1, 2, 4) if args.global_batch % a == 0]
-    rates = {layout: [] for layout in layouts}
+    # each micro-batch size alone too: what the smaller batch costs by itself, apart from accumulating
+    alone = [(b, 1) for b, a in layouts if a > 1]
+    rates = {layout: [] for layout in layouts + alone}
     for r in range(args.rounds):
-        for batch, accum in layouts:
+        for batch, accum in layouts + alone:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 cmd = [sys.executable, "-m", "spach", "benchmark", "--model", args.model, "--mode", "train",
                        "--device", "cpu", "--batch-size", str(batch), "--grad-accum-steps", str(accum),
@@ -52,11 +55,15 @@ def accumulation(args):
             print(f"round {r}: {batch} x {accum}: {rate:.2f} img/s", flush=True)
     plain = rates[layouts[0]]
     print(f"\n{args.model}, input {args.img_size}, global batch {args.global_batch}; CPU flags: {_cpu_flags()}")
-    for layout in layouts:
+    for layout in layouts + alone:
         ratios = [x / p for x, p in zip(rates[layout], plain)]
         print(f"  {layout[0]:>3} x {layout[1]}: median {statistics.median(rates[layout]):.2f} img/s, "
               f"ratio to {layouts[0][0]} x 1: median {statistics.median(ratios):.3f} "
               f"(rounds {', '.join(f'{x:.3f}' for x in ratios)})")
+    for batch, accum in layouts[1:]:
+        ratios = [x / p for x, p in zip(rates[(batch, accum)], rates[(batch, 1)])]
+        print(f"  {batch} x {accum} against {batch} x 1 (the accumulation alone): median "
+              f"{statistics.median(ratios):.3f} (rounds {', '.join(f'{x:.3f}' for x in ratios)})")
 
 
 def stop_signal(args):
