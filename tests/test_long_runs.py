@@ -83,8 +83,8 @@ def assert_same_run(a, b):
 
 
 # SIGTERM in the middle of epoch 1; SIGUSR1 (SLURM) on the last step of epoch 0, where the recovery checkpoint
-# holds a trained epoch that is not evaluated yet
-@pytest.mark.parametrize("sig,where,step", [("term", "step:1:5", 6), ("usr1", "step:0:11", 12)])
+# holds a trained epoch that is not evaluated yet; SIGINT (Ctrl-C) early in epoch 1
+@pytest.mark.parametrize("sig,where,step", [("term", "step:1:5", 6), ("usr1", "step:0:11", 12), ("int", "step:1:1", 2)])
 def test_a_stop_signal_writes_a_recovery_checkpoint_and_the_rerun_ends_identical(
         shapes, straight, tmp_path, monkeypatch, capsys, sig, where, step):
     out = tmp_path / "run"
