@@ -124,7 +124,8 @@ def _optimizer_flags(parser, dd):
     _flag(g, *_SHARED["grad_accum_steps"][0], **_SHARED["grad_accum_steps"][1])
     _flag(g, "--global-batch", dest="global_batch_size", type=positive_int, default=None, metavar="G",
           help="the global batch to train at (the recipe's 1024 = 8 cards x 128): --grad-accum-steps becomes "
-               "G / (--batch-size x processes), which must divide")
+               "G / (--batch-size x processes), which must divide (default: --batch-size x accumulation x "
+               "processes)%(default).0s")
     _flag(g, "--epochs", dest="epochs", type=positive_int, default=None, help="epochs " + dd("epochs"))
     _flag(g, "--opt", dest="opt", default="adamw", choices=["adamw", "sgd"])
     _flag(g, "--opt-eps", dest="opt_eps", type=in_range(0, 1, low_open=True), default=1e-8)
