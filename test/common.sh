@@ -194,14 +194,18 @@ d='${device}'.split(':')[0]; print(device_count(d) if d in a() else 0)" 2>/dev/n
         local suffix="acc"; [[ "${MODE}" == "performance" ]] && suffix="perf"
         CaseName="${Network}_bs${BatchSize}_${RANK_SIZE}p_${suffix}"
         # the ModelZoo's summary: ActualFPS (images/s, all processes), TrainingTime (ms per optimizer step:
-        # BatchSize x RankSize x 1000 / FPS, as their scripts compute it), ActualLoss (the last logged step's
+        # global batch x 1000 / FPS, as their scripts compute it with BatchSize x RankSize; the global batch is
+        # the one spach logs, which counts --grad_accum_steps too), ActualLoss (the last logged step's
         # loss; every logged step's loss goes to train_${CaseName}_loss.txt), TrainAccuracy (the best top-1 of
         # the run; full runs only, as theirs), E2ETrainingTime (seconds, launch to exit)
         local fps training_time actual_loss train_accuracy loss_file="${out_dir}/train_${CaseName}_loss.txt"
         fps="$(spach_parse_fps < "${log}")"
         training_time="N/A"
-        [[ "${fps}" != "N/A" ]] && training_time="$(awk -v b="${BatchSize}" -v r="${RANK_SIZE}" -v f="${fps}" \
-            'BEGIN { if (f > 0) printf "%.2f\n", b * r * 1000 / f; else print "N/A" }')"
+        local global_batch
+        global_batch="$(spach_parse_global_batch < "${log}")"
+        [[ "${global_batch}" == "N/A" ]] && global_batch=$(( BatchSize * RANK_SIZE ))
+        [[ "${fps}" != "N/A" ]] && training_time="$(awk -v g="${global_batch}" -v f="${fps}" \
+            'BEGIN { if (f > 0) printf "%.2f\n", g * 1000 / f; else print "N/A" }')"
         spach_parse_step_losses < "${log}" > "${loss_file}"
         actual_loss="$(awk 'END { print (NR ? $0 : "N/A") }' "${loss_file}")"
         train_accuracy="$(spach_parse_max_accuracy < "${log}")"
@@ -218,6 +222,11 @@ d='${device}'.split(':')[0]; print(device_count(d) if d in a() else 0)" 2>/dev/n
         } > "${summary}"
     fi
     echo "Summary: ${summary}   Log: ${log}"
+    if (( rc == 75 )); then  # a stop signal: the state is saved (spach's own line names the file)
+        echo "[Stopped] spach stopped on a signal (status 75) and saved its state; rerun the same command to continue:"
+        grep -E 'stopped (after step|at the end of epoch)' "${log}" | tail -n 1
+        return "${rc}"
+    fi
     if (( rc != 0 )); then
         echo "[Error] spach exited with status ${rc}; last lines of ${log}:"
         tail -n 15 "${log}"
@@ -228,6 +237,10 @@ d='${device}'.split(':')[0]; print(device_count(d) if d in a() else 0)" 2>/dev/n
 
 # The log parsers read values by key, never by column position.
 # "Epoch: [N]  steps: S ... FPS: X" -> mean of X over epochs
+# "global batch G = B per card x ..." -> G (N/A when absent)
+spach_parse_global_batch() {
+    awk '/^global batch [0-9]+ = / { g = $3 } END { print (g != "" ? g : "N/A") }'
+}
 spach_parse_fps() {
     awk '/^Epoch: \[[0-9]+\]/ && /FPS: / {
         for (i = 1; i < NF; i++) if ($i == "FPS:") { sum += $(i + 1); n++ }

@@ -33,10 +33,11 @@ def out_id(request):
     shutil.rmtree(os.path.join(TEST_DIR, "output", name), ignore_errors=True)
 
 
-def launch(script, *args, cwd=REPO, out_id="0", timeout=300):
+def launch(script, *args, cwd=REPO, out_id="0", timeout=300, env=None):
     # torchrun leaves a torchelastic_* log folder in the temporary directory: give it one that goes afterwards
     with tempfile.TemporaryDirectory(prefix="spach-launch-") as tmp:
-        env = dict(os.environ, PYTHON=sys.executable, ASCEND_DEVICE_ID=out_id, OMP_NUM_THREADS="1", TMPDIR=tmp)
+        env = dict(os.environ, PYTHON=sys.executable, ASCEND_DEVICE_ID=out_id, OMP_NUM_THREADS="1", TMPDIR=tmp,
+                   **(env or {}))
         path = os.path.join("test", script) if cwd == REPO else script
         return subprocess.run(["bash", path, *args], cwd=cwd, env=env, capture_output=True, text=True,
                               timeout=timeout)
@@ -72,6 +73,22 @@ def test_full_1p_from_the_repo_root(shapes, out_id):
     losses = _step_losses(out_id, "SPACH_bs16_1p_acc")
     assert len(losses) == 2 and all(x > 0 for x in losses) and float(s["ActualLoss"]) == losses[-1]
     assert os.path.isfile(os.path.join(TEST_DIR, "output", out_id, "checkpoint.pth"))
+
+
+def test_full_1p_with_accumulation_stopped_by_a_signal_then_rerun(shapes, out_id):
+    args = (f"--data_path={shapes}", *TINY, "--epochs=1", "--batch_size=8", "--grad_accum_steps=2")
+    # SIGTERM in step 2: spach saves recovery.pth and exits 75; the launcher says so and passes the status on
+    r = launch("train_full_1p.sh", *args, out_id=out_id, env={"SPACH_FAULT_AT": "term@step:0:1"})
+    assert r.returncode == 75, r.stdout + r.stderr
+    assert "[Stopped] spach stopped on a signal (status 75) and saved its state; rerun the same command" in r.stdout
+    assert re.search(r"^SIGTERM: stopped after step 2/6 of epoch 0; the state is in \S+recovery.pth", r.stdout, re.M)
+    r = launch("train_full_1p.sh", *args, out_id=out_id)  # the same command continues
+    assert r.returncode == 0, r.stdout + r.stderr
+    fps, _, _ = _final(r.stdout)
+    s = summary(out_id, "SPACH_bs8_1p_acc")
+    assert s["BatchSize"] == "8"
+    # ms per optimizer step: the global batch (8 x 2 accumulated) over the images per second
+    assert float(s["TrainingTime"]) == pytest.approx(16 * 1000 / fps, rel=1e-3)
 
 
 def test_performance_1p_from_the_test_folder_runs_one_epoch(shapes, out_id):

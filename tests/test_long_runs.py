@@ -124,6 +124,19 @@ def test_kill_9_loses_at_most_the_recovery_interval(shapes, straight, tmp_path):
     assert_same_run(straight, out)
 
 
+def test_kill_9_while_writing_a_recovery_checkpoint(shapes, straight, tmp_path):
+    out = tmp_path / "run"
+    # SIGKILL with half of epoch 1's first recovery.pth in its temp file: the epoch checkpoint is the newest state
+    r = run_spach(*_recipe(shapes, out, "--recovery-interval", "3"), env={"SPACH_FAULT_AT": "kill@write:recovery.pth:1"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert not (out / "recovery.pth").exists() and list(out.glob(".recovery.pth.*.tmp"))
+    r = run_spach(*_recipe(shapes, out, "--recovery-interval", "3"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"auto resume from {out / 'checkpoint.pth'}" in r.stdout
+    assert not list(out.glob(".recovery.pth.*.tmp"))  # the torn temp file went with the next write
+    assert_same_run(straight, out)
+
+
 def test_a_recovery_older_than_the_epoch_checkpoint_is_not_resumed(shapes, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *fast_flags(shapes, out, "--recovery-interval", "1", epochs=1, batch=16)]) == 0
