@@ -288,3 +288,18 @@ def test_sigterm_to_torchrun_stops_every_rank_and_the_rerun_continues(shapes, tm
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"auto resume from {stopped.group(5)}" in r.stdout + r.stderr
     assert [row["epoch"] for row in _log(out)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("name", ["recovery.pth", "checkpoint_hist.json"])
+def test_a_link_at_a_long_run_file_is_refused(shapes, tmp_path, capsys, name):
+    out = tmp_path / "run"
+    out.mkdir()
+    target = tmp_path / "users_file"
+    target.write_bytes(b"keep me")
+    os.symlink(target, out / name)
+    assert main(["train", *fast_flags(shapes, out, "--recovery-interval", "1", "--checkpoint-hist", "2", epochs=1,
+                                      batch=32)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"{out / name} is a symbolic link: spach writes its own files only where it made them; remove the link (or "
+        f"pass another --output_dir)")
+    assert target.read_bytes() == b"keep me"

@@ -13,9 +13,10 @@ from ..errors import SpachError
 from ..files import folder_write_problem, open_own, os_error_reason, regular_file_problem
 from ..runtime import device as devices
 from ..runtime.device import DistInfo
-from .checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_write
+from .checkpoint import BEST_NAME, CHECKPOINT_NAME, RECOVERY_NAME, atomic_write
 from .config import OutputConfig, RunConfig
 from .config_file import config_yaml
+from .history import HISTORY_NAME
 from .output_lock import OutputDirLock
 
 __all__ = ["setup_logging", "attach_log_file", "prepare_output", "take_output_dir", "on_main", "write_config",
@@ -160,7 +161,7 @@ def take_output_dir(cfg: RunConfig, dist: DistInfo, lock: Optional[OutputDirLock
 
 
 # the files a run writes in its folder: each is absent or a regular file this project wrote, never a link
-OWN_NAMES = (CHECKPOINT_NAME, BEST_NAME, CONFIG_NAME, "log.txt", "log_rank0.txt")
+OWN_NAMES = (CHECKPOINT_NAME, BEST_NAME, RECOVERY_NAME, CONFIG_NAME, "log.txt", "log_rank0.txt", HISTORY_NAME)
 
 
 def _check_own_files(folder: str):
@@ -179,7 +180,8 @@ def _check_own_files(folder: str):
 def _remove_stale_temp_files(folder: str):
     """Temp files of a write that was killed midway (the file itself is intact)."""
     for name in os.listdir(folder):
-        if name.endswith(".tmp") and name.startswith(tuple(f".{n}." for n in (CHECKPOINT_NAME, BEST_NAME, CONFIG_NAME))):
+        if name.endswith(".tmp") and name.startswith(tuple(f".{n}." for n in (CHECKPOINT_NAME, BEST_NAME, RECOVERY_NAME,
+                                                                              CONFIG_NAME))):
             try:
                 os.remove(os.path.join(folder, name))
             except OSError:
