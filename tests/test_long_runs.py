@@ -303,3 +303,37 @@ def test_a_link_at_a_long_run_file_is_refused(shapes, tmp_path, capsys, name):
         f"{out / name} is a symbolic link: spach writes its own files only where it made them; remove the link (or "
         f"pass another --output_dir)")
     assert target.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("damage,expected", [
+    (lambda rec: rec["progress"][0].update(loss_sum="1.5"), "has a malformed 'recovery' entry (a progress entry whose "
+                                                             "counts, loss sum, lrs or time are not numbers in range)"),
+    (lambda rec: rec.update(samples=-16), "has a malformed 'recovery' entry (not an epoch, step, samples and "
+                                          "progress)"),
+    (lambda rec: rec.update(samples=10_000, step=625), "stopped 10000 samples into epoch 1, which this data cannot "
+                                                       "continue"),
+], ids=["progress", "samples", "beyond-the-data"])
+def test_a_damaged_recovery_checkpoint_is_one_line(shapes, tmp_path, capsys, damage, expected):
+    out = tmp_path / "run"
+    assert main(["train", *fast_flags(shapes, out, epochs=1, batch=16)]) == 0
+    ckpt = _load(out / "checkpoint.pth")
+    rec = {"epoch": 1, "step": 2, "samples": 32, "progress": [{"steps_done": 2, "loss_sum": 2.0, "lrs": [1e-3, 1e-3],
+                                                                 "bad_images": 0, "elapsed": 1.0}]}
+    damage(rec)
+    torch.save({**ckpt, "recovery": rec}, out / "recovery.pth")  # newer than checkpoint.pth: it is resumed
+    capsys.readouterr()
+    assert main(["train", *fast_flags(shapes, out, epochs=2, batch=16)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert expected in line and str(out / "recovery.pth") in line, line
+
+
+def test_a_recovery_checkpoint_without_a_position_is_passed_over(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *fast_flags(shapes, out, epochs=1, batch=16)]) == 0
+    torch.save({**_load(out / "checkpoint.pth"), "recovery": {"epoch": 1, "step": "3"}}, out / "recovery.pth")
+    capsys.readouterr()
+    assert main(["train", *fast_flags(shapes, out, epochs=2, batch=16)]) == 0
+    text = capsys.readouterr()
+    assert f"{out / 'recovery.pth'} has a malformed 'recovery' entry (no epoch and step): not resuming from it" in \
+        text.out + text.err
+    assert f"auto resume from {out / 'checkpoint.pth'}" in text.out

@@ -206,7 +206,13 @@ def _peek_position(path: str):
     try:
         from ..weights import open_weights
         contents = open_weights(path, mapped=True).contents
-        return position(contents) if isinstance(contents, dict) and "model" in contents else None
+        if not (isinstance(contents, dict) and "model" in contents):
+            return None
+        rec = contents.get("recovery")
+        if rec is not None and not (isinstance(rec, dict) and _is_int(rec.get("epoch")) and _is_int(rec.get("step"))):
+            logger.warning(f"{path} has a malformed 'recovery' entry (no epoch and step): not resuming from it")
+            return None
+        return position(contents)
     except (CheckpointError, OSError, RuntimeError) as e:
         logger.warning(f"{path} does not read ({str(e).splitlines()[0][:160]}): not resuming from it")
         return None
@@ -324,6 +330,16 @@ def _check_layout(ckpt: dict, path: str, cfg: RunConfig, dist: DistInfo):
         logger.info(f"resuming on another layout: global batch {g_then} = {now} (was {then})")
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _valid_progress(p: EpochProgress) -> bool:
+    return (_is_int(p.steps_done) and p.steps_done >= 0 and _number(p.loss_sum) and isinstance(p.lrs, list)
+            and len(p.lrs) <= p.steps_done and all(_number(x) and x >= 0 for x in p.lrs) and _is_int(p.bad_images)
+            and p.bad_images >= 0 and _number(p.elapsed) and p.elapsed >= 0)
+
+
 def _restore_position(ckpt: dict, path: str, cfg: RunConfig, dist: DistInfo, out: Resumed):
     """A recovery checkpoint: the epoch and step to continue at, the samples of the epoch already consumed and
     this rank's share of the epoch's stats (its own when the process count is unchanged, else the ranks' shares
@@ -338,6 +354,10 @@ def _restore_position(ckpt: dict, path: str, cfg: RunConfig, dist: DistInfo, out
         shares = [EpochProgress(**p) for p in shares]
     except TypeError:
         raise _bad(path, "recovery", "a progress entry with unknown fields") from None
+    for p in shares:
+        if not _valid_progress(p):
+            raise _bad(path, "recovery", "a progress entry whose counts, loss sum, lrs or time are not numbers in "
+                                         "range")
     g = cfg.optim.global_batch
     if samples % dist.world_size:
         raise CheckpointError(f"{path} stopped after {samples} samples of epoch {epoch}, which {dist.world_size} "

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from timm.utils import distribute_bn
 
-from ..errors import SpachError
+from ..errors import CheckpointError, SpachError
 from ..runtime import device as devices
 from ..runtime.device import DistInfo
 from . import faults
@@ -174,7 +174,7 @@ def _train(run: Run, stopper: Preemption) -> int:
             faults.set_epoch(epoch)
             faults.point("epoch")
             mid = epoch == resumed.start_epoch and resumed.progress is not None
-            data.sampler_train.set_epoch(epoch, resumed.start_samples if mid else 0)
+            _start_epoch(run, epoch, resumed.start_samples if mid else 0)
             progress = resumed.progress if mid else None
             steps = (progress.steps_done if progress else 0) + len(data.loader_train) // accum
             t_epoch = time.time() - (progress.elapsed if progress else 0.0)
@@ -219,6 +219,16 @@ def _train(run: Run, stopper: Preemption) -> int:
     logger.info(f"Training time {total:.0f}s ({total / 60:.1f} min); max accuracy {loop.max_accuracy:.2f}%"
                 + (f"; weights in {out.output_dir}" if run.save else ""))
     return 0
+
+
+def _start_epoch(run: Run, epoch: int, start: int):
+    """The sampler (or the shard reader) at ``epoch``, from position ``start`` of its order (a mid-epoch resume)."""
+    try:
+        run.data.sampler_train.set_epoch(epoch, start)
+    except ValueError as e:  # a recovery position the data cannot have (the data changed since it was written)
+        raise CheckpointError(f"{run.resumed.last_good} stopped {start} samples into epoch {epoch}, which this data "
+                              f"cannot continue ({e}): the data changed since; resume the epoch's start with --resume "
+                              f"{os.path.join(run.cfg.output.output_dir, CHECKPOINT_NAME)} --no-auto-resume") from None
 
 
 def _end_epoch(run: Run, loop: _Loop, epoch, train_stats, epoch_time, later, metrics, tracking):
