@@ -44,6 +44,7 @@ class Resumed:
     start_step: int = 0  # a mid-epoch resume: the optimizer steps of start_epoch already done
     start_samples: int = 0  # ... and the samples of the epoch's global sequence they consumed
     progress: Optional[EpochProgress] = None  # ... and this rank's share of that epoch's stats so far
+    last_log: Optional[dict] = None  # the log.txt line of the last finished epoch (a later recovery carries it)
 
 
 def _flag_name(dotted: str) -> str:
@@ -276,6 +277,7 @@ def _restore_training_state(ckpt: dict, path: str, step, dist: DistInfo, out: Re
         with _field(path, "scaler"):
             step.scaler.load_state_dict(ckpt["scaler"])
     out.max_accuracy = float(ckpt.get("max_accuracy", 0.0))
+    out.last_log = ckpt.get("log_stats")
     tracking = ckpt.get("tracking")
     if isinstance(tracking, dict):
         out.tracking = {str(k): v for k, v in tracking.items() if isinstance(v, str) and v}

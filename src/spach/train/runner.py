@@ -152,7 +152,7 @@ class _Loop:
         resumed = run.resumed
         self.max_accuracy = resumed.max_accuracy
         self.last_good = resumed.last_good
-        self.last_log = None  # the last finished epoch's log line (a recovery checkpoint carries it)
+        self.last_log = resumed.last_log  # the last finished epoch's log line (a recovery checkpoint carries it)
         # the trackers' step axis: optimizer steps since the run began, carried on by a resume
         self.global_step = resumed.steps_done or resumed.start_epoch * (len(run.data.loader_train)
                                                                          // run.cfg.optim.grad_accum_steps)
