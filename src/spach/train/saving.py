@@ -118,8 +118,7 @@ def save_recovery(run, epoch, steps_done, progress, max_accuracy, tracking, glob
         out["recovery"] = recovery
         return out
 
-    _write(run, (RECOVERY_NAME,), state, "Training stopped: rerun the same command to continue from the last "
-                                         "checkpoint written.")
+    _write(run, (RECOVERY_NAME,), state, "Training stopped so that no recovery point goes unsaved.")
     return os.path.join(run.cfg.output.output_dir, RECOVERY_NAME)
 
 
